@@ -1,0 +1,194 @@
+"""Shared benchmark plumbing: timing quantiles, device peaks, provenance, CSV rows.
+
+Every row a benchmark writes carries the device name, the peak figures used, library versions
+and the git revision (STYLE.md rule 6), so a number in the README can be traced back.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# HBM bandwidth peaks (bytes/s), by a substring of torch.cuda.get_device_name().
+HBM_PEAK_BYTES_PER_S = {
+    "H200": 4.8e12,
+    "H100 SXM": 3.35e12,
+    "H100 80GB HBM3": 3.35e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100 80GB": 2.0e12,
+    "A100": 1.555e12,
+}
+
+# Special-function (MUFU: ex2) throughput per second, dense, by device: SMs x 16 SFU ops/clk
+# per SM sub-partition x 4 sub-partitions x boost clock.
+SFU_PEAK_OPS_PER_S = {
+    "H200": 132 * 16 * 4 * 1.98e9,
+    "H100": 132 * 16 * 4 * 1.98e9,
+    "A100": 108 * 16 * 4 * 1.41e9,
+}
+
+
+def _lookup(table: dict[str, float], name: str) -> float | None:
+    for key, value in table.items():
+        if key in name:
+            return value
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def hbm_peak(device: torch.device) -> float | None:
+    return _lookup(HBM_PEAK_BYTES_PER_S, device_name(device)) if device.type == "cuda" else None
+
+
+def sfu_peak(device: torch.device) -> float | None:
+    return _lookup(SFU_PEAK_OPS_PER_S, device_name(device)) if device.type == "cuda" else None
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    """Columns every benchmark row carries."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "git": git_revision(),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_quantiles(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    rep: int = 20,
+    quantiles: tuple[float, ...] = (0.2, 0.5, 0.8),
+    min_time_s: float = 0.0,
+) -> list[float]:
+    """Run fn repeatedly and return the requested time quantiles in milliseconds.
+
+    On CUDA, CUDA events time each call and the L2 cache is flushed between calls (as
+    triton.testing.do_bench does), so memory-bound kernels are not flattered by warm caches.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    if device.type == "cuda":
+        flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        for _ in range(rep):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+    else:
+        t_total = 0.0
+        i = 0
+        while i < rep or t_total < min_time_s:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            times.append(dt * 1e3)
+            t_total += dt
+            i += 1
+    t = torch.tensor(times, dtype=torch.float64)
+    return [float(torch.quantile(t, q)) for q in quantiles]
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak device memory allocated during one call of fn, above what was allocated before.
+
+    Only measurable on CUDA; returns None on CPU (CPU benchmarks report tracemalloc-free figures
+    from their own estimates where relevant).
+    """
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def append_rows(csv_name: str, rows: list[dict[str, object]]) -> Path:
+    """Append rows to benchmarks/results/<csv_name>, writing the header when the file is new."""
+    if not rows:
+        return RESULTS_DIR / csv_name
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / csv_name
+    fields = list(rows[0].keys())
+    new = not path.exists()
+    if not new:
+        with path.open() as f:
+            existing = next(csv.reader(f), None)
+        if existing and existing != fields:
+            # Schema changed: start a fresh file beside the old one rather than mixing columns.
+            path = path.with_name(path.stem + "_v2" + path.suffix)
+            new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    """A fixed-width text table of the given columns."""
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

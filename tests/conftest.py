@@ -1,0 +1,44 @@
+"""Test harness: Triton interpreter on machines without CUDA, seeding, markers.
+
+TRITON_INTERPRET is read when a kernel is *decorated* (i.e. when spsr_kernels is imported),
+so it must be set here, before any test module imports the kernels.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests run on 2 cores; more intra-op threads only add contention with the other workers.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: CUDA when present, else CPU through the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
