@@ -1,0 +1,230 @@
+"""The DALI loader: ``fn.readers.webdataset`` over the same shards and .idx files.
+
+On a CUDA machine images are decoded with ``device="mixed"`` and cropped, flipped and
+transposed on the GPU; batches come out as CUDA tensors. Without a GPU (or with
+``data.dali_device: cpu``) the same graph runs as a CPU-only pipeline (``device_id=None``).
+
+The aligned crop: one uniform draw per axis picks the LR anchor
+``floor(u · (size − p + 1))`` from the encoded LR's shape (peeked, not decoded); the HR slice
+starts at ``scale ×`` that anchor. The flips use the same coins on LR and HR (``fn.flip``);
+the transpose is computed for both and selected with a coin (``x + c · (xᵀ − x)``, exact for
+c ∈ {0, 1}, square patches).
+
+Split across ranks: the reader's ``shard_id = rank`` / ``num_shards = world size`` gives each
+rank a disjoint contiguous part of the sample list (DALI's sharding). Each epoch has the same
+fixed number of batches on every rank; the reader wraps around within its part as needed.
+
+Determinism and resume: the pipeline is rebuilt at every epoch start with seeds derived from
+(seed, rank, epoch), and the shard order (``shuffle_after_epoch_seed``) from (seed, epoch),
+the same on every rank. Resuming mid-epoch rebuilds that epoch's pipeline and runs and
+discards the consumed batches, so the resume is exact to the batch but costs replaying them.
+Corrupt images are NOT skipped here (DALI's decoder fails the pipeline): make_shards writes
+only images it decoded, and the WebDataset loader is the tolerant one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from spsr_hpc.data.config import DataConfig
+from spsr_hpc.data.loader import LoaderState, derive_seed, epoch_batches, index_path
+
+
+def _dali_seed(*parts: int) -> int:
+    return derive_seed(*parts) % (2**31 - 1)  # DALI seeds are int32
+
+
+def _use_gpu(cfg: DataConfig, device: torch.device | str | None) -> bool:
+    if cfg.dali_device == "cpu":
+        return False
+    if cfg.dali_device == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError("data.dali_device is 'gpu' but CUDA is not available; use 'cpu' or 'auto'")
+        return True
+    if device is not None:
+        return torch.device(device).type == "cuda"
+    return torch.cuda.is_available()
+
+
+def _build_pipeline(
+    cfg: DataConfig,
+    shards: list[str],
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    gpu: bool,
+    device_id: int | None,
+):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    s, p, P = cfg.scale, cfg.patch_size, cfg.hr_patch
+    decode_device = "mixed" if gpu else "cpu"
+
+    def augment(img, coin_h, coin_v, coin_t):
+        img = fn.flip(img, horizontal=coin_h, vertical=coin_v)
+        img = fn.cast(img, dtype=types.FLOAT)
+        img = img + on_device(fn.cast(coin_t, dtype=types.FLOAT)) * (
+            fn.transpose(img, perm=[1, 0, 2], transpose_layout=False) - img
+        )
+        return fn.transpose(img, perm=[2, 0, 1]) * (1.0 / 255.0)
+
+    def coin(enabled: bool):
+        return fn.random.coin_flip(probability=0.5 if enabled else 0.0, dtype=types.INT32)
+
+    def on_device(node):
+        # Per-sample scalars feed GPU arithmetic from the GPU; flip/slice take CPU arguments.
+        return node.gpu() if gpu else node
+
+    @pipeline_def(
+        batch_size=cfg.batch_size,
+        num_threads=cfg.dali_threads,
+        device_id=device_id,
+        seed=_dali_seed(seed, rank, epoch, 3),
+        prefetch_queue_depth=cfg.dali_prefetch,
+    )
+    def pipe():
+        ext = ["hr.png"] if cfg.hr_only else ["hr.png", "lr.png"]
+        encoded = fn.readers.webdataset(
+            paths=shards,
+            index_paths=[str(index_path(x)) for x in shards],
+            ext=ext,
+            shard_id=rank,
+            num_shards=world_size,
+            random_shuffle=True,
+            initial_fill=cfg.shuffle_buffer,
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=_dali_seed(seed, epoch, 4),
+            seed=_dali_seed(seed, rank, epoch, 5),
+            missing_component_behavior="error",
+            name="reader",
+        )
+        hr_enc = encoded[0] if isinstance(encoded, (list, tuple)) else encoded
+        coin_h, coin_v, coin_t = coin(cfg.hflip), coin(cfg.vflip), coin(cfg.transpose)
+        u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
+        if cfg.hr_only:
+            hw = fn.cast(fn.slice(fn.peek_image_shape(hr_enc), 0, 2, axes=[0]), dtype=types.FLOAT)
+            anchor = fn.cast(dmath.min(dmath.floor(u * (hw - P + 1.0)), hw - P), dtype=types.INT32)
+            hr = fn.decoders.image(hr_enc, device=decode_device, output_type=types.RGB)
+            hr = fn.slice(hr, anchor, [P, P], axis_names="HW", out_of_bounds_policy="error")
+            return augment(hr, coin_h, coin_v, coin_t)
+        lr_enc = encoded[1]
+        hw = fn.cast(fn.slice(fn.peek_image_shape(lr_enc), 0, 2, axes=[0]), dtype=types.FLOAT)
+        anchor = fn.cast(dmath.min(dmath.floor(u * (hw - p + 1.0)), hw - p), dtype=types.INT32)
+        lr = fn.decoders.image(lr_enc, device=decode_device, output_type=types.RGB)
+        hr = fn.decoders.image(hr_enc, device=decode_device, output_type=types.RGB)
+        lr = fn.slice(lr, anchor, [p, p], axis_names="HW", out_of_bounds_policy="error")
+        hr = fn.slice(hr, anchor * s, [p * s, p * s], axis_names="HW", out_of_bounds_policy="error")
+        return augment(lr, coin_h, coin_v, coin_t), augment(hr, coin_h, coin_v, coin_t)
+
+    pipeline = pipe()
+    pipeline.build()
+    return pipeline
+
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    """A dense DALI TensorList (CPU or GPU) → a torch tensor on ``device`` (a copy)."""
+    tensor = tl.as_tensor()
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(tensor.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    import numpy as np
+
+    return torch.from_numpy(np.array(tensor))
+
+
+class DaliLoader:
+    """Training batches from tar shards via a DALI pipeline (GPU or CPU-only).
+
+    Yields ``{"lr": (B, 3, p, p), "hr": (B, 3, s·p, s·p)}`` float32 in [0, 1]: CUDA tensors
+    with the GPU pipeline, CPU tensors with the CPU-only one.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: list[str],
+        counts: list[int],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str | None = None,
+    ):
+        missing = [str(index_path(s)) for s in shards if not index_path(s).is_file()]
+        if missing:
+            raise ValueError(
+                f"DALI needs an index next to every shard; missing {missing[:3]} (make_shards writes "
+                "them, or run DALI's wds2idx)"
+            )
+        total = sum(counts)
+        if total < world_size:
+            raise ValueError(
+                f"rank {rank} would get no data: {len(shards)} shard(s) hold {total} sample(s) for "
+                f"{world_size} rank(s); DALI splits samples across ranks, one at least each"
+            )
+        self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
+        self.gpu = _use_gpu(cfg, device)
+        if self.gpu:
+            self.device = (
+                torch.device(device)
+                if device is not None
+                else torch.device("cuda", torch.cuda.current_device())
+            )
+            if self.device.type != "cuda":
+                raise ValueError(f"data.dali_device asks for the GPU but device={device!r} is not CUDA")
+            self.device_id: int | None = (
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            )
+        else:
+            self.device, self.device_id = torch.device("cpu"), None
+        self.state = LoaderState(seed, rank, world_size, epoch_batches(cfg, total, world_size))
+
+    def __len__(self) -> int:
+        return self.state.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.state.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict(batch_size=self.cfg.batch_size, loader="dali")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state, batch_size=self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        st = self.state
+        pipe = _build_pipeline(
+            self.cfg,
+            self.shards,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=st.seed,
+            epoch=st.epoch,
+            gpu=self.gpu,
+            device_id=self.device_id,
+        )
+        try:
+            for _ in range(st.consumed):  # resume: replay and discard
+                pipe.run()
+            for _ in range(st.consumed, st.batches_per_epoch):
+                outs = pipe.run()
+                st.advance()
+                if self.cfg.hr_only:
+                    yield {"hr": _to_torch(outs[0], self.device)}
+                else:
+                    yield {"lr": _to_torch(outs[0], self.device), "hr": _to_torch(outs[1], self.device)}
+        finally:
+            del pipe

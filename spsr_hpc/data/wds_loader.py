@@ -1,0 +1,305 @@
+"""The WebDataset loader: tar shards read by CPU worker processes.
+
+How data is split (every rank and worker gets disjoint samples):
+
+1. Ranks: with at least as many shards as ranks, rank r reads shards r, r + W, r + 2W, ...;
+   with fewer shards every rank reads all shards and keeps the samples whose index
+   (position in the sorted shard list) is ≡ r mod W.
+2. Workers of a rank: the same rule again on the rank's share (shards when there are enough,
+   else sample index modulo the number of workers).
+
+Each (rank, worker) stream is infinite ("resampled"): it walks its shards in a shuffled order,
+pass after pass, through a shuffle buffer. An epoch is a fixed number of batches, the same on
+every rank, so no rank waits for another at an epoch end.
+
+Determinism and resume: logical worker ``L`` of rank ``r`` produces global batches
+``k ≡ L (mod num_workers)`` of the epoch. Its sample order and every crop/flip draw are a
+function of (seed, rank, L, epoch, position in the stream) only. Resuming at batch ``k`` skips
+the samples of the first ``k`` batches without decoding them (tar reads only), so a resumed run
+yields the same batches as an uninterrupted one (exact to the batch; the one exception: when
+corrupt samples were skipped before the resume point, the stream shifts by that many samples).
+The batches depend on (seed, world size, num_workers, batch_size, shuffle_buffer): change one
+and the order changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from spsr_hpc.data.augment import aligned_patch, random_patch
+from spsr_hpc.data.config import DataConfig
+from spsr_hpc.data.images import BadImageError, decode_rgb
+from spsr_hpc.data.loader import LoaderState, derive_seed, epoch_batches
+
+log = logging.getLogger(__name__)
+_MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What one (rank, logical worker) reads: shards, and the sample-index residue it keeps."""
+
+    shards: tuple[str, ...]
+    offsets: tuple[int, ...]  # index of each shard's first sample in the numbering used by modulo
+    modulo: int
+    residue: int
+    num_samples: int
+
+
+def _count_residue(a: int, b: int, m: int, r: int) -> int:
+    """How many i in [a, b) have i % m == r."""
+
+    def below(x: int) -> int:
+        return (x - r + m - 1) // m if x > r else 0
+
+    return below(b) - below(a)
+
+
+def _plan(shards: list[str], counts: list[int], idx: list[int], modulo: int, residue: int) -> StreamPlan:
+    offsets, total = [], 0
+    for i in idx:
+        offsets.append(total)
+        total += counts[i]
+    n = sum(_count_residue(o, o + counts[i], modulo, residue) for o, i in zip(offsets, idx))
+    return StreamPlan(tuple(shards[i] for i in idx), tuple(offsets), modulo, residue, n)
+
+
+def plan_streams(
+    shards: list[str], counts: list[int], rank: int, world_size: int, num_workers: int
+) -> list[StreamPlan]:
+    """One plan per logical worker of ``rank`` (see the module docstring)."""
+    nw = max(1, num_workers)
+    n = len(shards)
+    if n >= world_size:
+        rank_idx = list(range(rank, n, world_size))
+        if len(rank_idx) >= nw:
+            # offsets are irrelevant with modulo 1
+            return [_plan(shards, counts, rank_idx[w::nw], 1, 0) for w in range(nw)]
+        return [_plan(shards, counts, rank_idx, nw, w) for w in range(nw)]
+    all_idx = list(range(n))
+    return [_plan(shards, counts, all_idx, world_size * nw, rank + world_size * w) for w in range(nw)]
+
+
+def _to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
+    """list of (H, W, 3) uint8 → (B, 3, H, W) float32 in [0, 1]."""
+    # numpy, single-threaded on purpose: this runs in loader workers (or the training process),
+    # where torch's intra-op thread pool only competes with the trainer for cores.
+    x = np.ascontiguousarray(np.stack(batch).transpose(0, 3, 1, 2)).astype(np.float32)
+    x /= np.float32(255.0)
+    return torch.from_numpy(x)
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of batches for one rank; each DataLoader worker produces its share."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plans: list[StreamPlan],
+        *,
+        rank: int,
+        seed: int,
+        epoch: int,
+        start_batch: int,
+        batches_per_epoch: int,
+        skipped: Any,
+    ):
+        super().__init__()
+        self.cfg, self.plans, self.rank, self.seed = cfg, plans, rank, seed
+        self.epoch, self.start_batch, self.batches_per_epoch = epoch, start_batch, batches_per_epoch
+        self.skipped = skipped  # multiprocessing.Value shared with the loader
+        self._warned = 0
+
+    def _note_skip(self, what: str) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+        if self._warned < _MAX_WARNINGS:
+            self._warned += 1
+            log.warning("data: skipping a sample: %s", what)
+
+    def _tar_handler(self, exc: Exception) -> bool:
+        self._note_skip(f"unreadable tar data ({type(exc).__name__}: {exc})")
+        return True
+
+    def _raw_samples(self, plan: StreamPlan, worker: int) -> Iterator[dict]:
+        """The infinite, shuffled stream of undecoded samples of one logical worker."""
+        rng = random.Random(derive_seed(self.seed, self.rank, worker, self.epoch, 1))
+        buffer: list[dict] = []
+        # Never buffer more than the stream holds: a small data set must not wait for duplicates.
+        capacity = max(1, min(self.cfg.shuffle_buffer, plan.num_samples))
+        select = (lambda name: not name.endswith(".lr.png")) if self.cfg.hr_only else None
+        while True:
+            accepted = 0
+            order = list(range(len(plan.shards)))
+            rng.shuffle(order)
+            for si in order:
+                src = [{"url": plan.shards[si]}]
+                samples = wds.tarfile_samples(src, handler=self._tar_handler, select_files=select)
+                for pos, sample in enumerate(samples):
+                    if (plan.offsets[si] + pos) % plan.modulo != plan.residue:
+                        continue
+                    accepted += 1
+                    if len(buffer) < capacity:
+                        buffer.append(sample)
+                        continue
+                    j = rng.randrange(len(buffer))
+                    out, buffer[j] = buffer[j], sample
+                    yield out
+            if accepted == 0:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: a full pass over its {len(plan.shards)} shard(s) "
+                    f"yielded no sample (shards: {list(plan.shards)[:3]})"
+                )
+
+    def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, ...] | None:
+        cfg = self.cfg
+        key = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        try:
+            if "hr.png" not in sample or (not cfg.hr_only and "lr.png" not in sample):
+                raise BadImageError(f"{key}: missing hr.png or lr.png member")
+            hr, _ = decode_rgb(sample["hr.png"], key + ".hr.png")
+            flips = {"hflip": cfg.hflip, "vflip": cfg.vflip, "transpose": cfg.transpose}
+            if cfg.hr_only:
+                p = cfg.hr_patch
+                if hr.shape[0] < p or hr.shape[1] < p:
+                    raise BadImageError(f"{key}: HR {hr.shape[1]}x{hr.shape[0]} smaller than the patch {p}")
+                return (random_patch(hr, p, rng, **flips),)
+            lr, _ = decode_rgb(sample["lr.png"], key + ".lr.png")
+            s, p = cfg.scale, cfg.patch_size
+            if (lr.shape[0] * s, lr.shape[1] * s) != hr.shape[:2]:
+                raise BadImageError(
+                    f"{key}: LR {lr.shape[1]}x{lr.shape[0]} × scale {s} != HR {hr.shape[1]}x{hr.shape[0]}"
+                )
+            if lr.shape[0] < p or lr.shape[1] < p:
+                raise BadImageError(f"{key}: LR {lr.shape[1]}x{lr.shape[0]} smaller than the patch {p}")
+            return aligned_patch(lr, hr, s, p, rng, **flips)
+        except BadImageError as exc:
+            self._note_skip(str(exc))
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if nw != len(self.plans):
+            raise RuntimeError(f"stream planned for {len(self.plans)} workers runs with {nw}")
+        # DataLoader hands out batch j from worker j % nw; after a resume at start_batch, batch j
+        # is global batch start_batch + j, so this worker plays logical worker L.
+        L = (w + self.start_batch) % nw
+        first = self.start_batch + (L - self.start_batch) % nw
+        ks = range(first, self.batches_per_epoch, nw)
+        if not ks:
+            return
+        bs = self.cfg.batch_size
+        stream = self._raw_samples(self.plans[L], L)
+        pos = 0
+        for _ in range((first // nw) * bs):  # resume: skip undecoded
+            next(stream)
+            pos += 1
+        for _ in ks:
+            items: list[tuple[np.ndarray, ...]] = []
+            failures = 0
+            while len(items) < bs:
+                sample = next(stream)
+                rng = np.random.default_rng(derive_seed(self.seed, self.rank, L, self.epoch, pos, 2))
+                pos += 1
+                out = self._decode(sample, rng)
+                if out is None:
+                    failures += 1
+                    if failures > max(100, 10 * self.plans[L].num_samples):
+                        raise RuntimeError(
+                            f"rank {self.rank} worker {L}: {failures} consecutive unusable samples; "
+                            "are the shards corrupt or made for another scale/patch size?"
+                        )
+                    continue
+                failures = 0
+                items.append(out)
+            if self.cfg.hr_only:
+                yield {"hr": _to_tensor([it[0] for it in items])}
+            else:
+                yield {"lr": _to_tensor([it[0] for it in items]), "hr": _to_tensor([it[1] for it in items])}
+
+
+class WebDatasetLoader:
+    """Training batches from tar shards via WebDataset and torch DataLoader workers.
+
+    Yields ``{"lr": (B, 3, p, p), "hr": (B, 3, s·p, s·p)}`` float32 in [0, 1] on CPU (pinned
+    when CUDA is present and ``pin_memory``), ``len(self)`` batches per epoch.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, shards: list[str], counts: list[int], *, rank: int, world_size: int, seed: int
+    ):
+        self.cfg, self.shards, self.counts = cfg, shards, counts
+        self.rank, self.world_size = rank, world_size
+        self.plans = plan_streams(shards, counts, rank, world_size, cfg.num_workers)
+        empty = [w for w, p in enumerate(self.plans) if p.num_samples == 0]
+        if empty:
+            raise ValueError(
+                f"rank {rank} worker(s) {empty} would get no data: {len(shards)} shard(s) with {sum(counts)} "
+                f"sample(s) split over {world_size} rank(s) × {max(1, cfg.num_workers)} worker(s). Use fewer "
+                "data.num_workers, more samples, or smaller shards (make_shards --shard-size-mb)"
+            )
+        self.state = LoaderState(seed, rank, world_size, epoch_batches(cfg, sum(counts), world_size))
+        self._skipped = mp.Value("q", 0)
+
+    def __len__(self) -> int:
+        return self.state.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt or unusable samples skipped so far (all workers of this rank)."""
+        return int(self._skipped.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its first batch on the next iteration (a no-op for the current epoch)."""
+        self.state.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches_consumed", ...}``: the next iteration continues at that batch."""
+        return self.state.state_dict(
+            num_workers=self.cfg.num_workers, batch_size=self.cfg.batch_size, loader="webdataset"
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state, num_workers=self.cfg.num_workers, batch_size=self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        ds = _EpochStream(
+            cfg,
+            self.plans,
+            rank=self.rank,
+            seed=self.state.seed,
+            epoch=self.state.epoch,
+            start_batch=self.state.consumed,
+            batches_per_epoch=self.state.batches_per_epoch,
+            skipped=self._skipped,
+        )
+        if cfg.num_workers == 0:
+            batches: Any = iter(ds)
+        else:
+            batches = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=cfg.num_workers,
+                prefetch_factor=cfg.prefetch_factor,
+                pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                persistent_workers=False,
+            )
+        for batch in batches:
+            self.state.advance()
+            yield batch
