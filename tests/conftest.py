@@ -6,6 +6,11 @@ so it must be set here, before any test module imports the kernels.
 
 import os
 
+# With more runnable threads than cores (2 cores here, xdist workers, gloo ranks), OpenMP's
+# default spin-waiting burns the CPU that the other threads need: one training-step test took
+# 38 s with spinning and 2 s without. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()

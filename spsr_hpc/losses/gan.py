@@ -1,0 +1,42 @@
+"""Adversarial losses on logits (SHARED SPEC §4): relativistic average (RaGAN) and vanilla.
+
+All take logits of any shape ((B, 1) from our discriminators), compute in fp32 with
+BCE-with-logits and return a 0-dim tensor. "mean" is over the whole batch, as in the public code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def ragan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """[BCE(D(real) − mean D(fake), 1) + BCE(D(fake) − mean D(real), 0)] / 2."""
+    real, fake = real_logits.float(), fake_logits.float()
+    return (_bce(real - fake.mean(), 1.0) + _bce(fake - real.mean(), 0.0)) / 2
+
+
+def ragan_g_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """D's terms with swapped targets: [BCE(real − mean fake, 0) + BCE(fake − mean real, 1)] / 2.
+
+    In the generator step pass real logits without a graph (e.g. computed under no_grad).
+    """
+    real, fake = real_logits.float(), fake_logits.float()
+    return (_bce(real - fake.mean(), 0.0) + _bce(fake - real.mean(), 1.0)) / 2
+
+
+def vanilla_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """[BCE(D(real), 1) + BCE(D(fake), 0)] / 2."""
+    return (_bce(real_logits.float(), 1.0) + _bce(fake_logits.float(), 0.0)) / 2
+
+
+def vanilla_g_loss(real_logits: torch.Tensor | None, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating BCE(D(fake), 1); `real_logits` is ignored (same signature as ragan_g_loss)."""
+    return _bce(fake_logits.float(), 1.0)
+
+
+GAN_LOSSES = {"ragan": (ragan_d_loss, ragan_g_loss), "vanilla": (vanilla_d_loss, vanilla_g_loss)}

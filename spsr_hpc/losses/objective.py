@@ -1,0 +1,331 @@
+"""The composite training objective of every method and ablation (SHARED SPEC §4).
+
+    obj = SRObjective(LossConfig(method="spsr_g"), perceptual=PerceptualLoss(...), nse=None)
+    total, terms = obj.generator_loss(out, hr, {"image": d_img, "gradient": d_grad})
+    total, terms = obj.discriminator_loss("image", out, hr, d_img)
+
+Terms per method (before ablations; a term whose weight is 0 is dropped as well):
+
+    psnr     pixel (weight 1)
+    esrgan   pixel, perceptual, image_gan                                       D: image
+    spsr_g   pixel, perceptual, image_gan, gradient_pixel, gradient_gan,
+             branch_pixel                                                       D: image, gradient
+    spsr_p/j pixel, perceptual, branch_pixel, structure_pixel, structure_gan   D: structure
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from spsr_hpc.losses.gan import GAN_LOSSES
+from spsr_hpc.losses.gradient import branch_pixel_loss, padded_gradient
+from spsr_hpc.losses.perceptual import PerceptualLoss
+from spsr_hpc.losses.pixel import CRITERIA, pixel_loss
+from spsr_hpc.losses.structure import DISTANCES, freeze_, structure_distance
+from spsr_hpc.models.blocks import SROutput
+
+METHODS = ("psnr", "esrgan", "spsr_g", "spsr_p", "spsr_j")
+TERMS = (
+    "pixel",
+    "perceptual",
+    "image_gan",
+    "gradient_pixel",
+    "gradient_gan",
+    "branch_pixel",
+    "structure_pixel",
+    "structure_gan",
+)
+_METHOD_TERMS = {
+    "psnr": ("pixel",),
+    "esrgan": ("pixel", "perceptual", "image_gan"),
+    "spsr_g": ("pixel", "perceptual", "image_gan", "gradient_pixel", "gradient_gan", "branch_pixel"),
+    "spsr_p": ("pixel", "perceptual", "branch_pixel", "structure_pixel", "structure_gan"),
+    "spsr_j": ("pixel", "perceptual", "branch_pixel", "structure_pixel", "structure_gan"),
+}
+# Ablation switch -> (methods it applies to, terms it removes).
+_ABLATIONS = {
+    "no_gradient_branch": (("spsr_g", "spsr_p", "spsr_j"), ("branch_pixel",)),
+    "no_gradient_loss": (("spsr_g",), ("gradient_pixel", "gradient_gan")),
+    "no_gradient_gan": (("spsr_g",), ("gradient_gan",)),
+    "no_gradient_pixel": (("spsr_g",), ("gradient_pixel",)),
+    "no_structure_loss": (("spsr_p", "spsr_j"), ("structure_pixel", "structure_gan")),
+    "no_structure_gan": (("spsr_p", "spsr_j"), ("structure_gan",)),
+    "no_structure_pixel": (("spsr_p", "spsr_j"), ("structure_pixel",)),
+}
+# Which discriminator a GAN term needs.
+_GAN_TERM_D = {"image_gan": "image", "gradient_gan": "gradient", "structure_gan": "structure"}
+
+
+@dataclass
+class LossConfig:
+    """Loss section (`loss` in a run config). Weights default to SHARED SPEC §4."""
+
+    method: str = "spsr_g"
+    """"psnr" (PSNR-oriented RRDB), "esrgan", "spsr_g", "spsr_p" or "spsr_j"."""
+    pixel_criterion: str = "l1"
+    """Image pixel loss: "l1" (SPEC) or "l2"."""
+    gan_type: str = "ragan"
+    """"ragan" (relativistic average, what the public code runs) or "vanilla"."""
+    structure_distance: str = "l1"
+    """Structure pixel distance between NSE(SR) and NSE(HR): "l1", "l2" or "cosine" (ours)."""
+    pixel_weight: float | None = None
+    """Image pixel weight; None = 1.0 for psnr, 1e-2 otherwise."""
+    perceptual_weight: float = 1.0
+    """VGG19 conv5_4 L1 weight."""
+    image_gan_weight: float = 5e-3
+    """Image RaGAN weight."""
+    gradient_pixel_weight: float = 1e-2
+    """MSE between padded gradient maps of SR and HR."""
+    gradient_gan_weight: float = 5e-3
+    """RaGAN on the gradient D (padded maps)."""
+    branch_pixel_weight: float = 0.5
+    """L1 between the branch output and the same-size gradient map of HR."""
+    structure_pixel_weight: float = 1e-2
+    """Structure distance weight (SPSR-P/-J, ours)."""
+    structure_gan_weight: float = 5e-3
+    """RaGAN on the structure D (SPSR-P/-J, ours)."""
+    no_gradient_branch: bool = False
+    """Ablation: generator without gradient branch (no branch pixel loss; use a backbone generator)."""
+    no_gradient_loss: bool = False
+    """Ablation (spsr_g): neither gradient pixel nor gradient GAN."""
+    no_gradient_gan: bool = False
+    """Ablation (spsr_g): no gradient GAN (and no gradient D)."""
+    no_gradient_pixel: bool = False
+    """Ablation (spsr_g): no gradient pixel loss."""
+    no_structure_loss: bool = False
+    """Ablation (spsr_p/j): neither structure pixel nor structure GAN."""
+    no_structure_gan: bool = False
+    """Ablation (spsr_p/j): no structure GAN (and no structure D)."""
+    no_structure_pixel: bool = False
+    """Ablation (spsr_p/j): no structure pixel loss."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"loss.method={self.method!r} is not one of {METHODS}")
+        if self.pixel_criterion not in CRITERIA:
+            raise ValueError(f"loss.pixel_criterion={self.pixel_criterion!r} is not one of {CRITERIA}")
+        if self.gan_type not in GAN_LOSSES:
+            raise ValueError(f"loss.gan_type={self.gan_type!r} is not one of {tuple(GAN_LOSSES)}")
+        if self.structure_distance not in DISTANCES:
+            raise ValueError(f"loss.structure_distance={self.structure_distance!r} is not one of {DISTANCES}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_weight"):
+                if value is None and f.name == "pixel_weight":
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ValueError(f"loss.{f.name} must be a number >= 0, got {value!r}")
+            elif f.name.startswith("no_"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"loss.{f.name} must be true or false, got {value!r}")
+                methods = _ABLATIONS[f.name][0]
+                if value and self.method not in methods:
+                    raise ValueError(
+                        f"loss.{f.name}=true does not apply to method {self.method!r}; it is an ablation of "
+                        f"{' / '.join(methods)}"
+                    )
+
+    def weight(self, term: str) -> float:
+        """The weight of `term` for this method (pixel: 1 for psnr, 1e-2 otherwise unless set)."""
+        if term not in TERMS:
+            raise ValueError(f"unknown loss term {term!r}; expected one of {TERMS}")
+        if term == "pixel" and self.pixel_weight is None:
+            return 1.0 if self.method == "psnr" else 1e-2
+        return float(getattr(self, f"{term}_weight"))
+
+    def active_terms(self) -> tuple[str, ...]:
+        """The generator terms this method/ablation computes, in TERMS order."""
+        terms = list(_METHOD_TERMS[self.method])
+        for switch, (_, removes) in _ABLATIONS.items():
+            if getattr(self, switch):
+                terms = [t for t in terms if t not in removes]
+        return tuple(t for t in TERMS if t in terms and self.weight(t) > 0)
+
+    def discriminator_names(self) -> tuple[str, ...]:
+        """Discriminators the method trains, e.g. ("image", "gradient") for spsr_g."""
+        return tuple(_GAN_TERM_D[t] for t in self.active_terms() if t in _GAN_TERM_D)
+
+    def needs_perceptual(self) -> bool:
+        return "perceptual" in self.active_terms()
+
+    def needs_nse(self) -> bool:
+        return any(t.startswith("structure") for t in self.active_terms())
+
+    def needs_gradient_branch(self) -> bool:
+        return "branch_pixel" in self.active_terms()
+
+
+DiscriminatorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SRObjective(nn.Module):
+    """Generator and discriminator losses for one method/ablation (see module docstring).
+
+    Args:
+        cfg: the LossConfig.
+        perceptual: a PerceptualLoss, required when the perceptual term is active.
+        nse: a pretrained NSE, required for the structure terms; frozen here
+            (requires_grad False, eval mode, kept in eval by `train()`).
+
+    The returned `terms` dicts hold detached 0-dim fp32 tensors; generator terms are the
+    *weighted* values, so they sum to the total.
+    """
+
+    def __init__(
+        self, cfg: LossConfig, perceptual: PerceptualLoss | None = None, nse: nn.Module | None = None
+    ):
+        super().__init__()
+        if not isinstance(cfg, LossConfig):
+            raise TypeError(f"SRObjective: cfg must be a LossConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.terms = cfg.active_terms()
+        self.weights = {t: cfg.weight(t) for t in self.terms}
+        if cfg.needs_perceptual() and perceptual is None:
+            raise ValueError(
+                f"SRObjective: method {cfg.method!r} uses the perceptual loss; "
+                "pass perceptual=PerceptualLoss(...) "
+                "or set loss.perceptual_weight=0"
+            )
+        if cfg.needs_nse() and nse is None:
+            raise ValueError(
+                f"SRObjective: method {cfg.method!r} uses structure losses; pass nse=<pretrained NSE> "
+                "(model.nse.pretrained) or set loss.no_structure_loss=true"
+            )
+        self.perceptual = perceptual if cfg.needs_perceptual() else None
+        self.nse = freeze_(nse) if (nse is not None and cfg.needs_nse()) else None
+        self._d_loss, self._g_loss = GAN_LOSSES[cfg.gan_type]
+
+    @property
+    def discriminator_names(self) -> tuple[str, ...]:
+        return self.cfg.discriminator_names()
+
+    def train(self, mode: bool = True) -> SRObjective:
+        super().train(mode)
+        for frozen in (self.perceptual, self.nse):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- helpers -------------------------------------------------------------------------
+    def _d_inputs(self, name: str, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real input, fake input) of discriminator `name`; the real one without a graph."""
+        with torch.no_grad():
+            if name == "image":
+                real = hr
+            elif name == "gradient":
+                real = padded_gradient(hr)
+            else:
+                real = self.nse(hr)
+        if name == "image":
+            fake = sr
+        elif name == "gradient":
+            fake = padded_gradient(sr)
+        else:
+            fake = self.nse(sr)
+        return real, fake
+
+    def _gan_g(self, d: DiscriminatorFn, real_in: torch.Tensor, fake_in: torch.Tensor) -> torch.Tensor:
+        fake = d(fake_in)
+        with torch.no_grad():
+            real = d(real_in) if self.cfg.gan_type == "ragan" else None
+        return self._g_loss(real, fake)
+
+    @staticmethod
+    def _check_pair(out: SROutput, hr: torch.Tensor) -> None:
+        if not isinstance(out, SROutput):
+            raise TypeError(f"SRObjective: out must be an SROutput, got {type(out).__name__}")
+        if out.sr.shape != hr.shape:
+            raise ValueError(f"SRObjective: SR {tuple(out.sr.shape)} and HR {tuple(hr.shape)} differ")
+
+    # -- losses --------------------------------------------------------------------------
+    def generator_loss(
+        self, out: SROutput, hr: torch.Tensor, discriminators: Mapping[str, DiscriminatorFn] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the active generator terms.
+
+        out: the generator's SROutput (sr (B, 3, H, W); grad_sr needed for branch_pixel).
+        hr: (B, 3, H, W) float in [0, 1].
+        discriminators: name -> callable returning logits, for every name in
+            `discriminator_names` (frozen: the caller sets requires_grad_(False)).
+        Returns (total 0-dim fp32 tensor with graph, {term: detached weighted value}).
+        """
+        self._check_pair(out, hr)
+        discriminators = dict(discriminators or {})
+        absent = [n for n in self.discriminator_names if n not in discriminators]
+        if absent:
+            raise ValueError(
+                f"SRObjective.generator_loss: method {self.cfg.method!r} needs discriminators {absent}; "
+                f"got {sorted(discriminators)}"
+            )
+        sr, w = out.sr, self.weights
+        terms: dict[str, torch.Tensor] = {}
+        if "pixel" in w:
+            terms["pixel"] = w["pixel"] * pixel_loss(sr, hr, self.cfg.pixel_criterion)
+        if "perceptual" in w:
+            terms["perceptual"] = w["perceptual"] * self.perceptual(sr, hr)
+        if "image_gan" in w:
+            terms["image_gan"] = w["image_gan"] * self._gan_g(discriminators["image"], hr, sr)
+        if "gradient_pixel" in w or "gradient_gan" in w:
+            sr_grad = padded_gradient(sr)
+            with torch.no_grad():
+                hr_grad = padded_gradient(hr)
+            if "gradient_pixel" in w:
+                terms["gradient_pixel"] = w["gradient_pixel"] * torch.nn.functional.mse_loss(
+                    sr_grad.float(), hr_grad.float()
+                )
+            if "gradient_gan" in w:
+                terms["gradient_gan"] = w["gradient_gan"] * self._gan_g(
+                    discriminators["gradient"], hr_grad, sr_grad
+                )
+        if "branch_pixel" in w:
+            if out.grad_sr is None:
+                raise ValueError(
+                    "SRObjective: the branch pixel loss needs a generator with a gradient branch "
+                    "(SROutput.grad_sr "
+                    "is None); use generator 'spsr' or set loss.no_gradient_branch=true"
+                )
+            terms["branch_pixel"] = w["branch_pixel"] * branch_pixel_loss(out.grad_sr, hr)
+        if "structure_pixel" in w or "structure_gan" in w:
+            sr_feat = self.nse(sr)
+            with torch.no_grad():
+                hr_feat = self.nse(hr)
+            if "structure_pixel" in w:
+                terms["structure_pixel"] = w["structure_pixel"] * structure_distance(
+                    sr_feat, hr_feat, self.cfg.structure_distance
+                )
+            if "structure_gan" in w:
+                terms["structure_gan"] = w["structure_gan"] * self._gan_g(
+                    discriminators["structure"], hr_feat, sr_feat
+                )
+        total = torch.stack([t.float() for t in terms.values()]).sum()
+        return total, {k: v.detach().float() for k, v in terms.items()}
+
+    def discriminator_loss(
+        self, name: str, out: SROutput, hr: torch.Tensor, d: DiscriminatorFn
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of discriminator `name` ("image", "gradient" or "structure") on detached SR.
+
+        Real and fake terms are combined into one scalar (one backward per D per step).
+        Returns (loss with graph into D only, {"d_loss", "d_real", "d_fake"}) where d_real /
+        d_fake are the mean logits.
+        """
+        if name not in self.discriminator_names:
+            raise ValueError(
+                f"SRObjective.discriminator_loss: {name!r} is not trained by method {self.cfg.method!r} "
+                f"with these switches; active discriminators: {self.discriminator_names}"
+            )
+        self._check_pair(out, hr)
+        sr = out.sr.detach()
+        with torch.no_grad():
+            real_in, fake_in = self._d_inputs(name, sr, hr)
+        real, fake = d(real_in), d(fake_in)
+        loss = self._d_loss(real, fake)
+        return loss, {
+            "d_loss": loss.detach(),
+            "d_real": real.detach().float().mean(),
+            "d_fake": fake.detach().float().mean(),
+        }

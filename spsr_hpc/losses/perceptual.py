@@ -1,0 +1,99 @@
+"""Perceptual loss (SHARED SPEC §4): L1 of VGG19 conv5_4 features (before ReLU), ImageNet norm.
+
+The backbone is torchvision's VGG19 `features[:35]`, loaded from the offline ImageNet checkpoint
+(spsr_hpc.weights: explicit path, else the torch hub cache; nothing is downloaded). Tests may
+build it with random weights, which is logged loudly because the loss is then meaningless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+from spsr_hpc.weights import load_backbone_state_dict
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# features[:35] ends at conv5_4, before its ReLU (ESRGAN/SPSR "VGG19-54").
+CONV5_4_END = 35
+
+
+class PerceptualLoss(nn.Module):
+    """criterion(VGG19(norm(SR)), VGG19(norm(HR))), features frozen and in eval mode.
+
+    Args:
+        weights_path: torchvision's vgg19-dcbb9e9d.pth; None searches the torch hub cache.
+            Absent weights raise spsr_hpc.weights.MissingWeightsError naming the file and where
+            to put it.
+        random_weights: tests only: skip loading and keep random features (warns loudly).
+        criterion: "l1" (SPEC) or "l2".
+        end: number of VGG19 `features` layers to run (35 = up to conv5_4 before ReLU).
+
+    forward(sr, hr): (B, 3, H, W) float in [0, 1] each -> 0-dim fp32 loss; gradients flow into
+    sr only.
+    """
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None = None,
+        *,
+        random_weights: bool = False,
+        criterion: str = "l1",
+        end: int = CONV5_4_END,
+    ) -> None:
+        super().__init__()
+        if criterion not in ("l1", "l2"):
+            raise ValueError(f"PerceptualLoss: criterion={criterion!r} is not 'l1' or 'l2'")
+        layers = make_layers(cfgs["E"], batch_norm=False)
+        if not 1 <= end <= len(layers):
+            raise ValueError(f"PerceptualLoss: end={end} must be in [1, {len(layers)}]")
+        self.features = nn.Sequential(*list(layers)[:end])
+        self.criterion = criterion
+        self.random_weights = random_weights
+        if random_weights:
+            msg = "PerceptualLoss uses RANDOM VGG19 weights (tests only): the perceptual term is meaningless"
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        else:
+            sd = load_backbone_state_dict("vgg19", weights_path)
+            wanted = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
+            own = self.features.state_dict()
+            missing = [k for k in own if k not in wanted]
+            bad = [k for k in own if k in wanted and wanted[k].shape != own[k].shape]
+            if missing or bad:
+                raise ValueError(
+                    "PerceptualLoss: the vgg19 checkpoint does not fit VGG19 features: "
+                    f"missing {missing[:5]}, "
+                    f"shape mismatches {bad[:5]}; expected torchvision's vgg19-dcbb9e9d.pth"
+                )
+            self.features.load_state_dict({k: wanted[k] for k in own})
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        """Stays in eval mode: the backbone is a fixed feature extractor."""
+        return super().train(False)
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float in [0, 1] -> conv5_4 features (B, 512, H/16, W/16)."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"PerceptualLoss: expected (B, 3, H, W) images, got {tuple(x.shape)}")
+        return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        if sr.shape != hr.shape:
+            raise ValueError(f"PerceptualLoss: SR {tuple(sr.shape)} and HR {tuple(hr.shape)} differ")
+        fake = self.extract(sr).float()
+        with torch.no_grad():
+            real = self.extract(hr).float()
+        return F.l1_loss(fake, real) if self.criterion == "l1" else F.mse_loss(fake, real)

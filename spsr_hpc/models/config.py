@@ -1,0 +1,187 @@
+"""Typed config sections for the networks and the functions that build them.
+
+Plain dataclasses (ints, floats, strs, bools, lists, Optional) so the run config can nest
+them and load them from YAML; ``__post_init__`` validates and raises ValueError naming the
+field. Defaults are SHARED SPEC values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from spsr_hpc.distributed import is_main_process
+from spsr_hpc.models.loading import load_pretrained
+from spsr_hpc.models.nse import NSE, ContextPredictor, JigsawClassifier
+from spsr_hpc.models.registry import DISCRIMINATORS, GENERATORS
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(section: str, name: str, value: object, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{section}.{name} must be a positive int, got {value!r}")
+
+
+# Published defaults per generator when nf/nb are left None.
+_GENERATOR_DEFAULTS = {"spsr": (64, 23), "rrdbnet": (64, 23), "edsr": (64, 16), "srresnet": (64, 16)}
+
+
+@dataclass
+class GeneratorConfig:
+    """Generator section (`model.generator` in a run config)."""
+
+    name: str = "spsr"
+    """One of GENERATORS: "spsr" (SPSR-G), "rrdbnet" (ESRGAN/RRDB), "edsr", "srresnet"."""
+    in_ch: int = 3
+    """Input image channels."""
+    out_ch: int = 3
+    """Output image channels."""
+    nf: int | None = None
+    """Feature width; None = the published value (64 for all; EDSR-large uses 256)."""
+    nb: int | None = None
+    """Blocks; None = the published value (23 RRDBs for spsr/rrdbnet, 16 for edsr/srresnet)."""
+    gc: int = 32
+    """Dense-block growth channels (spsr, rrdbnet)."""
+    scale: int = 4
+    """Upscaling factor: 2, 3, 4 or 8."""
+    taps: list[int] = field(default_factory=lambda: [4, 9, 14, 19])
+    """spsr only: trunk RRDB indices feeding the gradient branch (strictly increasing, < nb)."""
+    res_scale: float = 1.0
+    """edsr only: residual scaling (1.0 baseline, 0.1 for the large 32×256 model)."""
+    pretrained: str | None = None
+    """Checkpoint loaded by build_generator (SPSR, ESRGAN old/new, or our export); None = fresh."""
+    strict_load: bool = True
+    """Refuse a checkpoint that leaves model keys unloaded (beyond SPSR's by-design fresh layers)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in GENERATORS:
+            raise ValueError(f"generator.name={self.name!r} is not one of {sorted(GENERATORS)}")
+        for name in ("in_ch", "out_ch", "gc", "scale"):
+            _positive_int("generator", name, getattr(self, name))
+        for name in ("nf", "nb"):
+            _positive_int("generator", name, getattr(self, name), optional=True)
+        if self.scale not in (2, 3, 4, 8):
+            raise ValueError(f"generator.scale={self.scale} is not supported; use 2, 3, 4 or 8")
+        self.taps = list(self.taps)
+        nb = self.resolved()[1]
+        if self.name == "spsr" and (
+            not self.taps or self.taps != sorted(set(self.taps)) or self.taps[0] < 0 or self.taps[-1] >= nb
+        ):
+            raise ValueError(
+                f"generator.taps={self.taps} must be strictly increasing RRDB indices "
+                f"in [0, {nb - 1}] for nb={nb}"
+            )
+        if not (isinstance(self.res_scale, (int, float)) and self.res_scale > 0):
+            raise ValueError(f"generator.res_scale must be > 0, got {self.res_scale!r}")
+
+    def resolved(self) -> tuple[int, int]:
+        """(nf, nb) with None replaced by the generator's published default."""
+        nf0, nb0 = _GENERATOR_DEFAULTS[self.name]
+        return (self.nf if self.nf is not None else nf0, self.nb if self.nb is not None else nb0)
+
+
+def build_generator(cfg: GeneratorConfig) -> nn.Module:
+    """Instantiate the configured generator (and load `cfg.pretrained`, logging the report on rank 0)."""
+    nf, nb = cfg.resolved()
+    common = {"in_ch": cfg.in_ch, "out_ch": cfg.out_ch, "nf": nf, "nb": nb, "scale": cfg.scale}
+    if cfg.name == "spsr":
+        model = GENERATORS["spsr"](gc=cfg.gc, taps=tuple(cfg.taps), **common)
+    elif cfg.name == "rrdbnet":
+        model = GENERATORS["rrdbnet"](gc=cfg.gc, **common)
+    elif cfg.name == "edsr":
+        model = GENERATORS["edsr"](res_scale=float(cfg.res_scale), **common)
+    else:
+        model = GENERATORS[cfg.name](**common)
+    if cfg.pretrained:
+        report = load_pretrained(model, cfg.pretrained, strict=cfg.strict_load)
+        if is_main_process():
+            log.info("generator: %s", report)
+    return model
+
+
+@dataclass
+class DiscriminatorConfig:
+    """One discriminator section (image, gradient or structure D)."""
+
+    name: str = "vgg128"
+    """One of DISCRIMINATORS: "vgg128" (image and gradient D) or "structure" (on NSE features)."""
+    in_ch: int | None = None
+    """Input channels; None = 3 for vgg128, 32 (the NSE dimension) for structure."""
+    nf: int = 64
+    """Base width."""
+    input_size: int | None = None
+    """Spatial input size; None = 128 for vgg128 (130 gradient maps also fit), 32 for structure."""
+
+    def __post_init__(self) -> None:
+        if self.name not in DISCRIMINATORS:
+            raise ValueError(f"discriminator.name={self.name!r} is not one of {sorted(DISCRIMINATORS)}")
+        _positive_int("discriminator", "in_ch", self.in_ch, optional=True)
+        _positive_int("discriminator", "nf", self.nf)
+        _positive_int("discriminator", "input_size", self.input_size, optional=True)
+
+
+def build_discriminator(cfg: DiscriminatorConfig) -> nn.Module:
+    """Instantiate the configured discriminator."""
+    in_ch = cfg.in_ch if cfg.in_ch is not None else (3 if cfg.name == "vgg128" else 32)
+    size = cfg.input_size if cfg.input_size is not None else (128 if cfg.name == "vgg128" else 32)
+    return DISCRIMINATORS[cfg.name](in_ch=in_ch, nf=cfg.nf, input_size=size)
+
+
+@dataclass
+class NSEConfig:
+    """NSE section: the extractor and its pretraining heads."""
+
+    in_ch: int = 3
+    """Image channels."""
+    width: int = 64
+    """Channels of the stride-2 stage."""
+    out_dim: int = 32
+    """Feature dimension d (SPEC: 32)."""
+    pretrained: str | None = None
+    """NSE weights (our export) loaded by build_nse, strictly; required for SPSR-P/-J training."""
+    predictor_hidden: int = 256
+    """ContextPredictor hidden width."""
+    predictor_layers: int = 3
+    """ContextPredictor Linear layers."""
+    jigsaw_hidden: int = 512
+    """JigsawClassifier hidden width."""
+    jigsaw_classes: int = 24
+    """Permutations of the 2×2 jigsaw."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "in_ch",
+            "width",
+            "out_dim",
+            "predictor_hidden",
+            "predictor_layers",
+            "jigsaw_hidden",
+            "jigsaw_classes",
+        ):
+            _positive_int("nse", name, getattr(self, name))
+
+
+def build_nse(cfg: NSEConfig) -> NSE:
+    """Instantiate the NSE (and load `cfg.pretrained` strictly, logging the report on rank 0)."""
+    nse = NSE(in_ch=cfg.in_ch, width=cfg.width, out_dim=cfg.out_dim)
+    if cfg.pretrained:
+        report = load_pretrained(nse, cfg.pretrained, strict=True)
+        if is_main_process():
+            log.info("nse: %s", report)
+    return nse
+
+
+def build_context_predictor(cfg: NSEConfig, num_context: int) -> ContextPredictor:
+    """A ContextPredictor for a strategy with `num_context` context vectors (2 for h/v, 4 for c)."""
+    return ContextPredictor(
+        dim=cfg.out_dim, num_context=num_context, hidden=cfg.predictor_hidden, layers=cfg.predictor_layers
+    )
+
+
+def build_jigsaw_classifier(cfg: NSEConfig) -> JigsawClassifier:
+    return JigsawClassifier(dim=cfg.out_dim, hidden=cfg.jigsaw_hidden, num_classes=cfg.jigsaw_classes)

@@ -1,0 +1,120 @@
+"""Discriminators: the VGG-style image/gradient D (SHARED SPEC §3) and the structure D (ours).
+
+Both output one logit per sample, (B, 1). Their final feature map must be exactly the size the
+classifier was built for; any other input size raises ValueError naming the sizes that work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spsr_hpc.models.blocks import check_image_input, count_parameters, kaiming_init_
+
+
+def _conv_bn_lrelu(in_ch: int, out_ch: int, k: int, s: int, bn: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, k, s, 1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
+
+
+def _out_size(size: int, stages: int) -> int:
+    """Spatial size after `stages` pairs of (3×3 s1 p1, 4×4 s2 p1) convs."""
+    for _ in range(stages):
+        size = (size + 2 - 4) // 2 + 1
+    return size
+
+
+class _PairedConvDiscriminator(nn.Module):
+    """features: pairs of [3×3 s1, 4×4 s2] conv blocks (BN except the first), then an MLP head."""
+
+    def __init__(self, in_ch: int, channels: list[int], input_size: int, hidden: int, name: str) -> None:
+        super().__init__()
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+            raise ValueError(f"{name}: input_size must be a positive int, got {input_size!r}")
+        self._name = name
+        self.in_ch, self.input_size = in_ch, input_size
+        self.stages = len(channels)
+        self.final_size = _out_size(input_size, self.stages)
+        if self.final_size < 1:
+            raise ValueError(
+                f"{name}: input_size={input_size} is too small for {self.stages} stride-2 stages"
+            )
+        layers: list[nn.Module] = []
+        prev = in_ch
+        for i, ch in enumerate(channels):
+            layers += _conv_bn_lrelu(prev, ch, 3, 1, bn=i > 0)
+            layers += _conv_bn_lrelu(ch, ch, 4, 2, bn=True)
+            prev = ch
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(prev * self.final_size**2, hidden),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(hidden, 1),
+        )
+        kaiming_init_(self, scale=1.0)
+
+    def accepted_sizes(self) -> list[int]:
+        """Every input size that gives the same final feature size as `input_size`."""
+        lo = self.input_size
+        while lo > 1 and _out_size(lo - 1, self.stages) == self.final_size:
+            lo -= 1
+        hi = self.input_size
+        while _out_size(hi + 1, self.stages) == self.final_size:
+            hi += 1
+        return list(range(lo, hi + 1))
+
+    def summary(self) -> str:
+        return (
+            f"{self._name}: {count_parameters(self):,} trainable params, input {self.in_ch}×"
+            f"{self.input_size}×{self.input_size} -> {self.final_size}×{self.final_size} features"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_ch, S, S) float, S one of `accepted_sizes()` -> (B, 1) logits."""
+        check_image_input(self._name, x, self.in_ch)
+        h, w = x.shape[-2:]
+        if _out_size(h, self.stages) != self.final_size or _out_size(w, self.stages) != self.final_size:
+            sizes = self.accepted_sizes()
+            raise ValueError(
+                f"{self._name}: input {h}×{w} gives a "
+                f"{_out_size(h, self.stages)}×{_out_size(w, self.stages)} "
+                f"final feature map but the classifier expects {self.final_size}×{self.final_size}; "
+                f"use inputs of size {sizes[0]}..{sizes[-1]} or build it with input_size={h}"
+            )
+        return self.classifier(self.features(x).flatten(1))
+
+
+class VGGDiscriminator(_PairedConvDiscriminator):
+    """VGG-style D of ESRGAN/SPSR (`Discriminator_VGG_128`): image D and gradient D.
+
+    Ten convs alternating 3×3 s1 and 4×4 s2, channels nf·(1,1,2,2,4,4,8,8,8,8), BatchNorm
+    except the first, LeakyReLU 0.2; Linear(8nf·4·4 → 100), LeakyReLU, Linear(100 → 1).
+    14,502,281 parameters at nf=64 for 128 inputs; 130×130 gradient maps also reach 4×4
+    (130→65→32→16→8→4), so one net serves both.
+
+    Args:
+        in_ch: input channels (3). nf: base width (64). input_size: 128 (or 130; any size whose
+        final map is the same works).
+    """
+
+    def __init__(self, in_ch: int = 3, nf: int = 64, input_size: int = 128) -> None:
+        super().__init__(in_ch, [nf, 2 * nf, 4 * nf, 8 * nf, 8 * nf], input_size, 100, "VGGDiscriminator")
+
+
+class StructureDiscriminator(_PairedConvDiscriminator):
+    """Structure D on NSE feature maps (SHARED SPEC §3, ours in detail).
+
+    Input: (B, 32, 32, 32) NSE features of a 128 patch (stride 4). The same VGG recipe as the
+    image D with three stride-2 stages instead of five, because the map is already 4× smaller:
+    channels 64,64,128,128,256,256 (BN except the first), 32→16→8→4, then
+    Linear(256·4·4 → 100), LeakyReLU, Linear(100 → 1). The final 4×4 map matches the image D.
+
+    Args:
+        in_ch: NSE feature dimension (32). nf: base width (64). input_size: feature-map size (32).
+    """
+
+    def __init__(self, in_ch: int = 32, nf: int = 64, input_size: int = 32) -> None:
+        super().__init__(in_ch, [nf, 2 * nf, 4 * nf], input_size, 100, "StructureDiscriminator")
