@@ -1,0 +1,376 @@
+"""spsr_kernels.info_nce against the naive reference (loss and both gradients), both backends.
+
+"triton" runs the kernels (in the interpreter on machines without CUDA); "torch" is the chunked
+PyTorch path, run with a small chunk size so several anchor and key tiles are exercised.
+The reference itself is checked against a loop-by-loop construction of the mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spsr_kernels import InfoNCELoss, info_nce, info_nce_ref
+
+BACKENDS = ["triton", "torch"]
+TORCH_CHUNK = 7  # small and odd: anchors and keys both span several ragged tiles
+
+
+def _run(backend: str, *args, **kwargs) -> torch.Tensor:
+    if backend == "torch":
+        kwargs.setdefault("chunk_size", TORCH_CHUNK)
+    return info_nce(*args, backend=backend, **kwargs)
+
+
+def _make(B, N, H, W, d, C=0, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = H * W
+    pred = torch.randn(B, N, d, generator=g).to(device=device, dtype=dtype)
+    keys = torch.randn(B, M, d, generator=g).to(device=device, dtype=dtype)
+    pos = torch.randint(0, M, (B, N), generator=g).to(device)
+    centers = torch.randint(0, M, (B, N, C), generator=g).to(device) if C else None
+    return pred, keys, pos, centers
+
+
+def _loss_and_grads(fn, pred, keys, pos, upstream=None, **kw):
+    p = pred.detach().clone().requires_grad_()
+    k = keys.detach().clone().requires_grad_()
+    loss = fn(p, k, pos, **kw)
+    if upstream is None:
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+    gp, gk = torch.autograd.grad(loss, (p, k), upstream)
+    return loss, gp, gk
+
+
+def _assert_close(name, got, want, atol, rtol):
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# (B, N, H, W, d, C, radius): awkward sizes, M not a multiple of the 64-key tile, N spanning two
+# anchor blocks, every d in {8, 24, 32, 64}, radius 0..3 with 1..4 centres.
+CASES = [
+    pytest.param(2, 11, 5, 7, 8, 0, 0, id="B2-d8-noexcl"),
+    pytest.param(1, 1, 1, 1, 32, 0, 0, id="N1-M1"),
+    pytest.param(1, 1, 4, 5, 16, 2, 1, id="N1-r1"),
+    pytest.param(2, 70, 9, 11, 24, 4, 3, id="M99-d24-r3-C4"),
+    pytest.param(1, 20, 3, 30, 64, 1, 1, id="d64-r1-C1"),
+    pytest.param(3, 33, 12, 12, 32, 3, 2, id="B3-d32-r2-C3"),
+    pytest.param(1, 9, 6, 8, 32, 2, 0, id="r0-with-centres"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("B", "N", "H", "W", "d", "C", "radius"), CASES)
+def test_matches_reference(backend, B, N, H, W, d, C, radius):
+    pred, keys, pos, centers = _make(B, N, H, W, d, C)
+    kw = dict(scale=64.0, grid_width=W, exclude_centers=centers, exclude_radius=radius, reduction="none")
+    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, **kw)
+    ref, rp, rk = _loss_and_grads(info_nce_ref, pred, keys, pos, **kw)
+    assert loss.shape == (B, N) and loss.dtype == torch.float32
+    _assert_close("loss", loss, ref, 1e-4, 1e-4)
+    _assert_close("dpred", gp, rp, 1e-4, 1e-4)
+    _assert_close("dkeys", gk, rk, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reductions(backend, reduction):
+    pred, keys, pos, centers = _make(2, 10, 4, 6, 16, C=2)
+    kw = dict(grid_width=6, exclude_centers=centers, exclude_radius=1, reduction=reduction)
+    loss, gp, gk = _loss_and_grads(
+        lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, upstream=torch.tensor(1.0), **kw
+    )
+    _, rp, rk = _loss_and_grads(info_nce_ref, pred, keys, pos, upstream=torch.tensor(1.0), **kw)
+    assert loss.dim() == 0
+    per_anchor = info_nce_ref(pred, keys, pos, **{**kw, "reduction": "none"})
+    expected = per_anchor.mean() if reduction == "mean" else per_anchor.sum()
+    _assert_close("loss", loss, expected, 1e-4, 1e-5)
+    _assert_close("dpred", gp, rp, 1e-5, 1e-4)
+    _assert_close("dkeys", gk, rk, 1e-5, 1e-4)
+
+
+def test_reference_against_loops():
+    """The reference's mask and loss, rebuilt element by element from the contract's words."""
+    B, N, H, W, d, radius = 2, 5, 4, 5, 8, 2
+    pred, keys, pos, centers = _make(B, N, H, W, d, C=2, dtype=torch.float64)
+    pos[0, 0] = centers[0, 0, 0]  # a positive at an exclusion centre must stay
+    scale = 10.0
+    got = info_nce_ref(pred, keys, pos, scale=scale, grid_width=W, exclude_centers=centers,
+                       exclude_radius=radius, reduction="none")  # fmt: skip
+    want = torch.empty(B, N, dtype=torch.float64)
+    for b in range(B):
+        for n in range(N):
+            p = pred[b, n] / pred[b, n].norm()
+            terms = []
+            for j in range(H * W):
+                removed = any(
+                    max(abs(j // W - c // W), abs(j % W - c % W)) < radius for c in centers[b, n].tolist()
+                )
+                if removed and j != pos[b, n]:
+                    continue
+                terms.append(scale * float(p @ (keys[b, j] / keys[b, j].norm())))
+            positive = scale * float(p @ (keys[b, pos[b, n]] / keys[b, pos[b, n]].norm()))
+            want[b, n] = math.log(sum(math.exp(t) for t in terms)) - positive
+    _assert_close("loss", got, want, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centre_row", [5, 7, 8])
+def test_exclusion_near_key_tile_boundary(backend, centre_row):
+    """A 16×8 map is two 64-key tiles (rows 0-7, 8-15): zones that stop short of, touch, or
+    straddle the tile boundary, so the kernel's tile-level skip test is exercised both ways."""
+    B, N, H, W, d = 1, 12, 16, 8, 16
+    pred, keys, pos, _ = _make(B, N, H, W, d)
+    cols = torch.randint(0, W, (B, N, 2))
+    centers = centre_row * W + cols
+    kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=2, reduction="none")
+    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, **kw)
+    ref, rp, rk = _loss_and_grads(info_nce_ref, pred, keys, pos, **kw)
+    _assert_close("loss", loss, ref, 1e-4, 1e-4)
+    _assert_close("dpred", gp, rp, 1e-4, 1e-4)
+    _assert_close("dkeys", gk, rk, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positive_inside_excluded_zone_is_kept(backend):
+    B, N, H, W, d = 1, 6, 5, 5, 16
+    pred, keys, pos, _ = _make(B, N, H, W, d)
+    centers = pos[..., None].clone()  # every positive sits at its own exclusion centre
+    kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=2, reduction="none")
+    loss = _run(backend, pred, keys, pos, **kw)
+    _assert_close("loss", loss, info_nce_ref(pred, keys, pos, **kw), 1e-4, 1e-4)
+    # With the positive kept the loss is log(1 + Σ negatives) > 0; had it been removed too,
+    # the loss would not include exp(positive) and could go negative or infinite.
+    assert torch.isfinite(loss).all() and (loss > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_negatives_excluded_gives_zero_loss(backend):
+    B, N, H, W, d = 2, 4, 3, 3, 8
+    pred, keys, pos, _ = _make(B, N, H, W, d)
+    centers = torch.full((B, N, 1), 4, dtype=torch.int64)  # the middle of the 3×3 map
+    kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=3, reduction="none")
+    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, **kw)
+    _assert_close("loss", loss, torch.zeros(B, N), 1e-5, 0)
+    assert torch.isfinite(gp).all() and torch.isfinite(gk).all()
+    _assert_close("dpred", gp, torch.zeros_like(gp), 1e-5, 0)
+    _assert_close("dkeys", gk, torch.zeros_like(gk), 1e-5, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_100_no_overflow(backend):
+    # Nearly parallel vectors put logits near 100: exp(100) overflows fp32 without a running max.
+    B, N, H, W, d = 1, 8, 4, 4, 32
+    base = torch.randn(1, 1, d)
+    pred = base + 0.01 * torch.randn(B, N, d)
+    keys = base + 0.01 * torch.randn(B, H * W, d)
+    pos = torch.randint(0, H * W, (B, N))
+    loss, gp, gk = _loss_and_grads(
+        lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, scale=100.0, reduction="none"
+    )
+    ref, rp, rk = _loss_and_grads(
+        info_nce_ref, pred.double(), keys.double(), pos, scale=100.0, reduction="none"
+    )
+    assert torch.isfinite(loss).all() and torch.isfinite(gp).all() and torch.isfinite(gk).all()
+    _assert_close("loss", loss, ref.float(), 1e-3, 1e-4)
+    _assert_close("dpred", gp, rp.float(), 1e-2, 1e-3)
+    _assert_close("dkeys", gk, rk.float(), 1e-2, 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Keys as NSE code builds them, z.flatten(2).transpose(1, 2) (a strided view), a sliced
+    pred and an expanded (stride-0) pos_index; gradients flow back to the underlying leaves."""
+    B, d, H, W = 2, 16, 5, 6
+    pos = torch.arange(H * W).expand(B, -1)
+    centers = torch.stack([pos, (pos + 1) % (H * W)], dim=-1)
+    kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=2, reduction="sum")
+    z0, base0 = torch.randn(B, d, H, W), torch.randn(B, 2 * H * W, d)
+    results = []
+    for fn in (lambda *a, **k: _run(backend, *a, **k), info_nce_ref):
+        z, base = z0.clone().requires_grad_(), base0.clone().requires_grad_()
+        keys, pred = z.flatten(2).transpose(1, 2), base[:, ::2]
+        assert not keys.is_contiguous() and not pred.is_contiguous()
+        loss = fn(pred, keys, pos, **kw)
+        loss.backward()
+        results.append((loss, base.grad, z.grad))
+    for name, got, want in zip(("loss", "dpred", "dkeys"), *results):
+        _assert_close(name, got, want, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_vectors_are_finite(backend):
+    pred, keys, pos, _ = _make(1, 5, 3, 4, 16)
+    pred[0, 1] = 0.0
+    keys[0, 2] = 0.0
+    pos[0, 3] = 2  # an anchor whose positive is a zero key
+    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, reduction="none")
+    ref, rp, rk = _loss_and_grads(info_nce_ref, pred, keys, pos, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(gp).all() and torch.isfinite(gk).all()
+    _assert_close("loss", loss, ref, 1e-4, 1e-4)
+    # Gradients into a zero vector are scaled by 1/eps: compare relative to their size.
+    _assert_close("dpred", gp, rp, 1e-4, 1e-4)
+    _assert_close("dkeys", gk, rk, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_pytorch_error(backend, dtype):
+    """Distance to an fp32 reference at most ~2× PyTorch's own distance in that dtype."""
+    pred, keys, pos, centers = _make(2, 40, 8, 10, 32, C=2)
+    kw = dict(grid_width=10, exclude_centers=centers, exclude_radius=2, reduction="none")
+    gold = _loss_and_grads(info_nce_ref, pred, keys, pos, **kw)
+    low = _loss_and_grads(info_nce_ref, pred.to(dtype), keys.to(dtype), pos, **kw)
+    got = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred.to(dtype), keys.to(dtype), pos, **kw)
+    assert all(t.dtype == dtype for t in got)
+    floor = 1e-2 if dtype == torch.bfloat16 else 1e-3  # absolute slack for near-zero PyTorch error
+    for name, g, l, r in zip(("loss", "dpred", "dkeys"), got, low, gold):
+        err_ours = (g.float() - r).abs().max().item()
+        err_torch = (l.float() - r).abs().max().item()
+        assert err_ours <= 2 * err_torch + floor, f"{name}: ours {err_ours:.3g} vs PyTorch {err_torch:.3g}"
+
+
+def test_gradcheck_float64_torch_path():
+    pred, keys, pos, centers = _make(1, 4, 3, 3, 5, C=2, dtype=torch.float64)
+    pred.requires_grad_()
+    keys.requires_grad_()
+
+    def fn(p, k):
+        return info_nce(p, k, pos, scale=3.0, grid_width=3, exclude_centers=centers, exclude_radius=1,
+                        reduction="none", backend="torch", chunk_size=2)  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (pred, keys))
+
+
+def test_float64_triton_is_rejected_and_auto_falls_back():
+    pred, keys, pos, _ = _make(1, 3, 2, 2, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        info_nce(pred, keys, pos, backend="triton")
+    got = info_nce(pred, keys, pos, backend="auto", reduction="none")
+    assert got.dtype == torch.float64
+    _assert_close("loss", got, info_nce_ref(pred, keys, pos, reduction="none"), 1e-12, 1e-12)
+
+
+def test_module_and_training_loop():
+    """Eager training: a linear predictor learns to map context vectors onto their targets."""
+    torch.manual_seed(0)
+    B, H, W, d = 2, 6, 6, 16
+    M = H * W
+    keys = torch.nn.functional.normalize(torch.randn(B, M, d), dim=-1)
+    pos = torch.arange(M).repeat(B, 1)
+    context = keys @ torch.linalg.qr(torch.randn(d, d))[0]  # a hidden rotation of the targets
+    predictor = torch.nn.Linear(d, d)
+    loss_fn = InfoNCELoss(scale=16.0, exclude_radius=1)
+    opt = torch.optim.Adam(predictor.parameters(), lr=5e-2)
+    centers = pos[..., None]
+    losses = []
+    for _ in range(15):
+        loss = loss_fn(predictor(context), keys, pos, grid_width=W, exclude_centers=centers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.slow  # the first torch.compile in a process pays several seconds of setup
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_traces_the_op(backend):
+    """The launchers are torch.library custom ops: a model calling info_nce compiles in one graph."""
+    pred, keys, pos, centers = _make(2, 10, 6, 6, 16, C=2)
+    layer = torch.nn.Linear(16, 16)
+
+    def step(x, k):
+        return info_nce(
+            layer(x), k, pos, grid_width=6, exclude_centers=centers, exclude_radius=2, backend=backend
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss, _, gk = _loss_and_grads(
+        lambda p, k, _pos: compiled(p, k), pred, keys, pos, upstream=torch.tensor(1.0)
+    )
+    want, _, rk = _loss_and_grads(lambda p, k, _pos: step(p, k), pred, keys, pos, upstream=torch.tensor(1.0))
+    _assert_close("loss", loss, want, 1e-6, 1e-6)
+    _assert_close("dkeys", gk, rk, 1e-6, 1e-6)
+
+
+BAD = [
+    (dict(pred=torch.randn(2, 3)), ValueError, "pred must be"),
+    (dict(keys=torch.randn(2, 9, 7)), ValueError, "share batch"),
+    (dict(keys=torch.randn(3, 9, 8)), ValueError, "share batch"),
+    (dict(pos_index=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "int64"),
+    (dict(pos_index=torch.zeros(2, 4, dtype=torch.int64)), ValueError, "pos_index must be"),
+    (dict(pos_index=torch.full((2, 3), 9)), ValueError, r"\[0, M=9\)"),
+    (dict(pos_index=torch.full((2, 3), -1)), ValueError, r"\[0, M=9\)"),
+    (dict(pred=torch.zeros(2, 3, 8, dtype=torch.int32)), TypeError, "dtype"),
+    (dict(keys=torch.randn(2, 9, 8).half()), TypeError, "cast both"),
+    (
+        dict(exclude_centers=torch.zeros(2, 3, 1, dtype=torch.int64), exclude_radius=1),
+        ValueError,
+        "grid_width",
+    ),
+    (
+        dict(exclude_centers=torch.zeros(2, 3, 1, dtype=torch.int64), exclude_radius=-1, grid_width=3),
+        ValueError,
+        "exclude_radius",
+    ),
+    (dict(exclude_radius=2, grid_width=3), ValueError, "needs exclude_centers"),
+    (
+        dict(exclude_centers=torch.zeros(2, 3, 1, dtype=torch.int64), exclude_radius=1, grid_width=4),
+        ValueError,
+        "grid_width=4",
+    ),
+    (
+        dict(exclude_centers=torch.full((2, 3, 1), 9), exclude_radius=1, grid_width=3),
+        ValueError,
+        "exclude_centers values",
+    ),
+    (
+        dict(exclude_centers=torch.zeros(2, 3, dtype=torch.int64), exclude_radius=1, grid_width=3),
+        ValueError,
+        r"\(B, N, C\)",
+    ),
+    (dict(exclude_centers=torch.zeros(2, 3, 1), exclude_radius=1, grid_width=3), TypeError, "int64"),
+    (dict(exclude_centers=[[[0]]] * 2, exclude_radius=1, grid_width=3), TypeError, "int64"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(scale=-1.0), ValueError, "scale"),
+    (dict(backend="cuda"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize(("override", "exc", "match"), BAD)
+def test_bad_inputs_raise_clear_errors(override, exc, match):
+    args = dict(
+        pred=torch.randn(2, 3, 8), keys=torch.randn(2, 9, 8), pos_index=torch.zeros(2, 3, dtype=torch.int64)
+    )
+    args.update(override)
+    pred, keys, pos = args.pop("pred"), args.pop("keys"), args.pop("pos_index")
+    for fn in (info_nce, info_nce_ref):
+        with pytest.raises(exc, match=match):
+            fn(pred, keys, pos, **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_large_matches_chunked(dtype, reduction):
+    """On a GPU: SPEC-like sizes (100×100 map, radius 4, 3 centres), kernel vs chunked fp32 path.
+    The mean makes every upstream gradient ~1/(B·N), subnormal in fp16."""
+    pred, keys, pos, centers = _make(2, 2000, 100, 100, 32, C=3, device="cuda")
+    kw = dict(grid_width=100, exclude_centers=centers, exclude_radius=4, reduction=reduction)
+    up = None if reduction == "none" else torch.tensor(1.0, device="cuda")
+
+    def triton_fn(*a, **k):
+        return info_nce(*a, backend="triton", **k)
+
+    gold = _loss_and_grads(lambda *a, **k: info_nce(*a, backend="torch", **k), pred, keys, pos, up, **kw)
+    low = _loss_and_grads(info_nce_ref, pred.to(dtype), keys.to(dtype), pos, up, **kw)
+    got = _loss_and_grads(triton_fn, pred.to(dtype), keys.to(dtype), pos, up, **kw)
+    for name, g, l, r in zip(("loss", "dpred", "dkeys"), got, low, gold):
+        err_ours = (g.float() - r).abs().max().item()
+        err_torch = (l.float() - r).abs().max().item()
+        floor = 1e-3 * r.abs().max().item()
+        assert err_ours <= 2 * err_torch + floor, f"{name}: ours {err_ours:.3g} vs PyTorch {err_torch:.3g}"
