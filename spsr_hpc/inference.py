@@ -1,0 +1,562 @@
+"""Super-resolution of images of any size: overlapping tiles, blended without seams; exports.
+
+The public SPSR code ran out of memory on a 550×700 LR input (24 GB GPU, SPEC §10): the whole
+image went through the 24.8M-parameter generator at once. :func:`sr_tiled` runs the model on
+fixed-size LR tiles, so memory is bounded by the tile size, and blends the tiles' outputs with
+a weight window:
+
+- neighbouring tiles share ``overlap`` LR pixels;
+- on a side that touches another tile (not the image border), a tile's weight is 0 over the
+  outer ``margin`` pixels (those outputs saw zero padding where the neighbour saw real pixels),
+  then ramps linearly to 1 over the next ``overlap - 2·margin`` pixels; weights of the tiles
+  covering a pixel are normalised to sum to 1.
+
+A model whose receptive-field radius (in LR pixels) is at most ``margin`` gives exactly the
+untiled result (up to float rounding); ``margin = overlap // 2`` is plain centre cropping (hard
+seams), ``margin = 0`` pure linear cross-fading. For models with a huge receptive field (SPSR:
+hundreds of convolutions) the blend hides the small residual differences; docs/evaluation.md
+lists the measured tiled-vs-untiled differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+import spsr_kernels
+from spsr_hpc.data import read_rgb, to_uint8
+from spsr_hpc.data.images import IMAGE_EXTENSIONS, list_images
+from spsr_hpc.distributed import is_main_process, local_device
+from spsr_hpc.models import GeneratorConfig, build_generator, load_pretrained
+from spsr_hpc.models.spsr import GradientMapNoPadding
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --- tiling ------------------------------------------------------------------------------------
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """Start offsets along one axis and the tile length there (the image length if it fits)."""
+    if length <= tile:
+        return [0], length
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)  # the last tile ends at the border; it may overlap more
+    return starts, tile
+
+
+def _axis_weight(
+    start: int, size: int, length: int, margin: int, ramp: int, factor: int, device: torch.device
+) -> torch.Tensor:
+    """(size·factor,) float32 blend weights of one tile along one axis, in output pixels."""
+    n = size * factor
+    d = torch.arange(n, dtype=torch.float32, device=device)
+    m, r = margin * factor, ramp * factor
+    w = torch.ones(n, device=device)
+    if start > 0:  # left/top side touches a neighbour
+        w = torch.minimum(w, ((d - m + 1) / (r + 1)).clamp(0, 1))
+    if start + size < length:  # right/bottom side touches a neighbour
+        w = torch.minimum(w, ((n - 1 - d - m + 1) / (r + 1)).clamp(0, 1))
+    return w
+
+
+def _split_output(out: Any) -> tuple[list[torch.Tensor | None], Callable[[list], Any]]:
+    """Fields of a model output (tensor, NamedTuple or tuple) and a function rebuilding it."""
+    if isinstance(out, torch.Tensor):
+        return [out], lambda fields: fields[0]
+    if isinstance(out, tuple):
+        if hasattr(out, "_fields"):
+            return list(out), lambda fields: type(out)(*fields)
+        return list(out), tuple
+    raise TypeError(f"the model must return a tensor or a tuple of tensors, got {type(out).__name__}")
+
+
+def _check_tiling(tile: int, overlap: int, margin: int | None) -> int:
+    for name, v in (("tile", tile), ("overlap", overlap)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+    if tile < 1:
+        raise ValueError(f"tile must be ≥ 1 LR pixel, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+    if margin is None:
+        margin = overlap // 4
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= overlap // 2:
+        raise ValueError(
+            f"margin must be an int in [0, overlap // 2] = [0, {overlap // 2}], got {margin!r} "
+            "(larger margins would leave pixels that no tile covers)"
+        )
+    return margin
+
+
+@torch.no_grad()
+def sr_tiled(
+    model: nn.Module | Callable[[torch.Tensor], Any],
+    lr: torch.Tensor,
+    tile: int = 128,
+    overlap: int = 32,
+    *,
+    margin: int | None = None,
+    tile_batch: int = 1,
+    progress: bool = False,
+) -> Any:
+    """Run ``model`` on overlapping LR tiles and blend the outputs (see the module docstring).
+
+    Args:
+        model: maps (n, C, th, tw) float LR tiles to a tensor or a tuple/NamedTuple (e.g.
+            ``SROutput``) of tensors, each (n, C', f·th, f·tw) for an integer factor f per field
+            (f = scale for ``sr``/``grad_sr``, 1 for ``grad_lr``), or None.
+        lr: (B, C, H, W) float LR images, on the model's device.
+        tile: LR tile side (pixels); an axis shorter than ``tile`` is one tile.
+        overlap: LR pixels shared by neighbouring tiles, in [0, tile).
+        margin: LR pixels of a tile's inner sides that get weight 0, in [0, overlap // 2];
+            default overlap // 4. Tiled equals untiled when the model's receptive-field radius
+            is ≤ margin.
+        tile_batch: tiles per forward pass (each holds B images).
+        progress: show a tqdm bar over tile batches (rank 0 only).
+
+    Returns:
+        The same structure the model returns, each field (B, C', f·H, f·W) float32 on
+        ``lr.device``. Peak memory: the model on ``tile_batch·B`` tiles plus the float32
+        output accumulators.
+    """
+    margin = _check_tiling(tile, overlap, margin)
+    if not isinstance(lr, torch.Tensor) or lr.ndim != 4 or not lr.is_floating_point():
+        raise ValueError(f"lr must be a float (B, C, H, W) tensor, got {getattr(lr, 'shape', type(lr))}")
+    if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
+        raise ValueError(f"tile_batch must be a positive int, got {tile_batch!r}")
+    b, _, h, w = lr.shape
+    ramp = overlap - 2 * margin
+    ys, th = _tile_starts(h, tile, overlap)
+    xs, tw = _tile_starts(w, tile, overlap)
+    positions = [(y, x) for y in ys for x in xs]
+
+    accum: list[torch.Tensor | None] | None = None
+    wsum: dict[int, torch.Tensor] = {}
+    factors: list[int | None] = []
+    rebuild = None
+    chunks = [positions[i : i + tile_batch] for i in range(0, len(positions), tile_batch)]
+    bar = tqdm(chunks, desc="tiles", unit="batch", disable=not (progress and is_main_process()), leave=False)
+    for chunk in bar:
+        inp = torch.cat([lr[:, :, y : y + th, x : x + tw] for y, x in chunk], dim=0)
+        fields, rebuild_fn = _split_output(model(inp))
+        if accum is None:
+            rebuild = rebuild_fn
+            accum = []
+            for t in fields:
+                if t is None:
+                    factors.append(None)
+                    accum.append(None)
+                    continue
+                fy, fx = (t.shape[-2] / th, t.shape[-1] / tw) if t.ndim == 4 else (0.0, 0.0)
+                if fy != fx or fy != int(fy) or fy < 1:
+                    raise ValueError(
+                        f"model output of shape {tuple(t.shape)} for a {th}×{tw} tile is not an integer "
+                        "up-scaling of the tile; sr_tiled needs (n, C, f·th, f·tw) outputs"
+                    )
+                f = int(fy)
+                factors.append(f)
+                accum.append(torch.zeros(b, t.shape[1], h * f, w * f, dtype=torch.float32, device=lr.device))
+                if f not in wsum:
+                    wsum[f] = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32, device=lr.device)
+        for k, (y, x) in enumerate(chunk):
+            for t, acc, f in zip(fields, accum, factors):
+                if f is None:
+                    continue
+                wy = _axis_weight(y, th, h, margin, ramp, f, lr.device)
+                wx = _axis_weight(x, tw, w, margin, ramp, f, lr.device)
+                wgt = wy[:, None] * wx[None, :]
+                sl = (..., slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f))
+                acc[sl] += t[k * b : (k + 1) * b].float() * wgt
+            for f in wsum:
+                wy = _axis_weight(y, th, h, margin, ramp, f, lr.device)
+                wx = _axis_weight(x, tw, w, margin, ramp, f, lr.device)
+                wsum[f][..., y * f : (y + th) * f, x * f : (x + tw) * f] += wy[:, None] * wx[None, :]
+    assert accum is not None and rebuild is not None  # at least one tile always exists
+    out = [None if acc is None else acc / wsum[f] for acc, f in zip(accum, factors)]
+    return rebuild(out)
+
+
+# --- running a generator on images -----------------------------------------------------------
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast context for "fp32" (none), "bf16" or "fp16" (CUDA only)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sr_images(
+    model: nn.Module,
+    lr: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    tile: int | None = None,
+    overlap: int = 32,
+    margin: int | None = None,
+    tile_batch: int = 1,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Super-resolve a batch: lr (B, 3, h, w) float in [0, 1] on the model's device.
+
+    Returns ``(sr, grad_sr)``: (B, 3, s·h, s·w) float32, sr clamped to [0, 1]; grad_sr is the
+    gradient branch's map (unclamped) or None for models without one. ``tile=None`` runs the
+    whole image at once.
+    """
+    with autocast(lr.device, precision):
+        if tile is None:
+            with torch.no_grad():
+                out = model(lr)
+        else:
+            out = sr_tiled(model, lr, tile, overlap, margin=margin, tile_batch=tile_batch, progress=progress)
+    if isinstance(out, torch.Tensor):
+        sr, grad_sr = out, None
+    elif hasattr(out, "sr"):
+        sr, grad_sr = out.sr, getattr(out, "grad_sr", None)
+    else:
+        raise TypeError(
+            f"the generator must return a tensor or an object with an `sr` field (SROutput), "
+            f"got {type(out).__name__}"
+        )
+    sr = sr.float().clamp_(0, 1)
+    return sr, None if grad_sr is None else grad_sr.float()
+
+
+def tiling_error(
+    model: nn.Module,
+    lr: torch.Tensor,
+    tile: int,
+    overlap: int,
+    *,
+    margin: int | None = None,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """How far tiled inference is from the whole-image forward, on one batch.
+
+    lr: (B, 3, h, w) float in [0, 1]. Returns max and mean absolute differences of the SR
+    images (clamped to [0, 1]), the largest difference in 8-bit levels after rounding, and the
+    standard deviation of the untiled output (to judge the differences' scale).
+    """
+    whole, _ = sr_images(model, lr, precision=precision)
+    tiled, _ = sr_images(model, lr, precision=precision, tile=tile, overlap=overlap, margin=margin)
+    d = (tiled - whole).abs()
+    levels = (to_uint8(tiled).int() - to_uint8(whole).int()).abs()
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "max_levels": int(levels.max()),
+            "sr_std": float(whole.std())}
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, MATLAB im2uint8 rounding."""
+    return to_uint8(x.detach().cpu()).permute(1, 2, 0).numpy()
+
+
+def uint8_to_tensor(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(device).float() / 255
+
+
+# --- loading and exporting generators --------------------------------------------------------
+
+
+def build_and_load(
+    checkpoint: str | os.PathLike, arch: GeneratorConfig, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Build the generator ``arch`` describes and load ``checkpoint`` into it, completely.
+
+    Formats: whatever ``spsr_hpc.models.load_pretrained`` reads (public SPSR, ESRGAN old/new
+    keys, our safetensors exports). Unlike training, which may start SPSR from an ESRGAN trunk,
+    evaluation and inference need every weight: a checkpoint that leaves layers at their random
+    initialisation (e.g. an ESRGAN file loaded into ``spsr``) is an error naming them.
+    Returns the model in eval mode on ``device``.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    model = build_generator(dataclasses.replace(arch, pretrained=None))
+    report = load_pretrained(model, path)
+    if report.fresh:
+        raise ValueError(
+            f"checkpoint {str(path)!r} ({report.format} format) does not provide {len(report.fresh)} "
+            f"weights of the {arch.name!r} generator (e.g. {report.fresh[:3]}); an "
+            "ESRGAN/RRDB checkpoint needs the 'rrdbnet' architecture"
+        )
+    log.info("%s", report)
+    return model.to(device).eval()
+
+
+def export_generator(
+    model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write the generator's state dict as safetensors (loadable by ``load_pretrained``).
+
+    Tensors are cloned to CPU so that modules saved under two names (SPSR's ``model.8`` ==
+    ``HR_conv0_new.0``) become two plain tensors, which safetensors requires. The file is
+    written to a temporary name and renamed, so a crash never leaves a truncated export.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": "spsr_hpc.generator", "class": type(model).__name__}
+    meta.update(metadata or {})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+class _TorchGradientMap(nn.Module):
+    """Same-size gradient map through plain PyTorch ops (exportable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return spsr_kernels.gradient_map(x, 1, backend="torch")
+
+
+def _use_torch_gradient_maps(model: nn.Module) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GradientMapNoPadding):
+                setattr(parent, name, _TorchGradientMap())
+
+
+class _SROnly(nn.Module):
+    """Wraps a generator so that ONNX export sees a single SR output (and grad_sr if asked)."""
+
+    def __init__(self, model: nn.Module, with_grad: bool) -> None:
+        super().__init__()
+        self.model, self.with_grad = model, with_grad
+
+    def forward(self, lr: torch.Tensor):
+        out = self.model(lr)
+        if isinstance(out, torch.Tensor):
+            return out
+        return (out.sr, out.grad_sr) if self.with_grad and out.grad_sr is not None else out.sr
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    example_hw: tuple[int, int] = (32, 32),
+    opset: int = 17,
+    with_grad: bool = False,
+) -> Path:
+    """Export the generator to ONNX with dynamic batch, height and width.
+
+    Inputs ``lr`` (B, 3, h, w) float32 in [0, 1]; outputs ``sr`` (and ``grad_sr`` when
+    ``with_grad``). Needs the ``onnx`` package (torch's exporter imports it).
+    """
+    if importlib.util.find_spec("onnx") is None:
+        raise ModuleNotFoundError(
+            "ONNX export needs the `onnx` package, which is not installed; install it (pip install onnx) "
+            "or leave out --onnx"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Export a CPU fp32 copy whose gradient maps use plain PyTorch ops: the fused kernel is a
+    # custom op (Triton on CUDA) that ONNX has no translation for.
+    export_model = copy.deepcopy(model).cpu().float().eval()
+    _use_torch_gradient_maps(export_model)
+    wrapper = _SROnly(export_model, with_grad).eval()
+    example = torch.rand(1, 3, *example_hw)
+    outputs = ["sr", "grad_sr"] if with_grad else ["sr"]
+    dyn = {"lr": {0: "batch", 2: "height", 3: "width"}}
+    dyn.update({name: {0: "batch", 2: "out_height", 3: "out_width"} for name in outputs})
+    torch.onnx.export(
+        wrapper, (example,), str(path), input_names=["lr"], output_names=outputs,
+        dynamic_axes=dyn, opset_version=opset, dynamo=False,
+    )
+    return path
+
+
+# --- the inference job -----------------------------------------------------------------------
+
+
+def _input_files(inp: Path) -> list[Path]:
+    if inp.is_dir():
+        files = list_images(inp)
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {str(inp)!r}")
+        return files
+    if inp.is_file():
+        return [inp]
+    raise FileNotFoundError(f"input {str(inp)!r} is neither an image file nor a folder")
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(img).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def infer(
+    inputs: str | os.PathLike,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    tile: int | None = 128,
+    overlap: int = 32,
+    margin: int | None = None,
+    tile_batch: int = 1,
+    save_grad: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Super-resolve an image file or every image of a folder; write ``<stem>_SR.png``.
+
+    Args:
+        inputs: an image file or a folder of images (not recursive).
+        model: a generator (eval mode) on the device to run on.
+        out_dir: output folder (created).
+        precision: "fp32", "bf16" or "fp16" (CUDA).
+        tile, overlap, margin, tile_batch: see :func:`sr_tiled`; ``tile=None`` runs whole images.
+        save_grad: also write the gradient branch's HR map as ``<stem>_grad.png`` (clipped to
+            [0, 1]); an error for models without a gradient branch.
+        progress: tqdm bar over images (rank 0).
+
+    Returns the written SR paths. Unreadable images raise ``spsr_hpc.data.BadImageError``
+    naming the file, before any output is written.
+    """
+    files = _input_files(Path(inputs))
+    out = Path(out_dir)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    # Decode everything first so that a bad file fails the run before hours of GPU work.
+    images = []
+    for f in files:
+        img, note = read_rgb(f)
+        if note:
+            log.info("%s: %s", f, note)
+        images.append(img)
+    written = []
+    show = progress and is_main_process()
+    bar = tqdm(list(zip(files, images)), desc="infer", unit="img", disable=not show)
+    for f, img in bar:
+        sr, grad = sr_images(
+            model, uint8_to_tensor(img, device), precision=precision, tile=tile, overlap=overlap,
+            margin=margin, tile_batch=tile_batch,
+        )
+        dest = out / f"{f.stem}_SR.png"
+        _save_png(tensor_to_uint8(sr[0]), dest)
+        written.append(dest)
+        if save_grad:
+            if grad is None:
+                raise ValueError(f"--save-grad: the model {type(model).__name__} has no gradient branch")
+            _save_png(tensor_to_uint8(grad[0].clamp(0, 1)), out / f"{f.stem}_grad.png")
+    return written
+
+
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Super-resolve images of any size with a generator checkpoint (tiled).",
+    )
+    p.add_argument("--input", help="an image file or a folder of images")
+    p.add_argument("--checkpoint", required=True,
+                   help="generator weights (SPSR/ESRGAN .pth or our .safetensors)")
+    p.add_argument("--arch", default="spsr",
+                   help="generator architecture: spsr (default), rrdbnet, edsr, srresnet")
+    p.add_argument("--nf", type=int, default=None, help="feature width (default: the published one)")
+    p.add_argument("--nb", type=int, default=None, help="number of blocks (default: the published one)")
+    p.add_argument("--gc", type=int, default=32, help="dense-block growth channels (default 32)")
+    p.add_argument("--taps", type=int, nargs="+", default=None,
+                   help="spsr: trunk RRDB indices feeding the branch")
+    p.add_argument("--scale", type=int, default=4, help="up-scaling factor (default 4)")
+    p.add_argument("--out", default="runs/infer", help="output folder (default runs/infer)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="autocast dtype for the generator (default fp32; fp16 needs CUDA)")
+    p.add_argument("--tile", type=int, default=128, help="LR tile size (default 128); 0 runs whole images")
+    p.add_argument("--overlap", type=int, default=32,
+                   help="LR pixels shared by neighbouring tiles (default 32)")
+    p.add_argument("--margin", type=int, default=None,
+                   help="LR pixels of each inner tile side given weight 0 (default overlap // 4)")
+    p.add_argument("--tile-batch", type=int, default=1, help="tiles per forward pass (default 1)")
+    p.add_argument("--save-grad", action="store_true", help="also write the gradient branch's map")
+    p.add_argument("--check-tiling", action="store_true",
+                   help="also run each image whole and print the tiled-vs-untiled difference")
+    p.add_argument("--export-safetensors", default=None, metavar="PATH",
+                   help="write the loaded generator's weights as safetensors")
+    p.add_argument("--onnx", default=None, metavar="PATH", help="export the generator to ONNX (needs `onnx`)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Entry point of launch/infer.py."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.input is None and args.export_safetensors is None and args.onnx is None:
+        raise SystemExit("nothing to do: give --input (and/or --export-safetensors / --onnx)")
+    device = torch.device(args.device) if args.device else local_device()
+    cfg = GeneratorConfig(name=args.arch, nf=args.nf, nb=args.nb, gc=args.gc, scale=args.scale,
+                          **({"taps": args.taps} if args.taps else {}))
+    model = build_and_load(args.checkpoint, cfg, device)
+    if args.export_safetensors:
+        path = export_generator(model, args.export_safetensors, metadata={"arch": args.arch})
+        print(f"safetensors: {path}")
+    if args.onnx:
+        print(f"onnx: {export_onnx(model, args.onnx, with_grad=args.save_grad)}")
+    if args.input is None:
+        return []
+    written = infer(
+        args.input, model, args.out, precision=args.precision, tile=args.tile or None,
+        overlap=args.overlap, margin=args.margin, tile_batch=args.tile_batch, save_grad=args.save_grad,
+        progress=not args.no_progress,
+    )
+    for path in written:
+        print(path)
+    if args.check_tiling:
+        if not args.tile:
+            raise SystemExit("--check-tiling needs --tile > 0")
+        for f in _input_files(Path(args.input)):
+            img, _ = read_rgb(f)
+            stats = tiling_error(model, uint8_to_tensor(img, device), args.tile, args.overlap,
+                                 margin=args.margin, precision=args.precision)
+            margin = args.overlap // 4 if args.margin is None else args.margin
+            print(f"{f.name}: tiled vs untiled (tile {args.tile}, overlap {args.overlap}, margin {margin}): "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+    return written
+
+
+__all__: Sequence[str] = [
+    "autocast",
+    "build_and_load",
+    "export_generator",
+    "export_onnx",
+    "infer",
+    "main",
+    "sr_images",
+    "sr_tiled",
+    "tensor_to_uint8",
+    "tiling_error",
+    "uint8_to_tensor",
+]
