@@ -1,0 +1,201 @@
+"""Process group set-up and one DeepSpeed engine per network.
+
+Every network of a run (generator, image D, gradient or structure D; the NSE and its head in
+pretraining) gets its own engine from ``deepspeed.initialize`` with a *torch* Adam and a
+MultiStepLR (a config ``optimizer`` block would JIT-compile FusedAdam). The per-engine JSON is
+built from the run config, optionally on top of a template in configs/deepspeed/.
+
+ZeRO stages with several engines on DeepSpeed 0.19.8 (measured: 2 ranks, gloo, CPU; a GAN step
+with D frozen by ``requires_grad_(False)`` during the G step, D called as ``d_engine.module``):
+stages 0, 1 and 2 all train and checkpoint correctly and give identical parameters. Stage 3
+partitions the parameters themselves, so the frozen discriminators could not be run inside the
+generator step: refused at config load.
+
+Freezing parameters (fusion warm-up) must happen *after* ``deepspeed.initialize``: ZeRO 1/2
+drop parameters that are frozen at initialisation from their optimizer for good (they silently
+never train after the unfreeze). See :func:`set_trainable`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spsr_hpc import distributed as sdist
+
+_STARTED_GROUP = False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """"auto" -> nccl when CUDA is present, else gloo."""
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"backend must be auto, nccl or gloo, got {backend!r}")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend nccl needs CUDA; use deepspeed.backend=gloo (or auto) on CPU")
+    return backend
+
+
+def init_distributed(backend: str = "auto") -> None:
+    """Start the process group under deepspeed, torchrun, or plain python.
+
+    The launchers set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under plain python
+    none is set and a one-process group on a free local port is created. Idempotent.
+    """
+    global _STARTED_GROUP
+    if sdist.is_initialized():
+        return
+    import deepspeed
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(
+            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(sdist.local_device())
+    deepspeed.init_distributed(dist_backend=resolve_backend(backend), verbose=False)
+    _STARTED_GROUP = True
+
+
+def destroy_distributed() -> None:
+    """Destroy the process group if :func:`init_distributed` created it."""
+    global _STARTED_GROUP
+    if _STARTED_GROUP and sdist.is_initialized():
+        torch.distributed.destroy_process_group()
+    _STARTED_GROUP = False
+
+
+def check_global_batch(micro_batch_per_gpu: int, grad_accum: int, world_size: int,
+                       global_batch: int | None) -> int:
+    """Global batch = micro x grad_accum x world size; raises when it differs from the requested one."""
+    total = micro_batch_per_gpu * grad_accum * world_size
+    if global_batch is not None and total != global_batch:
+        raise ValueError(
+            f"data.batch_size={micro_batch_per_gpu} (per rank) x train.grad_accum={grad_accum} x world size "
+            f"{world_size} = {total}, but train.global_batch={global_batch}; change data.batch_size or "
+            "train.grad_accum, or set train.global_batch=null"
+        )
+    return total
+
+
+def deepspeed_config(
+    *,
+    micro_batch_per_gpu: int,
+    grad_accum: int = 1,
+    zero_stage: int = 0,
+    bf16: bool = False,
+    gradient_clipping: float = 0.0,
+    template: str | Path | None = None,
+) -> dict[str, Any]:
+    """The JSON dict handed to ``deepspeed.initialize`` for one engine.
+
+    A template (configs/deepspeed/*.json) supplies everything else (communication buckets,
+    logging); the batch keys always come from the run config, and a template whose ZeRO stage
+    or bf16 setting disagrees with the run config is refused rather than silently overridden.
+    """
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"deepspeed.zero_stage={zero_stage} is not supported with several engines; use 0-2")
+    if bf16 and not torch.cuda.is_available():
+        raise ValueError("train.bf16=true needs a CUDA device; set train.bf16=false on CPU")
+    cfg: dict[str, Any] = {}
+    if template is not None:
+        with open(template) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"DeepSpeed template {template} must hold a JSON object")
+        t_stage = cfg.get("zero_optimization", {}).get("stage", zero_stage)
+        if t_stage != zero_stage:
+            raise ValueError(
+                f"DeepSpeed template {template} has zero_optimization.stage={t_stage} but "
+                f"deepspeed.zero_stage={zero_stage}; make them agree"
+            )
+        t_bf16 = bool(cfg.get("bf16", {}).get("enabled", bf16))
+        if t_bf16 != bf16:
+            raise ValueError(f"DeepSpeed template {template} has bf16.enabled={t_bf16} but train.bf16={bf16}")
+        if "optimizer" in cfg or "scheduler" in cfg:
+            raise ValueError(
+                f"DeepSpeed template {template} defines optimizer/scheduler; remove them: the trainer "
+                "passes torch Adam + MultiStepLR (a DeepSpeed optimizer block JIT-compiles FusedAdam)"
+            )
+    cfg.pop("train_batch_size", None)
+    cfg["train_micro_batch_size_per_gpu"] = int(micro_batch_per_gpu)
+    cfg["gradient_accumulation_steps"] = int(grad_accum)
+    zero = dict(cfg.get("zero_optimization", {}))
+    zero["stage"] = zero_stage
+    cfg["zero_optimization"] = zero
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(bf16)}
+    cfg["gradient_clipping"] = float(gradient_clipping)  # the run config is authoritative (0 = off)
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def build_engine(
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    milestones: Iterable[int] = (50_000, 100_000, 200_000, 300_000),
+    gamma: float = 0.5,
+    params: Iterable[nn.Parameter] | None = None,
+) -> Any:
+    """``deepspeed.initialize`` with torch Adam + MultiStepLR; returns the engine.
+
+    The scheduler is stepped by the engine at each optimizer step (after accumulation), so its
+    milestones count optimizer steps. ``params`` defaults to all parameters of ``module``; pass
+    every parameter that will ever train (freeze later with :func:`set_trainable`).
+    """
+    import deepspeed
+
+    plist = list(params) if params is not None else list(module.parameters())
+    opt = torch.optim.Adam(plist, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    return engine
+
+
+def set_trainable(module: nn.Module, predicate: Callable[[str], bool] | bool) -> int:
+    """``requires_grad_`` per parameter name; returns how many parameters are now trainable.
+
+    Call on ``engine.module`` after the engine exists. Under ZeRO 1/2 a frozen parameter keeps
+    receiving a zero gradient inside DeepSpeed's flat buffers, so it does not move, but its Adam
+    step count advances (under ZeRO 0 it does not): bias correction after an unfreeze differs
+    slightly between stages.
+    """
+    n = 0
+    for name, p in module.named_parameters():
+        flag = predicate if isinstance(predicate, bool) else bool(predicate(name))
+        p.requires_grad_(flag)
+        n += int(flag)
+    return n
+
+
+def engine_lr(engine: Any) -> float:
+    """Current learning rate of an engine's first parameter group."""
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of a module's first floating parameter (bf16 under a bf16 engine)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

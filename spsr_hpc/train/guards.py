@@ -1,0 +1,80 @@
+"""Stopping cleanly: Ctrl-C / SIGTERM at a step boundary, and non-finite losses.
+
+Signals only set a flag; the loop checks :func:`sync_flags` once per step (one tiny all-reduce,
+so every rank agrees and saves together) and then checkpoints and exits. A second Ctrl-C
+raises KeyboardInterrupt at once, for a run stuck inside a step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import torch
+
+from spsr_hpc import distributed as sdist
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/inf. Carries the step, the term and the last good checkpoint."""
+
+    def __init__(self, step: int, term: str, last_checkpoint: str | None) -> None:
+        self.step, self.term, self.last_checkpoint = step, term, last_checkpoint
+        where = last_checkpoint or "none saved yet"
+        super().__init__(
+            f"non-finite loss at step {step}: term '{term}'. Last good checkpoint: {where}. "
+            "Lower the learning rate, check the data, or set train.on_nonfinite=skip"
+        )
+
+
+class StopSignal:
+    """Context manager: SIGINT/SIGTERM set ``self.requested`` instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignal:
+        # Signal handlers can only be installed from the main thread (not e.g. in a notebook worker).
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._old.clear()
+
+
+def sync_flags(*flags: bool, device: torch.device | None = None) -> list[bool]:
+    """Logical OR of each flag over all ranks (one all-reduce). Without a group: unchanged."""
+    if not sdist.is_initialized() or sdist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    backend = torch.distributed.get_backend()
+    dev = device or (sdist.local_device() if backend == "nccl" else torch.device("cpu"))
+    t = torch.tensor([float(f) for f in flags], device=dev)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def first_nonfinite(terms: dict[str, torch.Tensor | float]) -> str | None:
+    """Name of the first NaN/inf term, or None. One host sync for all tensor terms."""
+    names = [k for k, v in terms.items() if isinstance(v, torch.Tensor)]
+    if names:
+        finite = torch.stack([torch.isfinite(terms[k].detach().float()).all() for k in names]).tolist()
+        for k, ok in zip(names, finite):
+            if not ok:
+                return k
+    for k, v in terms.items():
+        if not isinstance(v, torch.Tensor) and not (float("-inf") < float(v) < float("inf")):
+            return k
+    return None

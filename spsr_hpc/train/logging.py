@@ -1,0 +1,157 @@
+"""Rank-0 run output: progress bar, JSONL metrics, TensorBoard scalars, image grids.
+
+Every method is a no-op on ranks other than 0 (decided by spsr_hpc.distributed.is_main_process),
+so training code calls it unconditionally.
+
+Files under ``run_dir``: ``metrics.jsonl`` (one JSON object per logged step:
+``{"step": 10, "time": ..., "loss/g_total": ..., "lr/generator": ..., "samples_per_s": ...}``),
+``tb/`` (TensorBoard), ``images/step_0001000.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spsr_hpc import distributed as sdist
+
+
+def image_grid(
+    lr: torch.Tensor,
+    sr: torch.Tensor,
+    hr: torch.Tensor,
+    extra: list[torch.Tensor] | None = None,
+    max_images: int = 4,
+) -> torch.Tensor:
+    """One row per sample: LR (nearest-upsampled) | SR | HR | extra maps (e.g. gradient maps).
+
+    lr: (B, 3, h, w), sr/hr: (B, 3, H, W) float in [0, 1]; extra: (B, C, H', W') maps, each
+    rescaled to [0, 1] by its own max and resized to H x W. Returns (3, rows*H, cols*W) float
+    in [0, 1] on CPU.
+    """
+    n = min(max_images, lr.shape[0])
+    size = hr.shape[-2:]
+    cols = [F.interpolate(lr[:n].float(), size=size, mode="nearest"), sr[:n].float(), hr[:n].float()]
+    for m in extra or []:
+        m = m[:n].float()
+        if m.shape[1] != 3:
+            m = m.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+        if m.shape[-2:] != size:
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        cols.append(m / m.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8))
+    rows = torch.cat([torch.cat([c[i] for c in cols], dim=2) for i in range(n)], dim=1)
+    return rows.detach().clamp(0, 1).cpu()
+
+
+def save_png(img: torch.Tensor, path: str | Path) -> Path:
+    """img: (3, H, W) float in [0, 1] -> 8-bit PNG."""
+    from PIL import Image
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    arr = (img.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(arr)).save(p)
+    return p
+
+
+class RunLogger:
+    """Progress bar + JSONL + TensorBoard + image grids, on rank 0 only."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        jsonl_name: str = "metrics.jsonl",
+        sample_unit: str = "img",
+    ) -> None:
+        self.enabled = sdist.is_main_process()
+        self.sample_unit = sample_unit  # progress-bar label of samples_per_s (NSE pretraining: "anchor")
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._bar = None
+        self._jsonl = None
+        self._t_last = time.perf_counter()
+        self._step_last = start_step
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.run_dir / jsonl_name).open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=start_step or None)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+
+    def log(self, step: int, metrics: dict[str, float], *, samples: int | None = None) -> dict[str, Any]:
+        """Write one JSONL record and TB scalars; ``samples`` since the last call gives samples/s."""
+        now = time.perf_counter()
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        record.update({k: float(v) for k, v in metrics.items()})
+        if samples is not None and now > self._t_last:
+            record["samples_per_s"] = samples / (now - self._t_last)
+        self._t_last = now
+        if not self.enabled:
+            return record
+        assert self._jsonl is not None
+        self._jsonl.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                                      for k, v in record.items()}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time"):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.update(step - self._step_last)
+            short = {k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+            if "samples_per_s" in record:
+                short[f"{self.sample_unit}/s"] = f"{record['samples_per_s']:.3g}"
+            self._bar.set_postfix(short, refresh=False)
+        self._step_last = step
+        return record
+
+    def log_images(self, step: int, tag: str, grid: torch.Tensor) -> Path | None:
+        """grid: (3, H, W) float in [0, 1]; saved as images/<tag>_step_XXXXXXX.png and to TB."""
+        if not self.enabled:
+            return None
+        path = save_png(grid, self.run_dir / "images" / f"{tag}_step_{step:07d}.png")
+        if self._tb is not None:
+            self._tb.add_image(tag, grid, step)
+        return path
+
+    def message(self, text: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,568 @@
+"""The SR GAN trainer: PSNR RRDB, ESRGAN, SPSR-G/-P/-J, their ablations, EDSR/SRResNet variants.
+
+Launch (launch/train.py is a thin wrapper around :func:`main`)::
+
+    deepspeed --num_gpus 8 launch/train.py --config configs/spsr_g.yaml            # one node
+    deepspeed --hostfile hosts launch/train.py --config configs/spsr_g.yaml        # many nodes
+    torchrun --nproc_per_node 2 launch/train.py --config configs/spsr_g.yaml
+    python launch/train.py --config configs/tiny_spsr_g.yaml train.max_steps=20    # one process
+    python launch/train.py --config configs/spsr_g.yaml --validate                 # check only
+
+One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
+  1. G: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module`` so no
+     DeepSpeed bookkeeping or gradient of theirs is touched; one backward on the weighted sum.
+  2. each D ("image", then "gradient" or "structure"): on the detached SR of step 1, real and
+     fake terms summed into one loss, one backward.
+The NSE of SPSR-P/-J is frozen inside the objective (eval mode, no grads). Every network has
+its own DeepSpeed engine (torch Adam + MultiStepLR, SPEC §5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spsr_hpc import distributed as sdist
+from spsr_hpc.config import load_config, save_resolved, to_dict
+from spsr_hpc.train.checkpoint import (
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from spsr_hpc.train.ema import EMA
+from spsr_hpc.train.engines import (
+    build_engine,
+    check_global_batch,
+    deepspeed_config,
+    destroy_distributed,
+    engine_lr,
+    init_distributed,
+    set_trainable,
+)
+from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, sync_flags
+from spsr_hpc.train.logging import RunLogger, image_grid
+
+GENERATOR = "generator"
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return sdist.local_device()
+
+
+class Trainer:
+    """State: engines (module + optimizer + scheduler each), EMA, step, RNG, data position.
+
+    Args:
+        cfg: a RunConfig (see :func:`spsr_hpc.config.load_config`).
+        source: where cfg came from, named in error messages.
+        loader: test hook: any iterable of ``{"lr": (B,3,p,p), "hr": (B,3,sp,sp)}`` float batches
+            (optionally with state_dict/load_state_dict); default: spsr_hpc.data's loader.
+    """
+
+    def __init__(self, cfg: Any, *, source: str = "<config>", loader: Iterable[dict] | None = None) -> None:
+        from spsr_hpc.losses import PerceptualLoss, SRObjective
+        from spsr_hpc.models import build_discriminator, build_generator, build_nse
+
+        self.cfg, self.source = cfg, source
+        tc = cfg.train
+        # Rank and world size come from the launcher's environment (1 process without one), so
+        # missing files (pretrained G, NSE, VGG19) fail before any process group exists.
+        self.rank, self.world = sdist.get_rank(), sdist.get_world_size()
+        self.device = _pick_device(tc.device)
+        if tc.bf16 and self.device.type != "cuda":
+            raise ValueError(f"{source}: train.bf16=true needs a CUDA device; set train.bf16=false")
+        self.dtype = torch.bfloat16 if tc.bf16 else torch.float32
+        self.micro_batch = cfg.data.batch_size
+        try:
+            self.global_batch = check_global_batch(
+                self.micro_batch, tc.grad_accum, self.world, tc.global_batch
+            )
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+        self.run_dir = Path(cfg.logging.run_dir)
+        ckpt = Path(cfg.checkpoint.dir)
+        self.ckpt_dir = ckpt if ckpt.is_absolute() else self.run_dir / ckpt
+
+        # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
+        _seed_all(tc.seed)
+        generator = build_generator(cfg.model.generator)
+        nse = None
+        if cfg.loss.needs_nse():
+            if not cfg.model.nse.pretrained:
+                raise ValueError(
+                    f"{source}: loss.method={cfg.loss.method} uses structure losses and needs a pretrained "
+                    "NSE: set model.nse.pretrained (launch/pretrain_nse.py writes one) or "
+                    "loss.no_structure_loss=true"
+                )
+            nse = build_nse(cfg.model.nse)
+        perceptual = None
+        if cfg.loss.needs_perceptual():
+            pc = cfg.perceptual
+            perceptual = PerceptualLoss(pc.weights, random_weights=pc.random_weights)
+        self.objective = SRObjective(cfg.loss, perceptual=perceptual, nse=nse).to(self.device)
+
+        init_distributed(cfg.deepspeed.backend)
+        if (sdist.get_rank(), sdist.get_world_size()) != (self.rank, self.world):
+            raise RuntimeError("rank/world size changed when the process group started")
+        ds = deepspeed_config(
+            micro_batch_per_gpu=self.micro_batch,
+            grad_accum=tc.grad_accum,
+            zero_stage=cfg.deepspeed.zero_stage,
+            bf16=tc.bf16,
+            gradient_clipping=cfg.deepspeed.gradient_clipping,
+            template=cfg.deepspeed.json,
+        )
+        self.ds_config = ds
+        o = cfg.optim
+        opt_kw = {
+            "betas": tuple(o.betas),
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+            "milestones": o.milestones,
+            "gamma": o.gamma,
+        }
+        self.g_engine = build_engine(generator, ds, lr=o.lr_g, **opt_kw)
+        self.d_engines: dict[str, Any] = {}
+        for name in self.objective.discriminator_names:
+            d = build_discriminator(cfg.model.discriminator(name))
+            self.d_engines[name] = build_engine(d, ds, lr=o.lr_d, **opt_kw)
+        self.engines = {GENERATOR: self.g_engine, **{f"d_{n}": e for n, e in self.d_engines.items()}}
+        self.ema = EMA(self.g_engine.module, tc.ema_decay) if tc.ema_decay else None
+        self.fusion_params = [
+            n for n, _ in self.g_engine.module.named_parameters() if n.startswith(tc.fusion_prefix)
+        ]
+        self.fusion_active: bool | None = None
+
+        # Different data-augmentation / dropout streams per rank from here on.
+        _seed_all(tc.seed * 1000 + self.rank + 1)
+        if loader is None:
+            from spsr_hpc.data.loader import build_train_loader
+
+            loader = build_train_loader(cfg.data, rank=self.rank, world_size=self.world, device=self.device)
+        self.loader = loader
+        self._iter: Iterator[dict] | None = None
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self.last_checkpoint: Path | None = None
+        self._stop_requested = False
+        self._signal: StopSignal | None = None
+        self._eval_model: nn.Module | None = None
+        self._last_vis: tuple[torch.Tensor, ...] | None = None
+        self.logger: RunLogger | None = None
+
+        resume = resolve_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        if resume is not None:
+            self.load(resume)
+        self._apply_fusion_warmup()
+
+    # ---------------------------------------------------------------------------------------
+    # state
+    # ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Rank-0 shared state (engines are saved by DeepSpeed next to it)."""
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped_total": self.skipped_total,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("checkpoint has no EMA state but train.ema_decay is set; set it to null")
+            self.ema.load_state_dict(state["ema"])
+
+    def rank_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rng": capture_rng_state()}
+        if hasattr(self.loader, "state_dict"):
+            state["loader"] = self.loader.state_dict()
+        return state
+
+    def save(self) -> Path:
+        """Collective: checkpoint every engine + trainer + per-rank state at the current step."""
+        meta = {
+            "config_source": self.source,
+            "method": self.cfg.loss.method,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "global_batch": self.global_batch,
+        }
+        path = save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            engines=self.engines,
+            trainer_state=self.state_dict(),
+            rank_state=self.rank_state(),
+            meta=meta,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        self.last_checkpoint = path
+        return path
+
+    def load(self, path: str | Path) -> None:
+        trainer_state, rank_state, meta = load_checkpoint(path, engines=self.engines)
+        self.load_state_dict(trainer_state)
+        if rank_state:
+            restore_rng_state(rank_state["rng"])
+            if "loader" in rank_state and hasattr(self.loader, "load_state_dict"):
+                self.loader.load_state_dict(rank_state["loader"])
+        elif sdist.is_main_process():
+            print(
+                f"[spsr] resumed {path} written by {meta.get('world_size')} ranks on {self.world}: "
+                "RNG streams and data positions start fresh",
+                flush=True,
+            )
+        self.last_checkpoint = Path(path)
+
+    # ---------------------------------------------------------------------------------------
+    # one step
+    # ---------------------------------------------------------------------------------------
+    def _apply_fusion_warmup(self) -> None:
+        """Before train.fusion_warmup_steps only the fusion (``f_``) parameters train (SPEC §5)."""
+        warm = bool(self.fusion_params) and self.step < self.cfg.train.fusion_warmup_steps
+        if warm == self.fusion_active:
+            return
+        prefix = self.cfg.train.fusion_prefix
+        set_trainable(self.g_engine.module, (lambda n: n.startswith(prefix)) if warm else True)
+        if self.fusion_active is not None and self.logger is not None:
+            self.logger.message(f"step {self.step}: fusion warm-up over, training all generator parameters")
+        self.fusion_active = warm
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.loader)  # the loader moves on to its next epoch by itself
+            return next(self._iter)
+
+    def _d_call(self, d: Any) -> Any:
+        dtype = self.dtype
+        return lambda x: d(x.to(dtype)).float()
+
+    def _check(self, values: dict[str, torch.Tensor], what: str) -> tuple[dict[str, float], bool]:
+        """Host floats of the terms (one sync) + agreement over ranks on stop/non-finite."""
+        names = list(values)
+        floats = torch.stack([values[k].detach().float().reshape(()) for k in names]).cpu().tolist()
+        out = dict(zip(names, floats))
+        bad = next((k for k, v in out.items() if not np.isfinite(v)), None)
+        stop, any_bad = sync_flags(self._signal.requested if self._signal else False, bad is not None)
+        self._stop_requested |= stop
+        if any_bad:
+            term = bad or "<on another rank>"
+            if self.cfg.train.on_nonfinite == "stop":
+                last = str(self.last_checkpoint or find_latest(self.ckpt_dir) or "") or None
+                raise NonFiniteLossError(self.step + 1, f"{what}/{term}", last)
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            if self.logger is not None:
+                self.logger.message(f"step {self.step + 1}: non-finite {what}/{term}, update skipped")
+            if self.skipped_in_a_row > self.cfg.train.max_skipped_steps:
+                raise NonFiniteLossError(
+                    self.step + 1,
+                    f"{what}/{term} ({self.skipped_in_a_row} skips in a row)",
+                    str(self.last_checkpoint) if self.last_checkpoint else None,
+                )
+            return out, False
+        return out, True
+
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        from spsr_hpc.models import SROutput
+
+        lr = batch["lr"].to(self.device, non_blocking=True).float()
+        hr = batch["hr"].to(self.device, non_blocking=True).float()
+        metrics: dict[str, float] = {}
+
+        for d in self.d_engines.values():
+            set_trainable(d.module, False)
+        raw = self.g_engine(lr.to(self.dtype))
+        out = SROutput(*[t.float() if t is not None else None for t in raw])
+        d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
+        g_total, g_terms = self.objective.generator_loss(out, hr, d_fns)
+        vals, ok = self._check({"g_total": g_total, **{f"g/{k}": v for k, v in g_terms.items()}}, "generator")
+        metrics.update({f"loss/{k}": v for k, v in vals.items()})
+        if ok:
+            self.g_engine.backward(g_total)
+            self.g_engine.step()
+        for d in self.d_engines.values():
+            set_trainable(d.module, True)
+
+        fake = SROutput(*[t.detach() if t is not None else None for t in out])
+        all_ok = ok
+        for name, d in self.d_engines.items():
+            d_total, d_terms = self.objective.discriminator_loss(name, fake, hr, self._d_call(d))
+            vals, d_ok = self._check({f"d_{name}/{k}": v for k, v in d_terms.items()}, f"d_{name}")
+            metrics.update({f"loss/{k}": v for k, v in vals.items()})
+            if d_ok:
+                d.backward(d_total)
+                d.step()
+            all_ok &= d_ok
+        if all_ok:
+            self.skipped_in_a_row = 0
+        self._last_vis = (lr.detach(), fake.sr, hr.detach(), fake.grad_sr)
+        return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (grad_accum micro batches) of G and every D; returns mean metrics."""
+        sums: dict[str, float] = defaultdict(float)
+        accum = self.cfg.train.grad_accum
+        for _ in range(accum):
+            for k, v in self._micro_step(self._next_batch()).items():
+                sums[k] += v / accum
+        self.step += 1
+        self.samples_seen += self.global_batch
+        if self.ema is not None:
+            self.ema.update(self.g_engine.module)
+        self._apply_fusion_warmup()
+        return dict(sums)
+
+    # ---------------------------------------------------------------------------------------
+    # validation, images, export
+    # ---------------------------------------------------------------------------------------
+    def _inference_model(self, use_ema: bool) -> nn.Module:
+        """fp32 copy of G (EMA weights when asked and available) for validation and export."""
+        if self._eval_model is None:
+            self._eval_model = copy.deepcopy(self.g_engine.module).float().eval()
+            for p in self._eval_model.parameters():
+                p.requires_grad_(False)
+        if use_ema and self.ema is not None:
+            self.ema.copy_to(self._eval_model)
+        else:
+            self._eval_model.load_state_dict(
+                {k: v.float() for k, v in self.g_engine.module.state_dict().items()}
+            )
+        return self._eval_model
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Rank 0: PSNR/SSIM (Y channel, SPEC §8) on val.dir; other ranks return {} after a barrier."""
+        vc = self.cfg.val
+        result: dict[str, float] = {}
+        if vc.dir and sdist.is_main_process():
+            from spsr_hpc.data import FolderDataset, to_uint8
+            from spsr_hpc.metrics import psnr, ssim
+
+            scale = self.cfg.model.generator.scale
+            model = self._inference_model(vc.use_ema)
+            data = FolderDataset(vc.dir, scale=scale)
+            ps, ss = [], []
+            for i in range(min(len(data), vc.max_images)):
+                item = data[i]
+                lr, hr = item["lr"], item["hr"]  # (3, h, w) float in [0, 1]; (H, W, 3) uint8
+                if vc.max_size is not None:
+                    # Crop on the LR grid so that LR and HR stay aligned.
+                    h, w = lr.shape[1:]
+                    ch, cw = min(h, vc.max_size // scale), min(w, vc.max_size // scale)
+                    y, x = (h - ch) // 2, (w - cw) // 2
+                    lr = lr[:, y : y + ch, x : x + cw]
+                    hr = hr[y * scale : (y + ch) * scale, x * scale : (x + cw) * scale]
+                out = model(lr[None].to(self.device))
+                sr = (out.sr if hasattr(out, "sr") else out)[0].clamp(0, 1)
+                sr_u8 = to_uint8(sr.permute(1, 2, 0).cpu().numpy())
+                ps.append(psnr(sr_u8, hr, vc.crop_border))
+                ss.append(ssim(sr_u8, hr, vc.crop_border))
+            result = {"val/psnr": float(np.mean(ps)), "val/ssim": float(np.mean(ss))}
+        sdist.barrier()
+        return result
+
+    def export(self, path: str | Path | None = None) -> list[Path]:
+        """Rank 0: generator (and EMA) as safetensors, loadable by spsr_hpc.models.load_pretrained."""
+        if not sdist.is_main_process():
+            return []
+        from spsr_hpc.inference import export_generator
+
+        meta = {
+            "step": str(self.step),
+            "method": self.cfg.loss.method,
+            "generator": json.dumps(to_dict(self.cfg.model.generator)),
+        }
+        base = Path(path) if path else self.run_dir / "generator.safetensors"
+        paths = [export_generator(self._inference_model(False), base, metadata=meta)]
+        if self.ema is not None:
+            ema_path = base.with_name(base.stem + "_ema" + base.suffix)
+            paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
+        return paths
+
+    def _log_images(self) -> None:
+        if self.logger is None or self._last_vis is None or not sdist.is_main_process():
+            return
+        from spsr_hpc.losses import same_gradient
+
+        lr, sr, hr, grad_sr = self._last_vis
+        extra = [same_gradient(sr), same_gradient(hr)]
+        if grad_sr is not None:
+            extra.insert(0, grad_sr)
+        self.logger.log_images(self.step, "lr_sr_hr", image_grid(lr, sr.clamp(0, 1), hr, extra))
+
+    # ---------------------------------------------------------------------------------------
+    # the loop
+    # ---------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to train.max_steps (or until a signal); returns a summary dict."""
+        cfg, lc, cc = self.cfg, self.cfg.logging, self.cfg.checkpoint
+        if sdist.is_main_process():
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        self.logger = RunLogger(
+            self.run_dir,
+            total_steps=cfg.train.max_steps,
+            start_step=self.step,
+            tensorboard=lc.tensorboard,
+            progress_bar=lc.progress_bar,
+        )
+        self.logger.message(
+            f"[spsr] {cfg.loss.method}: {self.world} rank(s) on {self.device}, "
+            f"global batch {self.global_batch}, "
+            f"ZeRO {cfg.deepspeed.zero_stage}, engines {list(self.engines)}, start step {self.step}"
+            + (f", fusion warm-up until step {cfg.train.fusion_warmup_steps}" if self.fusion_active else "")
+        )
+        sums: dict[str, float] = defaultdict(float)
+        n_sums, samples_since, last_record = 0, 0, {}
+        saved_at = self.step if self.last_checkpoint is not None else -1
+        stopped_by = None
+        with StopSignal() as sig:
+            self._signal = sig
+            while self.step < cfg.train.max_steps:
+                metrics = self.train_step()
+                for k, v in metrics.items():
+                    sums[k] += v
+                n_sums += 1
+                samples_since += self.global_batch
+                step = self.step
+                if step % lc.log_every == 0 or step == cfg.train.max_steps or self._stop_requested:
+                    record = {k: v / n_sums for k, v in sums.items()}
+                    record.update({f"lr/{n}": engine_lr(e) for n, e in self.engines.items()})
+                    last_record = self.logger.log(step, record, samples=samples_since)
+                    sums, n_sums, samples_since = defaultdict(float), 0, 0
+                if lc.image_every and step % lc.image_every == 0:
+                    self._log_images()
+                if cfg.val.every and cfg.val.dir and step % cfg.val.every == 0:
+                    val = self.validate()
+                    if val:
+                        self.logger.log(step, val)
+                        self.logger.message(
+                            f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                        )
+                if cc.every and step % cc.every == 0:
+                    self.save()
+                    saved_at = step
+                if cc.export_every and step % cc.export_every == 0:
+                    self.export()
+                if self._stop_requested:
+                    stopped_by = sig.signal_name or "signal on another rank"
+                    break
+            self._signal = None
+        if saved_at != self.step:
+            self.save()
+        exports = self.export()
+        if stopped_by:
+            self.logger.message(
+                f"[spsr] stopped by {stopped_by} at step {self.step}; checkpoint {self.last_checkpoint}"
+            )
+        return {
+            "step": self.step,
+            "checkpoint": str(self.last_checkpoint),
+            "exports": [str(p) for p in exports],
+            "stopped_by": stopped_by,
+            "last_metrics": last_record,
+            "run_dir": str(self.run_dir),
+        }
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+
+def run(cfg: Any, *, source: str = "<config>", loader: Iterable[dict] | None = None) -> dict[str, Any]:
+    """Build a Trainer, train, close it. The process group is left up (see :func:`main`)."""
+    trainer = Trainer(cfg, source=source, loader=loader)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def missing_files(cfg: Any) -> list[tuple[str, str]]:
+    """(key, path) of files the run will open at start that do not exist (for --validate)."""
+    checks = [("model.generator.pretrained", cfg.model.generator.pretrained)]
+    if cfg.loss.needs_nse():
+        checks.append(("model.nse.pretrained", cfg.model.nse.pretrained))
+    if cfg.loss.needs_perceptual() and not cfg.perceptual.random_weights:
+        checks.append(("perceptual.weights", cfg.perceptual.weights))
+    shards = cfg.data.shards
+    if isinstance(shards, str) and shards and not any(c in shards for c in "*?{["):
+        checks.append(("data.shards", shards))
+    return [(k, str(p)) for k, p in checks if p and not Path(p).exists()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an SR GAN (SPSR-G/-P/-J, ESRGAN, RRDB, ablations).")
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--validate", action="store_true", help="load and check the config, print it, and exit")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: config errors fail here, before any process group or engine exists."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.validate:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        for key, path in missing_files(cfg):
+            print(f"warning: {key}={path} does not exist (needed at start)", file=sys.stderr)
+        print(f"config {args.config}: OK", file=sys.stderr)
+        return 0
+    if os.environ.get("SPSR_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["SPSR_TORCH_THREADS"]))
+    t0 = time.time()
+    try:
+        summary = run(cfg, source=args.config)
+    finally:
+        destroy_distributed()
+    if sdist.is_main_process():
+        print(json.dumps({**summary, "wall_s": round(time.time() - t0, 1)}, default=str), flush=True)
+    return 0
+
+
+__all__ = ["Trainer", "build_parser", "main", "run"]
