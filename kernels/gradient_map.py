@@ -56,6 +56,7 @@ def _gradient_map_fwd_kernel(
     EPS_C: tl.constexpr,
     SHIFT: tl.constexpr,  # padding - 1: output (i, j) is centred on input (i - SHIFT, j - SHIFT)
     FP64: tl.constexpr,  # accumulate in float64 (gradcheck); every other dtype accumulates in fp32
+    INT64_INDEX: tl.constexpr,  # in-plane offsets may pass 2**31 elements: 64-bit address math
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -69,8 +70,13 @@ def _gradient_map_fwd_kernel(
     x_base = x_ptr + b.to(tl.int64) * sxb + c.to(tl.int64) * sxc
     m_base = m_ptr + b.to(tl.int64) * smb + c.to(tl.int64) * smc
 
-    oi = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    oj = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    row0 = (tile // tiles_w) * BLOCK_H
+    col0 = (tile % tiles_w) * BLOCK_W
+    if INT64_INDEX:
+        row0 = row0.to(tl.int64)
+        col0 = col0.to(tl.int64)
+    oi = row0 + tl.arange(0, BLOCK_H)[:, None]
+    oj = col0 + tl.arange(0, BLOCK_W)[None, :]
     ci = oi - SHIFT
     cj = oj - SHIFT
 
@@ -123,6 +129,7 @@ def _gradient_map_bwd_kernel(
     EPS_C: tl.constexpr,
     SHIFT: tl.constexpr,
     FP64: tl.constexpr,
+    INT64_INDEX: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -140,8 +147,13 @@ def _gradient_map_bwd_kernel(
     g_base = g_ptr + bb.to(tl.int64) * sgb + c.to(tl.int64) * sgc
     dx_base = dx_ptr + bb.to(tl.int64) * sdb + c.to(tl.int64) * sdc
 
-    a = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    b = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    row0 = (tile // tiles_w) * BLOCK_H
+    col0 = (tile % tiles_w) * BLOCK_W
+    if INT64_INDEX:
+        row0 = row0.to(tl.int64)
+        col0 = col0.to(tl.int64)
+    a = row0 + tl.arange(0, BLOCK_H)[:, None]
+    b = col0 + tl.arange(0, BLOCK_W)[None, :]
 
     r_m2 = (a >= 2) & (a < H + 2)
     r_m1 = (a >= 1) & (a < H + 1)
@@ -241,6 +253,17 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when a row·stride_h + col·stride_w offset (2-pixel halo included) can pass int32.
+
+    Batch and channel offsets are always 64-bit in the kernels; in-plane offsets are 32-bit unless
+    a plane spans 2**31 elements or more (huge planes, channels_last with many channels, strided views).
+    """
+    return any(
+        (t.shape[2] + 2) * abs(t.stride(2)) + (t.shape[3] + 2) * abs(t.stride(3)) >= 2**31 for t in tensors
+    )
+
+
 def _block_sizes(rows: int, cols: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_W, num_warps) for a rows x cols plane."""
     if interpreter_active():
@@ -278,7 +301,7 @@ def gradient_map_fwd(x: torch.Tensor, padding: int) -> torch.Tensor:
             x, m, ch, h, w, ho, wo,
             *x.stride(), *m.stride(),
             tiles_w, tiles_per_plane,
-            EPS_C=EPS, SHIFT=padding - 1, FP64=x.dtype == torch.float64,
+            EPS_C=EPS, SHIFT=padding - 1, FP64=x.dtype == torch.float64, INT64_INDEX=_needs_int64(x, m),
             BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
         )  # fmt: skip
     return m
@@ -314,6 +337,7 @@ def gradient_map_bwd(x: torch.Tensor, grad_m: torch.Tensor, padding: int) -> tor
             *x.stride(), *grad_m.stride(), *dx.stride(),
             tiles_w, tiles_per_plane,
             EPS_C=EPS, SHIFT=padding - 1, FP64=x.dtype == torch.float64,
+            INT64_INDEX=_needs_int64(x, grad_m, dx),
             BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
         )  # fmt: skip
     return dx

@@ -26,6 +26,7 @@ into their epilogues. The normalisation itself is an O((N+M)·d) PyTorch pre-pas
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -39,6 +40,9 @@ NORM_EPS = 1e-6  # vectors shorter than this are divided by NORM_EPS instead (ze
 REDUCTIONS = ("none", "mean", "sum")
 # Work budget of one PyTorch tile (B · chunk_n · chunk_m logits, fp32): 2 MB per temporary.
 TORCH_TILE_ELEMENTS = 1 << 19
+# Widest d the kernels take: the fp32 (tf32x3) tiles of wider rows overflow the 227 KB of shared
+# memory per block of an H100 even at 16-row tiles; "auto" sends wider inputs to the PyTorch path.
+MAX_KERNEL_DIM = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,11 +409,16 @@ def _validate(
     check_same_device(OP, **tensors)
     # Range checks read the data (a device sync on CUDA); skipped while torch.compile traces.
     if not torch.compiler.is_compiling():
-        lo, hi = int(pos_index.min()), int(pos_index.max())
+        # One host transfer for all four bounds: each int(tensor) would be its own sync.
+        bounds = [pos_index.min(), pos_index.max()]
+        if exclude_centers is not None and exclude_centers.numel():
+            bounds += [exclude_centers.min(), exclude_centers.max()]
+        bounds = torch.stack(bounds).tolist()
+        lo, hi = bounds[0], bounds[1]
         if lo < 0 or hi >= M:
             raise ValueError(f"{OP}: pos_index values must be in [0, M={M}), got range [{lo}, {hi}]")
-        if exclude_centers is not None and exclude_centers.numel():
-            lo, hi = int(exclude_centers.min()), int(exclude_centers.max())
+        if len(bounds) == 4:
+            lo, hi = bounds[2], bounds[3]
             if lo < 0 or hi >= M:
                 raise ValueError(
                     f"{OP}: exclude_centers values must be grid indices in [0, M={M}), got range [{lo}, {hi}]"
@@ -438,8 +447,9 @@ def _centre_grid(exclude_centers: torch.Tensor, grid_width: int) -> tuple[torch.
     )
 
 
-def _block_sizes(N: int, M: int, d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Fixed configs: autotune fails under the interpreter."""
+def _block_sizes(N: int, M: int, d: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages). Fixed configs: autotune fails under the
+    interpreter."""
     block_d = max(16, triton.next_power_of_2(d))
     if interpreter_active():
         # Each program instance costs milliseconds in the interpreter: few, big tiles.
@@ -448,9 +458,18 @@ def _block_sizes(N: int, M: int, d: int) -> tuple[int, int, int, int]:
             min(64, max(16, triton.next_power_of_2(M))),
             block_d,
             4,
+            1,
         )
     # d is small (32 in the NSE): the loop is exp-bound, so wide anchor blocks amortise key loads.
-    return (64 if block_d > 64 else 128), 64, block_d, 4 if block_d <= 64 else 8
+    if block_d <= 64:
+        return 128, 64, block_d, 4, 3
+    # Wider rows: shared memory (ptxas, sm_90, fp32 tf32x3 operands, 4 exclusion centres) is the
+    # limit, 227 KB per block: d=128 at 64x64 tiles needs 228 KB with 3 stages, 194 KB with 2;
+    # d=256 at 32x32 with 1 stage 128 KB; d=512 at 16x16 with 1 stage 128 KB.
+    if block_d == 128:
+        return 64, 64, block_d, 8, 2
+    tile = 32 if block_d == 256 else 16
+    return tile, tile, block_d, 4, 1
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -470,6 +489,11 @@ def _grad_precision(dtype: torch.dtype) -> str:
 def _dot_fp32(dtype: torch.dtype) -> bool:
     # The interpreter's tl.dot returns garbage for bfloat16 operands (triton 3.8): upcast there.
     return interpreter_active() and dtype == torch.bfloat16
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device; make that t's device (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def info_nce_fwd(
@@ -496,15 +520,17 @@ def info_nce_fwd(
     num_centers = crow.shape[-1] if has_excl else 1
     lse = torch.empty((B, N), dtype=torch.float32, device=p_hat.device)
     pos_logit = torch.empty_like(lse)
-    block_n, block_m, block_d, warps = _block_sizes(N, M, d)
+    block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
     grid = (triton.cdiv(N, block_n), B)
-    _info_nce_fwd_kernel[grid](
-        p_hat, k_hat, pos_index, crow, ccol, lse, pos_logit,
-        N, M, d, max(grid_width, 1), radius, float(scale),
-        HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers,
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype), num_warps=warps,
-    )  # fmt: skip
+    with _on_device(p_hat):
+        _info_nce_fwd_kernel[grid](
+            p_hat, k_hat, pos_index, crow, ccol, lse, pos_logit,
+            N, M, d, max(grid_width, 1), radius, float(scale),
+            HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers,
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+            DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype),
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return lse, pos_logit
 
 
@@ -537,22 +563,24 @@ def info_nce_bwd(
     grad = grad.float().contiguous()
     dp = torch.empty_like(p_hat)
     dk = torch.empty_like(k_hat)
-    block_n, block_m, block_d, warps = _block_sizes(N, M, d)
+    block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
     if not interpreter_active():
-        block_n = 64  # the backward holds a (BLOCK_N, BLOCK_D) fp32 accumulator and two tiles
+        # the backward holds a (BLOCK_N, BLOCK_D) fp32 accumulator and two tiles
+        block_n = min(block_n, 64)
     common = dict(
         HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype),
-        GRAD_PRECISION=_grad_precision(p_hat.dtype), num_warps=warps,
+        GRAD_PRECISION=_grad_precision(p_hat.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     args = (N, M, d, max(grid_width, 1), radius, float(scale))
-    _info_nce_bwd_dp_kernel[(triton.cdiv(N, block_n), B)](
-        p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, dp, *args, **common
-    )
-    _info_nce_bwd_dk_kernel[(triton.cdiv(M, block_m), B)](
-        p_hat, k_hat, pos_index, crow, ccol, lse, grad, k_norm, dk, *args, **common
-    )
+    with _on_device(p_hat):
+        _info_nce_bwd_dp_kernel[(triton.cdiv(N, block_n), B)](
+            p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, dp, *args, **common
+        )
+        _info_nce_bwd_dk_kernel[(triton.cdiv(M, block_m), B)](
+            p_hat, k_hat, pos_index, crow, ccol, lse, grad, k_norm, dk, *args, **common
+        )
     return dp, dk
 
 
@@ -892,8 +920,8 @@ def info_nce(
             any of its centres c — except the positive, which is never removed.
         exclude_radius: int >= 0 in grid units; 0 removes nothing.
         reduction: "none" → (B, N), "mean" or "sum" → scalar.
-        backend: "auto" (CUDA or TRITON_INTERPRET=1 → Triton, else the chunked PyTorch path),
-            "triton" or "torch".
+        backend: "auto" (CUDA or TRITON_INTERPRET=1 → Triton, else the chunked PyTorch path;
+            float64 or d > 512 always take the PyTorch path), "triton" or "torch".
         chunk_size: torch path only: tile edge in anchors and keys (None: a ~2 MB fp32 tile budget).
 
     Returns:
@@ -908,6 +936,13 @@ def info_nce(
         if backend == "triton":
             raise TypeError(
                 f"{OP}: the Triton kernels take float32/float16/bfloat16, got float64; use backend='torch'"
+            )
+        path = "torch"
+    if path == "triton" and pred.shape[-1] > MAX_KERNEL_DIM:
+        if backend == "triton":
+            raise ValueError(
+                f"{OP}: the Triton kernels take d <= {MAX_KERNEL_DIM}, got d={pred.shape[-1]}; "
+                "use backend='torch'"
             )
         path = "torch"
     if chunk_size is not None and (
