@@ -1,0 +1,300 @@
+"""Large-batch NSE pretraining: contrastive prediction (NSE-P) or jigsaw (NSE-J).
+
+    deepspeed --num_gpus 8 launch/pretrain_nse.py --config configs/nse_contrastive.yaml
+    torchrun --nproc_per_node 2 launch/pretrain_nse.py --config configs/nse_jigsaw.yaml
+    python launch/pretrain_nse.py --config configs/tiny_nse_contrastive.yaml train.max_steps=20
+
+One DeepSpeed engine trains the NSE and its head together (torch Adam, MultiStepLR at every
+`optim.lr_step_epochs` epochs). Checkpoints, resume, the progress bar, JSONL metrics and
+TensorBoard are the SR trainer's (spsr_hpc.train.*). The run writes ``<run_dir>/nse.safetensors``
+(the NSE alone, loadable with spsr_hpc.nse.load_nse) at every checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spsr_hpc import distributed as sdist
+from spsr_hpc.config import load_config, save_resolved, to_dict
+from spsr_hpc.data.loader import build_train_loader, derive_seed
+from spsr_hpc.models import build_nse
+from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
+from spsr_hpc.nse.config import NSEPretrainConfig
+from spsr_hpc.nse.contrastive import ContrastiveObjective
+from spsr_hpc.nse.export import save_nse
+from spsr_hpc.nse.jigsaw import JigsawObjective
+from spsr_hpc.nse.sampling import num_contexts
+from spsr_hpc.train import checkpoint as ckpt
+from spsr_hpc.train.engines import (
+    build_engine,
+    check_global_batch,
+    deepspeed_config,
+    destroy_distributed,
+    engine_lr,
+    init_distributed,
+    module_dtype,
+)
+from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, first_nonfinite, sync_flags
+from spsr_hpc.train.logging import RunLogger
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "nse_objective"
+EXPORT_NAME = "nse.safetensors"
+
+
+def build_objective(cfg: NSEPretrainConfig) -> ContrastiveObjective | JigsawObjective:
+    """The NSE (fresh, or cfg.nse.pretrained) with a fresh head for cfg.objective.method."""
+    nse = build_nse(cfg.nse)
+    obj = cfg.objective
+    if obj.method == "contrastive":
+        predictors = {s: build_context_predictor(cfg.nse, num_contexts(s)) for s in obj.strategies}
+        return ContrastiveObjective(
+            nse, predictors, context_distance=obj.context_distance, scale=obj.scale,
+            max_anchors_per_image=obj.max_anchors_per_image, loss_backend=obj.loss_backend,
+        )  # fmt: skip
+    return JigsawObjective(
+        nse, build_jigsaw_classifier(cfg.nse), spacing=obj.jigsaw_spacing,
+        max_anchors_per_image=obj.max_anchors_per_image,
+    )  # fmt: skip
+
+
+def lr_milestones(steps_per_epoch: int, step_epochs: int, max_decays: int = 64) -> list[int]:
+    """Optimizer steps at which the lr decays: every `step_epochs` epochs.
+
+    Independent of the run length on purpose: the scheduler state saved in a checkpoint holds
+    the milestones, so a run resumed with a larger train.max_steps must find the same list.
+    64 decays take even gamma 0.5 below 1e-19: the list is long enough for any run.
+    """
+    every = steps_per_epoch * step_epochs
+    return [every * k for k in range(1, max_decays + 1)]
+
+
+def _metric_name(key: str) -> str:
+    """Objective outputs -> logged names: loss -> loss/total, loss_c -> loss/c, accuracy -> train/accuracy."""
+    if key == "loss":
+        return "loss/total"
+    if key.startswith("loss_"):
+        return "loss/" + key[len("loss_"):]
+    return f"{key}" if "/" in key else f"train/{key}"
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return sdist.local_device()
+    return torch.device("cpu")
+
+
+class NSEPretrainer:
+    """State of one pretraining run: engine (NSE + head, Adam, scheduler), loader, step.
+
+    Args:
+        cfg: the resolved config; everything goes to cfg.logging.run_dir (checkpoints under
+            checkpoint.dir relative to it). logging.image_every and checkpoint.export_every do
+            not apply (no image grids; the NSE is exported with every checkpoint).
+    """
+
+    def __init__(self, cfg: NSEPretrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.logging.run_dir)
+        ckpt_dir = Path(cfg.checkpoint.dir)
+        self.ckpt_dir = ckpt_dir if ckpt_dir.is_absolute() else self.run_dir / ckpt_dir
+        self.export_path = self.run_dir / EXPORT_NAME
+        init_distributed(cfg.deepspeed.backend)
+        self.rank, self.world = sdist.get_rank(), sdist.get_world_size()
+        self.device = _device(cfg.train.device)
+        tc = cfg.train
+        micro = cfg.data.batch_size
+        check_global_batch(micro, tc.grad_accum, self.world, tc.global_batch)
+        self.loader = build_train_loader(
+            cfg.data, rank=self.rank, world_size=self.world, seed=cfg.data.seed, device=self.device
+        )
+        self.steps_per_epoch = len(self.loader) // tc.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {len(self.loader)} batches per rank, fewer than train.grad_accum="
+                f"{tc.grad_accum}: raise data.batches_per_epoch or lower grad_accum"
+            )
+        self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
+        torch.manual_seed(tc.seed)
+        objective = build_objective(cfg)
+        self.geometry = (objective.receptive_field, objective.stride, objective.radius)
+        objective.to(self.device)
+        oc = cfg.optim
+        ds = deepspeed_config(
+            micro_batch_per_gpu=micro, grad_accum=tc.grad_accum, zero_stage=cfg.deepspeed.zero_stage,
+            bf16=tc.bf16, gradient_clipping=cfg.deepspeed.gradient_clipping, template=cfg.deepspeed.json,
+        )  # fmt: skip
+        self.engine = build_engine(
+            objective, ds, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
+            milestones=lr_milestones(self.steps_per_epoch, oc.lr_step_epochs),
+            gamma=oc.lr_gamma,
+        )  # fmt: skip
+        self.step = 0
+        self.micro_step = 0
+
+    @property
+    def objective(self) -> nn.Module:
+        return self.engine.module
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.ckpt_dir, self.step, engines={ENGINE_NAME: self.engine},
+            trainer_state={"step": self.step, "micro_step": self.micro_step},
+            rank_state={"rng": ckpt.capture_rng_state(), "loader": self.loader.state_dict()},
+            meta={"method": self.cfg.objective.method}, keep_last=self.cfg.checkpoint.keep_last,
+        )  # fmt: skip
+        self.export()
+        return path
+
+    def export(self) -> Path:
+        """Write <run_dir>/nse.safetensors (rank 0)."""
+        if sdist.is_main_process():
+            save_nse(
+                self.objective.nse, self.cfg.nse, self.export_path,
+                extra={"method": self.cfg.objective.method, "step": str(self.step)},
+            )  # fmt: skip
+        sdist.barrier()
+        return self.export_path
+
+    def maybe_resume(self) -> Path | None:
+        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
+        if path is None:
+            return None
+        trainer_state, rank_state, meta = ckpt.load_checkpoint(path, engines={ENGINE_NAME: self.engine})
+        if meta.get("method", self.cfg.objective.method) != self.cfg.objective.method:
+            raise ValueError(
+                f"checkpoint {path} is from a {meta.get('method')} run, this config trains "
+                f"{self.cfg.objective.method}; use another logging.run_dir or checkpoint.resume=none"
+            )
+        self.step = int(trainer_state["step"])
+        self.micro_step = int(trainer_state["micro_step"])
+        if rank_state:
+            ckpt.restore_rng_state(rank_state["rng"])
+            self.loader.load_state_dict(rank_state["loader"])
+        else:
+            # Another world size: data positions cannot be mapped; continue at the epoch start.
+            self.loader.set_epoch(self.micro_step // len(self.loader))
+        return path
+
+    # ---------------------------------------------------------------- training
+    def _batches(self):
+        while True:
+            yield from self.loader
+
+    def train(self) -> Path:
+        """Run to total_steps (resuming when a checkpoint exists); returns the NSE export path."""
+        cfg = self.cfg
+        if sdist.is_main_process():
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        resumed = self.maybe_resume()
+        logger = RunLogger(
+            self.run_dir, total_steps=self.total_steps, start_step=self.step,
+            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar, sample_unit="anchor",
+        )  # fmt: skip
+        rf, stride, radius = self.geometry
+        logger.message(
+            f"NSE pretraining ({cfg.objective.method}): R={rf}px stride={stride} radius={radius}; "
+            f"{self.world} rank(s), {self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+            + (f"; resumed from {resumed}" if resumed else "")
+        )
+        dtype = module_dtype(self.objective)
+        last_ckpt: str | None = str(resumed) if resumed else None
+        anchors_since = images_since = 0
+        t_since = time.perf_counter()
+        metrics_acc: dict[str, float] = {}
+        n_acc = 0
+        try:
+            with StopSignal() as stop:
+                batches = self._batches()
+                while self.step < self.total_steps:
+                    for _ in range(cfg.train.grad_accum):
+                        hr = next(batches)["hr"].to(self.device, dtype=dtype, non_blocking=True)
+                        # Anchor/permutation draws are a function of (seed, rank, micro step): resumable.
+                        seed = derive_seed(cfg.train.seed, self.rank, self.micro_step)
+                        gen = torch.Generator().manual_seed(seed)
+                        loss, parts, anchors = self.engine(hr, generator=gen)
+                        bad = first_nonfinite({"loss": loss, **parts})
+                        if sync_flags(bad is not None)[0]:
+                            raise NonFiniteLossError(self.step, bad or "loss (another rank)", last_ckpt)
+                        self.engine.backward(loss)
+                        self.engine.step()
+                        self.micro_step += 1
+                        anchors_since += anchors * self.world
+                        images_since += hr.shape[0] * self.world
+                        for k, v in {"loss": loss.detach(), **parts}.items():
+                            metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v)
+                        n_acc += 1
+                    self.step += 1
+                    if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                        dt = max(time.perf_counter() - t_since, 1e-9)
+                        metrics = {_metric_name(k): v / n_acc for k, v in metrics_acc.items()}
+                        metrics.update({
+                            "lr": engine_lr(self.engine), "epoch": self.step / self.steps_per_epoch,
+                            "anchors_per_s": anchors_since / dt, "images_per_s": images_since / dt,
+                        })  # fmt: skip
+                        logger.log(self.step, metrics, samples=anchors_since)
+                        anchors_since = images_since = n_acc = 0
+                        metrics_acc = {}
+                        t_since = time.perf_counter()
+                    every = cfg.checkpoint.every
+                    stop_now = sync_flags(stop.requested)[0]
+                    if (every and self.step % every == 0) or stop_now:
+                        last_ckpt = str(self.save())
+                    if stop_now:
+                        logger.message(f"stopped by signal at step {self.step}; checkpoint {last_ckpt}")
+                        return self.export_path
+            if last_ckpt is None or not last_ckpt.endswith(ckpt.checkpoint_name(self.step)):
+                self.save()
+            logger.message(f"done: {self.total_steps} steps; NSE weights in {self.export_path}")
+        finally:
+            logger.close()
+        return self.export_path
+
+
+def pretrain(cfg: NSEPretrainConfig) -> Path:
+    """Build the trainer, run it, tear the process group down. Returns <run_dir>/nse.safetensors."""
+    try:
+        return NSEPretrainer(cfg).train()
+    finally:
+        destroy_distributed()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--config", required=True, help="YAML config (configs/nse_contrastive.yaml, ...)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--validate", action="store_true", help="load and check the config, print it, exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/pretrain_nse.py."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if sdist.is_main_process() else logging.WARNING)
+    cfg = load_config(args.config, args.overrides, schema=NSEPretrainConfig)
+    if args.validate:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    path = pretrain(cfg)
+    if sdist.is_main_process():
+        print(f"NSE weights: {path}")
+    return 0
+
+
+__all__ = ["NSEPretrainer", "build_objective", "lr_milestones", "main", "pretrain"]
+
