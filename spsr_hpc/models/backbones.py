@@ -36,7 +36,14 @@ class RRDBNet(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int = 3, out_ch: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, scale: int = 4
+        self,
+        in_ch: int = 3,
+        out_ch: int = 3,
+        nf: int = 64,
+        nb: int = 23,
+        gc: int = 32,
+        scale: int = 4,
+        init_scale: float = 0.1,
     ) -> None:
         super().__init__()
         _check_positive("RRDBNet", in_ch=in_ch, out_ch=out_ch, nf=nf, nb=nb, gc=gc)
@@ -50,7 +57,7 @@ class RRDBNet(nn.Module):
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(nf, out_ch, 3, 1, 1),
         )
-        kaiming_init_(self, scale=0.1)
+        kaiming_init_(self, scale=init_scale)
 
     def summary(self) -> str:
         n = count_parameters(self)

@@ -53,6 +53,10 @@ class GeneratorConfig:
     """spsr only: trunk RRDB indices feeding the gradient branch (strictly increasing, < nb)."""
     res_scale: float = 1.0
     """edsr only: residual scaling (1.0 baseline, 0.1 for the large 32×256 model)."""
+    init_scale: float = 0.1
+    """spsr, rrdbnet: fresh convs are kaiming-normal × init_scale. 0.1 is the public code's choice
+    for 23-block nets (keeps the deep residual stack stable); tiny nets (nb ≤ 4) learn several
+    times faster with 1.0."""
     pretrained: str | None = None
     """Checkpoint loaded by build_generator (SPSR, ESRGAN old/new, or our export); None = fresh."""
     strict_load: bool = True
@@ -65,6 +69,8 @@ class GeneratorConfig:
             _positive_int("generator", name, getattr(self, name))
         for name in ("nf", "nb"):
             _positive_int("generator", name, getattr(self, name), optional=True)
+        if not self.init_scale > 0:
+            raise ValueError(f"generator.init_scale={self.init_scale} must be > 0")
         if self.scale not in (2, 3, 4, 8):
             raise ValueError(f"generator.scale={self.scale} is not supported; use 2, 3, 4 or 8")
         self.taps = list(self.taps)
@@ -90,9 +96,9 @@ def build_generator(cfg: GeneratorConfig) -> nn.Module:
     nf, nb = cfg.resolved()
     common = {"in_ch": cfg.in_ch, "out_ch": cfg.out_ch, "nf": nf, "nb": nb, "scale": cfg.scale}
     if cfg.name == "spsr":
-        model = GENERATORS["spsr"](gc=cfg.gc, taps=tuple(cfg.taps), **common)
+        model = GENERATORS["spsr"](gc=cfg.gc, taps=tuple(cfg.taps), init_scale=cfg.init_scale, **common)
     elif cfg.name == "rrdbnet":
-        model = GENERATORS["rrdbnet"](gc=cfg.gc, **common)
+        model = GENERATORS["rrdbnet"](gc=cfg.gc, init_scale=cfg.init_scale, **common)
     elif cfg.name == "edsr":
         model = GENERATORS["edsr"](res_scale=float(cfg.res_scale), **common)
     else:

@@ -71,6 +71,7 @@ class SPSRGenerator(nn.Module):
         gc: int = 32,
         scale: int = 4,
         taps: Sequence[int] = (4, 9, 14, 19),
+        init_scale: float = 0.1,
     ) -> None:
         super().__init__()
         for name, value in (("in_ch", in_ch), ("out_ch", out_ch), ("nf", nf), ("nb", nb), ("gc", gc)):
@@ -112,7 +113,7 @@ class SPSRGenerator(nn.Module):
         self.f_HR_conv0 = conv3x3(nf, nf, act=True)
         self.f_HR_conv1 = conv3x3(nf, out_ch)
 
-        kaiming_init_(self, scale=0.1)
+        kaiming_init_(self, scale=init_scale)
 
     # -- parameter groups ----------------------------------------------------------------
     @staticmethod
