@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from spsr_hpc import distributed as sdist
 from spsr_hpc.data import FolderDataset, imresize, to_uint8
-from spsr_hpc.inference import PRECISIONS, build_and_load, sr_images, tensor_to_uint8
+from spsr_hpc.inference import (
+    PRECISIONS,
+    add_arch_arguments,
+    arch_from_args,
+    build_and_load,
+    sr_images,
+    tensor_to_uint8,
+)
 from spsr_hpc.metrics import LPIPSMetric, psnr, ssim
 from spsr_hpc.models import GeneratorConfig
 from spsr_hpc.weights import BACKBONE_FILES, MissingWeightsError, hub_checkpoint_dir
@@ -495,14 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", action="append", default=[], metavar="NAME[:ARCH]=PATH",
                    help="a generator checkpoint (repeatable); ARCH overrides --arch for this model")
-    p.add_argument("--arch", default="spsr",
-                   help="generator architecture: spsr (default), rrdbnet, edsr, srresnet")
-    p.add_argument("--nf", type=int, default=None, help="feature width (default: the published one)")
-    p.add_argument("--nb", type=int, default=None, help="number of blocks (default: the published one)")
-    p.add_argument("--gc", type=int, default=32, help="dense-block growth channels (default 32)")
-    p.add_argument("--taps", type=int, nargs="+", default=None,
-                   help="spsr: trunk RRDB indices feeding the branch")
-    p.add_argument("--scale", type=int, default=4, help="up-scaling factor (default 4)")
+    add_arch_arguments(p)
     p.add_argument("--data-root", default="datasets",
                    help="folder holding Set5/, Set14/, ... (default datasets)")
     p.add_argument("--sets", nargs="+", default=None, help=f"sets under --data-root (default: those of "
@@ -542,8 +542,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         started = True
     try:
-        base = GeneratorConfig(name=args.arch, nf=args.nf, nb=args.nb, gc=args.gc, scale=args.scale,
-                               **({"taps": args.taps} if args.taps else {}))
+        base = arch_from_args(args)
         models: dict[str, tuple[GeneratorConfig, str]] = {}
         for spec in args.model:
             name, arch, path = _parse_model(spec)

@@ -475,13 +475,8 @@ def infer(
 # --- command line ----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Super-resolve images of any size with a generator checkpoint (tiled).",
-    )
-    p.add_argument("--input", help="an image file or a folder of images")
-    p.add_argument("--checkpoint", required=True,
-                   help="generator weights (SPSR/ESRGAN .pth or our .safetensors)")
+def add_arch_arguments(p: argparse.ArgumentParser) -> None:
+    """The generator-architecture options shared by launch/infer.py and launch/evaluate.py."""
     p.add_argument("--arch", default="spsr",
                    help="generator architecture: spsr (default), rrdbnet, edsr, srresnet")
     p.add_argument("--nf", type=int, default=None, help="feature width (default: the published one)")
@@ -490,6 +485,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taps", type=int, nargs="+", default=None,
                    help="spsr: trunk RRDB indices feeding the branch")
     p.add_argument("--scale", type=int, default=4, help="up-scaling factor (default 4)")
+
+
+def arch_from_args(args: argparse.Namespace) -> GeneratorConfig:
+    """The GeneratorConfig named by add_arch_arguments' options."""
+    return GeneratorConfig(name=args.arch, nf=args.nf, nb=args.nb, gc=args.gc, scale=args.scale,
+                           **({"taps": args.taps} if args.taps else {}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Super-resolve images of any size with a generator checkpoint (tiled).",
+    )
+    p.add_argument("--input", help="an image file or a folder of images")
+    p.add_argument("--checkpoint", required=True,
+                   help="generator weights (SPSR/ESRGAN .pth or our .safetensors)")
+    add_arch_arguments(p)
     p.add_argument("--out", default="runs/infer", help="output folder (default runs/infer)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
@@ -517,8 +528,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.input is None and args.export_safetensors is None and args.onnx is None:
         raise SystemExit("nothing to do: give --input (and/or --export-safetensors / --onnx)")
     device = torch.device(args.device) if args.device else local_device()
-    cfg = GeneratorConfig(name=args.arch, nf=args.nf, nb=args.nb, gc=args.gc, scale=args.scale,
-                          **({"taps": args.taps} if args.taps else {}))
+    cfg = arch_from_args(args)
     model = build_and_load(args.checkpoint, cfg, device)
     if args.export_safetensors:
         path = export_generator(model, args.export_safetensors, metadata={"arch": args.arch})
