@@ -269,10 +269,11 @@ def _block_sizes(rows: int, cols: int, backward: bool) -> tuple[int, int, int]:
     if interpreter_active():
         # Each interpreted program costs milliseconds: few, large tiles.
         return min(256, triton.next_power_of_2(rows)), min(256, triton.next_power_of_2(cols)), 4
-    # 64 contiguous columns: 256 B fp32 rows, 16 B vector loads of the aligned neighbours. With
-    # 8 warps per tile the forward needs 40 registers per thread and the backward (13 live
-    # values per element) 63 (ptxas, sm_90, no spills), i.e. 48 and 32 resident warps per SM:
-    # enough bytes in flight for a memory-bound stencil. Halo rows come from L1/L2, not HBM.
+    # 64 contiguous columns: 256 B fp32 rows (16 B vector accesses when W is a multiple of 16
+    # and padding is 1). With 8 warps per tile triton 3.8's ptxas for sm_90 gives the forward
+    # 48-54 registers per thread and the backward (13 live values per element) 75-80, no spills
+    # (tests/test_kernels_aot.py): enough warps resident per SM for a memory-bound stencil.
+    # Halo rows come from L1/L2, not HBM. Untimed on a GPU so far: tune with the benchmark.
     block_w = min(64, max(16, triton.next_power_of_2(cols)))
     block_h = min(max(1, (1024 if backward else 2048) // block_w), triton.next_power_of_2(rows))
     return block_h, block_w, 8

@@ -1,0 +1,261 @@
+"""Compile the spsr_kernels Triton kernels for an sm_90 (H100) target down to cubin, without a GPU.
+
+Helper of tests/test_kernels_aot.py (run as a script, not collected by pytest). It runs the real
+launchers (``gradient_map_fwd/bwd``, ``info_nce_fwd/bwd``) on small CPU tensors with a fake
+Triton driver that reports a ``cuda`` sm_90 target; ``JITFunction._do_compile`` is wrapped so
+each launch compiles its kernel through Triton's normal pipeline (TTIR → TTGIR → LLIR → PTX →
+cubin with the ptxas bundled in the triton wheel) and then returns without launching.
+
+TRITON_INTERPRET must be unset *before* spsr_kernels is imported (it is read when the kernels
+are decorated, and the launchers pick their GPU block configs only when it is off); the script
+removes it itself.
+
+Output on stdout, one record per line (other lines may appear and are ignored):
+
+    AOT_KERNEL {"case", "kernel", "constexprs", "num_warps", "num_stages", "shared",
+                "registers", "stack", "local"}   one per compiled kernel; shared in bytes
+                from Triton's metadata; registers/stack/local from ``cuobjdump
+                --dump-resource-usage`` (null when cuobjdump is unavailable)
+    AOT_ERROR {"case", "type", "message"}         a launch/compile that raised
+    AOT_SKIP <reason>                             the internals this relies on are missing;
+                                                  exit status SKIP_EXIT (77)
+    AOT_DONE {"compiled", "errors"}               last line of a completed run
+
+Exit status: 0 when every case compiled, 1 when some raised, 77 for a skip.
+Usage: ``python tests/aot_compile_kernels.py [--cap 90]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+
+# Must precede every import of triton/spsr_kernels: see the module docstring.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch
+import triton
+
+SKIP_EXIT = 77
+# JITFunction._do_compile's parameters as of triton 3.8; the wrapper below passes them through.
+EXPECTED_DO_COMPILE = ["self", "key", "signature", "device", "constexprs", "options", "attrs", "warmup"]
+
+
+def _skip(reason: str) -> None:
+    print(f"AOT_SKIP {reason}", flush=True)
+    sys.exit(SKIP_EXIT)
+
+
+def _emit(tag: str, record: dict) -> None:
+    print(f"{tag} {json.dumps(record, sort_keys=True, default=str)}", flush=True)
+
+
+def _check_hooks() -> tuple[type, str | None]:
+    """Return (GPUTarget, cuobjdump path or None), or exit with AOT_SKIP naming what is missing."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError as e:
+        _skip(
+            f"triton {triton.__version__}: internal module missing ({e}); the AOT harness needs "
+            "triton.backends.compiler.GPUTarget, triton.runtime.driver, triton.runtime.jit.JITFunction"
+        )
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        _skip(f"triton {triton.__version__}: no 'nvidia' backend in triton.backends.backends")
+    if not callable(getattr(driver, "set_active", None)):
+        _skip(
+            f"triton {triton.__version__}: triton.runtime.driver has no set_active() to install a fake driver"
+        )
+    do_compile = getattr(JITFunction, "_do_compile", None)
+    if do_compile is None:
+        _skip(f"triton {triton.__version__}: JITFunction._do_compile does not exist")
+    params = list(inspect.signature(do_compile).parameters)
+    if params != EXPECTED_DO_COMPILE:
+        _skip(
+            f"triton {triton.__version__}: JITFunction._do_compile{tuple(params)} differs from the "
+            f"expected {tuple(EXPECTED_DO_COMPILE)}"
+        )
+    try:
+        from triton import knobs
+
+        ptxas = knobs.nvidia.ptxas.path
+    except (ImportError, AttributeError, RuntimeError) as e:
+        _skip(
+            f"triton {triton.__version__}: no usable ptxas ({type(e).__name__}: {e}); the wheel's "
+            "backends/nvidia/bin/ptxas or TRITON_PTXAS_PATH is needed to produce a cubin"
+        )
+    if not os.access(ptxas, os.X_OK):
+        _skip(f"triton {triton.__version__}: ptxas at {ptxas} is not executable")
+    try:
+        cuobjdump = knobs.nvidia.cuobjdump.path
+    except RuntimeError:
+        cuobjdump = None  # resource usage is then reported as null; shared memory still comes from Triton
+    return GPUTarget, cuobjdump
+
+
+def _resource_usage(cubin: bytes, cuobjdump: str | None) -> dict[str, int | None]:
+    usage: dict[str, int | None] = {"registers": None, "stack": None, "local": None}
+    if cuobjdump is None:
+        return usage
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60
+        ).stdout
+    # "Resource usage: REG:52 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:616 ..." (one kernel per cubin)
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    for key, name in (("REG", "registers"), ("STACK", "stack"), ("LOCAL", "local")):
+        if key in fields:
+            usage[name] = int(fields[key])
+    return usage
+
+
+def _install(cap: int) -> list[dict]:
+    """Install the fake driver and the compile-only _do_compile; return the list records go to."""
+    GPUTarget, cuobjdump = _check_hooks()
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class FakeDriver:
+        """Just enough of a CUDA driver for JITFunction.run to reach _do_compile."""
+
+        def get_current_target(self):
+            return GPUTarget("cuda", cap, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(FakeDriver())
+    records: list[dict] = []
+    original = JITFunction._do_compile
+
+    def compile_only(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = original(self, key, signature, device, constexprs, options, attrs, True)
+        if hasattr(kernel, "result"):  # async compile mode returns a future
+            kernel = kernel.result()
+        # Forget it, so a second launch with the same key recompiles instead of trying to launch.
+        self.device_caches[device][0].pop(key, None)
+        record = {
+            "case": _CURRENT_CASE[0],
+            "kernel": self.fn.__name__,
+            "constexprs": {self.arg_names[k[0]]: v for k, v in constexprs.items()},
+            "num_warps": options.num_warps,
+            "num_stages": options.num_stages,
+            "shared": kernel.metadata.shared,
+            **_resource_usage(kernel.asm["cubin"], cuobjdump),
+        }
+        records.append(record)
+        _emit("AOT_KERNEL", record)
+        return None  # JITFunction.run returns before launching when _do_compile gives None
+
+    JITFunction._do_compile = compile_only
+    return records
+
+
+_CURRENT_CASE = [""]
+
+
+def _cases() -> list[tuple[str, Callable[[], None]]]:
+    """The reduced set of launcher calls; each compiles one kernel per launch."""
+    from triton.runtime.jit import JITFunction
+
+    # import_module: the package re-exports functions under the submodules' names.
+    gm = importlib.import_module("spsr_kernels.gradient_map")
+    nce = importlib.import_module("spsr_kernels.info_nce")
+
+    if not isinstance(gm._gradient_map_fwd_kernel, JITFunction):
+        raise RuntimeError(
+            f"spsr_kernels was imported in interpreter mode ({type(gm._gradient_map_fwd_kernel).__name__}); "
+            "TRITON_INTERPRET must be unset before the import"
+        )
+    if not hasattr(gm._gradient_map_fwd_kernel, "device_caches"):
+        _skip(
+            f"triton {triton.__version__}: JITFunction instances have no device_caches (per-device kernel "
+            "cache) for the harness to clear after each compile"
+        )
+    cases: list[tuple[str, Callable[[], None]]] = []
+
+    def gm_case(dtype: torch.dtype, padding: int, layout: str) -> Callable[[], None]:
+        def run() -> None:
+            x = torch.zeros(2, 3, 40, 70, dtype=dtype)
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            gm.gradient_map_fwd(x, padding)
+            ho, wo = gm._out_hw(40, 70, padding)
+            gm.gradient_map_bwd(x, torch.zeros(2, 3, ho, wo, dtype=dtype), padding)
+
+        return run
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for padding in (1, 2):
+            for layout in ("contiguous", "channels_last"):
+                cases.append(
+                    (f"gradient_map {dtype} padding={padding} {layout}", gm_case(dtype, padding, layout))
+                )
+
+    def nce_case(dtype: torch.dtype, d: int, exclusion: bool) -> Callable[[], None]:
+        def run() -> None:
+            B, H, W, N = 2, 12, 10, 50
+            M = H * W
+            p = torch.randn(B, N, d).to(dtype)
+            k = torch.randn(B, M, d).to(dtype)
+            pos = torch.randint(0, M, (B, N))
+            crow = ccol = None
+            radius = 0
+            if exclusion:
+                crow, ccol = nce._centre_grid(torch.randint(0, M, (B, N, 4)), W)
+                radius = 3
+            lse, _ = nce.info_nce_fwd(p, k, pos, crow, ccol, 64.0, W, radius)
+            nce.info_nce_bwd(
+                p, k, pos, crow, ccol, lse, torch.ones(B, N), torch.ones(B, N), torch.ones(B, M),
+                64.0, W, radius,
+            )  # fmt: skip
+
+        return run
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for exclusion in (False, True):
+            cases.append((f"info_nce {dtype} d=32 exclusion={exclusion}", nce_case(dtype, 32, exclusion)))
+    # fp32 (tf32x3) d=128 with 4 exclusion centres: the widest tiles in shared memory; 3 pipeline
+    # stages overflowed the 227 KB of an H100 block.
+    cases.append(("info_nce torch.float32 d=128 exclusion=True", nce_case(torch.float32, 128, True)))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap", type=int, default=90, help="compute capability to target (90: H100)")
+    args = parser.parse_args(argv)
+    records = _install(args.cap)
+    errors = 0
+    for name, run in _cases():
+        _CURRENT_CASE[0] = name
+        try:
+            run()
+        except Exception as e:  # every failure is reported and the remaining cases still run
+            errors += 1
+            traceback.print_exc()
+            _emit("AOT_ERROR", {"case": name, "type": type(e).__name__, "message": str(e)[-4000:]})
+    _emit("AOT_DONE", {"compiled": len(records), "errors": errors})
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
