@@ -2,7 +2,7 @@
 against a random-init NSE; see spsr_hpc/nse/evaluate.py.
 
     python launch/evaluate_nse.py --nse runs/nse_contrastive/nse.safetensors \
-        --train-shards data/div2k_x4 --heldout data/bsd100/HR --out runs/nse_eval.json
+        --train-shards data/div2k_shards --heldout data/bsd100/HR --out runs/nse_eval.json
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Pack HR (and LR) image folders into WebDataset tar shards with DALI indexes and a manifest.
 
     python launch/make_shards.py --hr DIV2K/DIV2K_train_HR --lr DIV2K/DIV2K_train_LR_bicubic/X4 \
-        --out data/div2k_x4 --scale 4 --crop 480 --step 240
+        --out data/div2k_shards --scale 4 --crop 480 --step 240
     python launch/make_shards.py --bundled --out data/bundled_x4 --scale 4   # skimage photos, in out/photos
 """
 

@@ -11,7 +11,7 @@ For each NSE (every given ``nse.safetensors`` and a randomly initialised NSE as 
    independent draws.
 
     python launch/evaluate_nse.py --nse runs/nse_contrastive/nse.safetensors \
-        --train-shards data/div2k_x4 --heldout data/bsd100/HR --out runs/nse_eval.json
+        --train-shards data/div2k_shards --heldout data/bsd100/HR --out runs/nse_eval.json
 """
 
 from __future__ import annotations
