@@ -47,3 +47,16 @@ def _seed_everything():
 def device():
     """The device kernel tests run on: CUDA when present, else CPU through the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def bundled_shards(tmp_path_factory):
+    """Shards (×4, full images) of scikit-image's bundled training photos, made once per session."""
+    from spsr_hpc.data import export_bundled_photos, write_shards
+
+    root = tmp_path_factory.getbasetemp() / "bundled"
+    out = root / "shards"
+    if not (out / "manifest.json").is_file():
+        train_dir, _ = export_bundled_photos(root / "photos")
+        write_shards(train_dir, out, scale=4, workers=0, progress=False)
+    return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,18 +12,6 @@ from spsr_hpc.nse.contrastive import ContrastiveObjective
 from spsr_hpc.nse.evaluate import EvalSettings, evaluate_one, format_table, load_heldout
 from spsr_hpc.nse.metrics import contrastive_top1, valid_negative_mask
 from spsr_hpc.nse.sampling import exclusion_centers, num_contexts, sample_anchors
-
-
-def bundled_shards(tmp_path_factory) -> Path:
-    """Shards of the bundled training photos, once per session (same folder as test_nse_pretrain)."""
-    from spsr_hpc.data import export_bundled_photos, write_shards
-
-    root = tmp_path_factory.getbasetemp() / "nse_bundled"
-    out = root / "shards"
-    if not (out / "manifest.json").is_file():
-        train_dir, _ = export_bundled_photos(root / "photos")
-        write_shards(train_dir, out, scale=4, workers=0, progress=False)
-    return out
 
 
 def _objective(cfg: NSEConfig, strategies=("c",)) -> ContrastiveObjective:
@@ -85,10 +71,10 @@ def test_too_few_negatives_raises():
 
 
 @pytest.mark.slow
-def test_trained_nse_beats_random_on_heldout_top1(tmp_path_factory):
+def test_trained_nse_beats_random_on_heldout_top1(bundled_shards):
     """A short CPU pretraining lifts held-out top-1 above a random-init NSE (same heads budget)."""
-    shards = bundled_shards(tmp_path_factory)
-    heldout = load_heldout(tmp_path_factory.getbasetemp() / "nse_bundled/photos/val/HR", 128)
+    shards = bundled_shards
+    heldout = load_heldout(bundled_shards.parent / "photos" / "val" / "HR", 128)
     from spsr_hpc.data.config import DataConfig
     from spsr_hpc.data.loader import build_train_loader
 

@@ -21,21 +21,9 @@ from spsr_hpc.nse.pretrain import lr_milestones
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bundled_shards(tmp_path_factory) -> Path:
-    """Shards of the bundled training photos, made once per session (idempotent)."""
-    from spsr_hpc.data import export_bundled_photos, write_shards
-
-    root = tmp_path_factory.getbasetemp() / "nse_bundled"
-    out = root / "shards"
-    if not (out / "manifest.json").is_file():
-        train_dir, _ = export_bundled_photos(root / "photos")
-        write_shards(train_dir, out, scale=4, workers=0, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return bundled_shards(tmp_path_factory)
+def shards(bundled_shards) -> Path:
+    return bundled_shards
 
 
 def _free_port() -> int:
