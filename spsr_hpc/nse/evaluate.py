@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,25 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "runs": values}
 
 
+def _repeated_accuracy(
+    score: Callable[[torch.Tensor, torch.Generator], tuple[int, int]],
+    heldout: list[torch.Tensor],
+    s: EvalSettings,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Mean/std over `s.repeats` draws of held-out crops and anchors of `score(batch, g) -> (hits, n)`."""
+    accs = []
+    for r in range(s.repeats):
+        g = torch.Generator().manual_seed(s.seed * 7919 + r)
+        crops = heldout_crops(heldout, s.patch, s.crops_per_image, g).to(device)
+        hits = total = 0
+        for i in range(0, crops.shape[0], s.fit_batch):
+            c, n = score(crops[i : i + s.fit_batch], g)
+            hits, total = hits + c, total + n
+        accs.append(hits / total)
+    return _mean_std(accs)
+
+
 def evaluate_one(
     nse: nn.Module, nse_cfg: NSEConfig, train_shards: str, heldout: list[torch.Tensor], s: EvalSettings
 ) -> dict[str, Any]:
@@ -168,19 +187,13 @@ def evaluate_one(
     out["contrastive_fit_loss"] = _first_last(losses)
     contrastive.eval()
     for st in s.strategies:
-        accs = []
-        for r in range(s.repeats):
-            g = torch.Generator().manual_seed(s.seed * 7919 + r)
-            crops = heldout_crops(heldout, s.patch, s.crops_per_image, g).to(device)
-            hits = total = 0
-            for i in range(0, crops.shape[0], s.fit_batch):
-                c, n = contrastive_top1(
-                    contrastive, crops[i : i + s.fit_batch], st, num_negatives=s.num_negatives,
-                    anchors_per_image=s.anchors_per_image, generator=g,
-                )  # fmt: skip
-                hits, total = hits + c, total + n
-            accs.append(hits / total)
-        out[f"top1_{st}"] = _mean_std(accs)
+        out[f"top1_{st}"] = _repeated_accuracy(
+            lambda batch, g, st=st: contrastive_top1(
+                contrastive, batch, st, num_negatives=s.num_negatives,
+                anchors_per_image=s.anchors_per_image, generator=g,
+            ),
+            heldout, s, device,
+        )  # fmt: skip
     if s.jigsaw:
         torch.manual_seed(s.seed + 1)
         clf = build_jigsaw_classifier(nse_cfg)
@@ -188,18 +201,10 @@ def evaluate_one(
         losses = fit_head(jig, jig.classifier, _train_batches(train_shards, s, device), s)
         out["jigsaw_fit_loss"] = _first_last(losses)
         jig.eval()
-        accs = []
-        for r in range(s.repeats):
-            g = torch.Generator().manual_seed(s.seed * 7919 + r)
-            crops = heldout_crops(heldout, s.patch, s.crops_per_image, g).to(device)
-            hits = total = 0
-            for i in range(0, crops.shape[0], s.fit_batch):
-                c, n = jigsaw_accuracy(
-                    jig, crops[i : i + s.fit_batch], tiles_per_image=s.anchors_per_image, generator=g
-                )
-                hits, total = hits + c, total + n
-            accs.append(hits / total)
-        out["jigsaw_acc"] = _mean_std(accs)
+        out["jigsaw_acc"] = _repeated_accuracy(
+            lambda batch, g: jigsaw_accuracy(jig, batch, tiles_per_image=s.anchors_per_image, generator=g),
+            heldout, s, device,
+        )  # fmt: skip
     out["seconds"] = time.perf_counter() - t0
     return out
 
