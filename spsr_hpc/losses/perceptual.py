@@ -1,8 +1,12 @@
-"""Perceptual loss (SHARED SPEC §4): L1 of VGG19 conv5_4 features (before ReLU), ImageNet norm.
+"""Perceptual loss (docs/method.md §4): L1 of VGG19 conv5_4 features (before ReLU), ImageNet norm.
 
-The backbone is torchvision's VGG19 `features[:35]`, loaded from the offline ImageNet checkpoint
-(spsr_hpc.weights: explicit path, else the torch hub cache; nothing is downloaded). Tests may
-build it with random weights, which is logged loudly because the loss is then meaningless.
+The paper's backbone is torchvision's VGG19 ``features[:35]``. ``backbone="vgg16"`` is our
+documented substitute for machines without torchvision's VGG19 file: VGG16 ``features[:29]``
+(conv5_3, the last conv of the same block, before ReLU) with the same normalisation, from
+torchvision's file or the weights converted by ``python -m spsr_hpc.weights fetch``. One is never
+swapped for the other silently: a missing VGG19 is an error that names the file and the
+substitute. Weights are found offline by :mod:`spsr_hpc.weights`; nothing is downloaded. Tests
+may build the loss with random weights, which is logged loudly because it is then meaningless.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from spsr_hpc.weights import load_backbone_state_dict
+from spsr_hpc.weights import BACKBONE_FILES, describe_backbone, load_backbone_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +28,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # features[:35] ends at conv5_4, before its ReLU (ESRGAN/SPSR "VGG19-54").
 CONV5_4_END = 35
+# backbone -> (torchvision VGG config, default end: the last conv of block 5, before its ReLU)
+BACKBONES = {"vgg19": ("E", CONV5_4_END), "vgg16": ("D", 29)}
 
 
 class PerceptualLoss(nn.Module):
-    """criterion(VGG19(norm(SR)), VGG19(norm(HR))), features frozen and in eval mode.
+    """criterion(VGG(norm(SR)), VGG(norm(HR))), features frozen and in eval mode.
 
     Args:
-        weights_path: torchvision's vgg19-dcbb9e9d.pth; None searches the torch hub cache.
-            Absent weights raise spsr_hpc.weights.MissingWeightsError naming the file and where
-            to put it.
+        weights_path: the backbone's state dict (torchvision's vgg19-dcbb9e9d.pth /
+            vgg16-397923af.pth, or the converted vgg16.safetensors); None = spsr_hpc.weights'
+            lookup. Absent weights raise spsr_hpc.weights.MissingWeightsError naming the file.
         random_weights: tests only: skip loading and keep random features (warns loudly).
-        criterion: "l1" (SPEC) or "l2".
-        end: number of VGG19 `features` layers to run (35 = up to conv5_4 before ReLU).
+        criterion: "l1" (the paper) or "l2".
+        end: number of VGG `features` layers to run (default: up to conv5_4 for VGG19, conv5_3
+            for VGG16, before the ReLU).
+        backbone: "vgg19" (the paper) or "vgg16" (substitute).
 
     forward(sr, hr): (B, 3, H, W) float in [0, 1] each -> 0-dim fp32 loss; gradients flow into
     sr only.
@@ -47,32 +55,41 @@ class PerceptualLoss(nn.Module):
         *,
         random_weights: bool = False,
         criterion: str = "l1",
-        end: int = CONV5_4_END,
+        end: int | None = None,
+        backbone: str = "vgg19",
     ) -> None:
         super().__init__()
         if criterion not in ("l1", "l2"):
             raise ValueError(f"PerceptualLoss: criterion={criterion!r} is not 'l1' or 'l2'")
-        layers = make_layers(cfgs["E"], batch_norm=False)
+        if backbone not in BACKBONES:
+            raise ValueError(f"PerceptualLoss: backbone={backbone!r} is not one of {sorted(BACKBONES)}")
+        cfg_name, default_end = BACKBONES[backbone]
+        end = default_end if end is None else end
+        layers = make_layers(cfgs[cfg_name], batch_norm=False)
         if not 1 <= end <= len(layers):
             raise ValueError(f"PerceptualLoss: end={end} must be in [1, {len(layers)}]")
         self.features = nn.Sequential(*list(layers)[:end])
         self.criterion = criterion
+        self.backbone = backbone
         self.random_weights = random_weights
         if random_weights:
-            msg = "PerceptualLoss uses RANDOM VGG19 weights (tests only): the perceptual term is meaningless"
+            msg = (f"PerceptualLoss uses RANDOM {backbone.upper()} weights (tests only): the perceptual "
+                   "term is meaningless")
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
+            self.source = f"{backbone}: RANDOM weights (tests only)"
         else:
-            sd = load_backbone_state_dict("vgg19", weights_path)
+            self.source = describe_backbone(backbone, weights_path)
+            sd = load_backbone_state_dict(backbone, weights_path)
             wanted = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
             own = self.features.state_dict()
             missing = [k for k in own if k not in wanted]
             bad = [k for k in own if k in wanted and wanted[k].shape != own[k].shape]
             if missing or bad:
                 raise ValueError(
-                    "PerceptualLoss: the vgg19 checkpoint does not fit VGG19 features: "
-                    f"missing {missing[:5]}, "
-                    f"shape mismatches {bad[:5]}; expected torchvision's vgg19-dcbb9e9d.pth"
+                    f"PerceptualLoss: the {backbone} checkpoint does not fit {backbone.upper()} features: "
+                    f"missing {missing[:5]}, shape mismatches {bad[:5]}; expected torchvision's "
+                    f"{BACKBONE_FILES[backbone]}"
                 )
             self.features.load_state_dict({k: wanted[k] for k in own})
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -85,7 +102,7 @@ class PerceptualLoss(nn.Module):
         return super().train(False)
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) float in [0, 1] -> conv5_4 features (B, 512, H/16, W/16)."""
+        """x: (B, 3, H, W) float in [0, 1] -> conv5 features (B, 512, H/16, W/16)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"PerceptualLoss: expected (B, 3, H, W) images, got {tuple(x.shape)}")
         return self.features((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))

@@ -1,11 +1,12 @@
-"""LPIPS (AlexNet, linear weights v0.1) without any download (SHARED SPEC §8).
+"""LPIPS (AlexNet, linear weights v0.1) without any download (docs/method.md §8).
 
 The ``lpips`` package ships its linear layers (``weights/v0.1/alex.pth``) but fetches the
 AlexNet backbone from the internet through torchvision. We build ``lpips.LPIPS`` with a random
-trunk (``pnet_rand=True``: nothing is downloaded) and then load torchvision's ImageNet AlexNet
-``features`` from a file found by :mod:`spsr_hpc.weights` (explicit path or the torch hub
-cache). A missing file is an error that names it; ``random_backbone=True`` keeps the random
-trunk, for tests only.
+trunk (``pnet_rand=True``: nothing is downloaded) and then load the ImageNet AlexNet
+``features`` from a file found by :mod:`spsr_hpc.weights`: an explicit path, torchvision's file in
+the torch hub cache, or the weights converted by ``python -m spsr_hpc.weights fetch`` (which
+scripts/setup_env.sh runs; see docs/weights.md). A missing file is an error that names it and
+the fix; ``random_backbone=True`` keeps the random trunk, for tests only.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class LPIPSMetric(nn.Module):
     """LPIPS distance on RGB images; lower is more similar.
 
     Args:
-        weights_path: torchvision's ``alexnet-owt-7be5be79.pth``; None searches the torch hub cache.
+        weights_path: AlexNet weights (torchvision's ``alexnet-owt-7be5be79.pth`` or the converted
+            ``alexnet.safetensors``); None = spsr_hpc.weights' lookup.
         random_backbone: keep a randomly initialised AlexNet (tests only; logged as a warning);
             initialised from seed 0, so every instance holds the same weights.
         device: where the network runs.

@@ -29,12 +29,14 @@ def image_grid(
     hr: torch.Tensor,
     extra: list[torch.Tensor] | None = None,
     max_images: int = 4,
+    labels: list[str] | None = None,
 ) -> torch.Tensor:
     """One row per sample: LR (nearest-upsampled) | SR | HR | extra maps (e.g. gradient maps).
 
     lr: (B, 3, h, w), sr/hr: (B, 3, H, W) float in [0, 1]; extra: (B, C, H', W') maps, each
     rescaled to [0, 1] by its own max and resized to H x W. Returns (3, rows*H, cols*W) float
-    in [0, 1] on CPU.
+    in [0, 1] on CPU; with `labels` (one per column) a header strip of
+    spsr_hpc.report.HEADER_PX rows above it names the columns.
     """
     n = min(max_images, lr.shape[0])
     size = hr.shape[-2:]
@@ -47,7 +49,16 @@ def image_grid(
             m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         cols.append(m / m.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8))
     rows = torch.cat([torch.cat([c[i] for c in cols], dim=2) for i in range(n)], dim=1)
-    return rows.detach().clamp(0, 1).cpu()
+    grid = rows.detach().clamp(0, 1).cpu()
+    if labels is None:
+        return grid
+    if len(labels) != len(cols):
+        raise ValueError(f"image_grid: {len(labels)} labels for {len(cols)} columns")
+    from spsr_hpc.report import label_columns
+
+    u8 = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    labelled = label_columns(np.ascontiguousarray(u8), labels)
+    return torch.from_numpy(labelled).permute(2, 0, 1).float() / 255
 
 
 def save_png(img: torch.Tensor, path: str | Path) -> Path:

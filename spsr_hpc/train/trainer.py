@@ -124,7 +124,9 @@ class Trainer:
         perceptual = None
         if cfg.loss.needs_perceptual():
             pc = cfg.perceptual
-            perceptual = PerceptualLoss(pc.weights, random_weights=pc.random_weights)
+            perceptual = PerceptualLoss(pc.weights, random_weights=pc.random_weights, backbone=pc.backbone)
+            if sdist.is_main_process():
+                print(f"[spsr] perceptual loss backbone: {perceptual.source}", flush=True)
         self.objective = SRObjective(cfg.loss, perceptual=perceptual, nse=nse).to(self.device)
 
         init_distributed(cfg.deepspeed.backend)
@@ -175,6 +177,7 @@ class Trainer:
         self._stop_requested = False
         self._signal: StopSignal | None = None
         self._eval_model: nn.Module | None = None
+        self._lpips: Any = False  # built on first validation (False: not tried yet)
         self._last_vis: tuple[torch.Tensor, ...] | None = None
         self.logger: RunLogger | None = None
 
@@ -367,7 +370,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Rank 0: PSNR/SSIM (Y channel, SPEC §8) on val.dir; other ranks return {} after a barrier."""
+        """Rank 0: PSNR/SSIM (Y channel, docs/method.md §8) and LPIPS on val.dir; other ranks return {}
+        after a barrier."""
         vc = self.cfg.val
         result: dict[str, float] = {}
         if vc.dir and sdist.is_main_process():
@@ -377,7 +381,8 @@ class Trainer:
             scale = self.cfg.model.generator.scale
             model = self._inference_model(vc.use_ema)
             data = FolderDataset(vc.dir, scale=scale)
-            ps, ss = [], []
+            lpips_metric = self._val_lpips() if vc.lpips else None
+            ps, ss, lp = [], [], []
             for i in range(min(len(data), vc.max_images)):
                 item = data[i]
                 lr, hr = item["lr"], item["hr"]  # (3, h, w) float in [0, 1]; (H, W, 3) uint8
@@ -393,9 +398,26 @@ class Trainer:
                 sr_u8 = to_uint8(sr.permute(1, 2, 0).cpu().numpy())
                 ps.append(psnr(sr_u8, hr, vc.crop_border))
                 ss.append(ssim(sr_u8, hr, vc.crop_border))
+                if lpips_metric is not None:
+                    lp.append(lpips_metric.from_uint8(sr_u8, hr))
             result = {"val/psnr": float(np.mean(ps)), "val/ssim": float(np.mean(ss))}
+            if lp:
+                result["val/lpips"] = float(np.mean(lp))
         sdist.barrier()
         return result
+
+    def _val_lpips(self) -> Any:
+        """LPIPS-AlexNet for validation, built once; None (warned once) without its weights."""
+        if self._lpips is False:
+            from spsr_hpc.metrics import LPIPSMetric
+            from spsr_hpc.weights import MissingWeightsError
+
+            try:
+                self._lpips = LPIPSMetric(device=self.device)
+            except MissingWeightsError as e:
+                print(f"[spsr] validation without LPIPS: {e}", flush=True)
+                self._lpips = None
+        return self._lpips
 
     def export(self, path: str | Path | None = None) -> list[Path]:
         """Rank 0: generator (and EMA) as safetensors, loadable by spsr_hpc.models.load_pretrained."""
@@ -422,9 +444,12 @@ class Trainer:
 
         lr, sr, hr, grad_sr = self._last_vis
         extra = [same_gradient(sr), same_gradient(hr)]
+        labels = ["LR (nearest)", "SR", "HR", "grad(SR)", "grad(HR)"]
         if grad_sr is not None:
             extra.insert(0, grad_sr)
-        self.logger.log_images(self.step, "lr_sr_hr", image_grid(lr, sr.clamp(0, 1), hr, extra))
+            labels.insert(3, "branch grad")
+        grid = image_grid(lr, sr.clamp(0, 1), hr, extra, labels=labels)
+        self.logger.log_images(self.step, "lr_sr_hr", grid)
 
     # ---------------------------------------------------------------------------------------
     # the loop

@@ -1,0 +1,249 @@
+"""Figures for run folders: loss curves, validation curves, labelled side-by-side comparisons.
+
+    python launch/report.py RUN_DIR [RUN_DIR ...] [--out DIR]
+
+A RUN_DIR is a training run (it holds ``metrics.jsonl``), an evaluation folder (``per_image.csv``
+and ``images/`` from ``launch/evaluate.py --save-images``), or a folder holding several of them
+(the demo's ``runs/demo``). Every figure labels its columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+HEADER_PX = 18
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable where Pillow has FreeType
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def label_columns(img: np.ndarray, labels: Sequence[str], widths: Sequence[int] | None = None) -> np.ndarray:
+    """Put a white header strip above `img` ((H, W, 3) uint8) with one centred label per column.
+
+    widths: the columns' widths in pixels (default: W split evenly among the labels).
+    """
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"label_columns needs an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
+    w = img.shape[1]
+    if widths is None:
+        widths = [w // len(labels)] * len(labels)
+    if len(widths) != len(labels) or sum(widths) > w:
+        raise ValueError(f"{len(labels)} labels for columns of widths {list(widths)} in an image {w} px wide")
+    head = Image.new("RGB", (w, HEADER_PX), "white")
+    draw = ImageDraw.Draw(head)
+    font = _font()
+    x0 = 0
+    for text, cw in zip(labels, widths):
+        tw = draw.textlength(text, font=font)
+        while tw > cw - 4 and len(text) > 1:  # shorten what does not fit
+            text = text[:-2] + "…"
+            tw = draw.textlength(text, font=font)
+        draw.text((x0 + (cw - tw) / 2, 2), text, fill="black", font=font)
+        x0 += cw
+    return np.concatenate([np.asarray(head), img], axis=0)
+
+
+def tile_row(tiles: Sequence[np.ndarray], pad: int = 2) -> tuple[np.ndarray, list[int]]:
+    """Tiles side by side with a white border; returns the row and each column's width."""
+    padded = [np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for t in tiles]
+    h = max(t.shape[0] for t in padded)
+    padded = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in padded]
+    return np.concatenate(padded, axis=1), [t.shape[1] for t in padded]
+
+
+# --- training runs ----------------------------------------------------------------------------
+
+
+def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
+    """One panel per run: every ``loss/*`` series of its metrics.jsonl (log scale), and a second
+    row with the validation curves (val/lpips, val/psnr) where the run logged them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spsr_hpc.train.logging import read_jsonl
+
+    data = {name: read_jsonl(Path(d) / "metrics.jsonl") for name, d in runs.items()}
+    has_val = any(any(k.startswith("val/") for r in rows for k in r) for rows in data.values())
+    nrows = 2 if has_val else 1
+    fig, axes = plt.subplots(nrows, len(runs), figsize=(6 * len(runs), 4 * nrows), squeeze=False)
+    for col, (name, rows) in enumerate(data.items()):
+        ax = axes[0][col]
+        # d_real / d_fake are mean logits (signed), not losses: they do not belong on a log axis.
+        keys = sorted(
+            {k for r in rows for k in r if k.startswith("loss/") and not k.endswith(("d_real", "d_fake"))}
+        )
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and r[k] > 0]
+            if pts:
+                ax.plot(*zip(*pts), label=k[len("loss/") :])
+        ax.set_title(f"{name}: training losses")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        if keys:
+            ax.legend(fontsize=7)
+        if has_val:
+            vax = axes[1][col]
+            for k, style in (("val/lpips", "o-"), ("val/psnr", "s--")):
+                pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+                if not pts:
+                    continue
+                target = vax if k == "val/lpips" else vax.twinx()
+                target.plot(*zip(*pts), style, label=k, color="C0" if k == "val/lpips" else "C1")
+                target.set_ylabel(k)
+            vax.set_title(f"{name}: validation (LPIPS lower is better)")
+            vax.set_xlabel("step")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+# --- evaluation folders -----------------------------------------------------------------------
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _eval_layout(eval_dir: Path) -> tuple[list[str], list[str], dict[tuple[str, str, str], dict]]:
+    """Datasets, methods (in report order) and per-image rows of an evaluation folder."""
+    with open(eval_dir / "per_image.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return datasets, methods, {(r["dataset"], r["method"], r["image"]): r for r in rows}
+
+
+def comparison_figure(
+    eval_dir: Path,
+    hr_dirs: dict[str, Path] | None,
+    out_png: Path,
+    *,
+    crop: int = 128,
+    methods: Sequence[str] | None = None,
+    max_images: int = 4,
+) -> Path:
+    """Centre crops of every method's SR (and HR, where `hr_dirs` gives the dataset's HR folder)
+    for the first images of each dataset; columns labelled with the method and its LPIPS / PSNR."""
+    datasets, all_methods, rows = _eval_layout(eval_dir)
+    methods = list(methods or all_methods)
+    blocks = []
+    for d in datasets:
+        names = sorted({img for (ds, _, img) in rows if ds == d})[:max_images]
+        for name in names:
+            tiles, labels = [], []
+            for m in methods:
+                p = eval_dir / "images" / d / m / f"{name}.png"
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p} is missing: evaluate with save_images=True (--save-images)")
+                sr = _read_rgb(p)
+                h, w = sr.shape[:2]
+                y, x = max(0, h // 2 - crop // 2), max(0, w // 2 - crop // 2)
+                tiles.append(sr[y : y + crop, x : x + crop])
+                r = rows[(d, m, name)]
+                lp = f"{float(r['lpips']):.3f}" if r.get("lpips") else "n/a"
+                labels.append(f"{m}  {lp} / {float(r['psnr']):.2f}")
+            if hr_dirs and d in hr_dirs:
+                hr_path = next(iter(sorted(Path(hr_dirs[d]).glob(f"{name}.*"))), None)
+                if hr_path is not None:
+                    hr = _read_rgb(hr_path)
+                    tiles.append(hr[y : y + crop, x : x + crop])
+                    labels.append("HR")
+            row, widths = tile_row(tiles)
+            blocks.append(label_columns(row, labels, widths))
+    if not blocks:
+        raise ValueError(f"{eval_dir} has no evaluated images")
+    width = max(b.shape[1] for b in blocks)
+    blocks = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=255) for b in blocks]
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(blocks, axis=0)).save(out_png)
+    return out_png
+
+
+# --- any folder -------------------------------------------------------------------------------
+
+
+def find_runs(root: Path) -> tuple[dict[str, Path], list[Path]]:
+    """Training runs (folders with metrics.jsonl) and evaluation folders (per_image.csv) at or
+    one level below `root`."""
+    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    runs = {(p.name if p != root else root.name): p for p in candidates if (p / "metrics.jsonl").is_file()}
+    evals = [p for p in candidates if (p / "per_image.csv").is_file()]
+    return runs, evals
+
+
+def report_figures(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    hr_dirs: dict[str, Path] | None = None,
+    methods: Sequence[str] | None = None,
+) -> list[Path]:
+    """Draw loss curves for every training run and comparisons for every evaluation folder found
+    in `run_dirs`; write them into `out` (default: the first folder). Returns the written paths."""
+    roots = [Path(p) for p in run_dirs]
+    for r in roots:
+        if not r.is_dir():
+            raise FileNotFoundError(f"{r} is not a folder")
+    runs: dict[str, Path] = {}
+    evals: list[Path] = []
+    for r in roots:
+        found_runs, found_evals = find_runs(r)
+        runs.update(found_runs)
+        evals.extend(found_evals)
+    if not runs and not evals:
+        raise FileNotFoundError(
+            f"no run found in {', '.join(map(str, roots))}: expected metrics.jsonl (a training run) or "
+            "per_image.csv (an evaluation folder) there or one level below"
+        )
+    dest = Path(out) if out is not None else roots[0]
+    written = []
+    if runs:
+        written.append(loss_curves(runs, dest / "loss_curves.png"))
+    for i, e in enumerate(evals):
+        if (e / "images").is_dir():
+            name = "comparison.png" if len(evals) == 1 else f"comparison_{e.name}_{i}.png"
+            written.append(comparison_figure(e, hr_dirs, dest / name, methods=methods))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="training run, evaluation folder, or a folder of them")
+    p.add_argument("--out", default=None, help="where the figures go (default: the first RUN_DIR)")
+    p.add_argument(
+        "--hr",
+        action="append",
+        default=[],
+        metavar="DATASET=DIR",
+        help="HR folder of an evaluated dataset, to add an HR column (repeatable)",
+    )
+    a = p.parse_args(argv)
+    hr = {}
+    for item in a.hr:
+        if "=" not in item:
+            p.error(f"--hr {item!r}: expected DATASET=DIR")
+        k, v = item.split("=", 1)
+        hr[k] = Path(v)
+    try:
+        paths = report_figures(a.run_dirs, a.out, hr_dirs=hr)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
