@@ -444,6 +444,8 @@ class PerceptualConfig:
     backbone: str = "vgg19"
     """vgg19 (the paper: conv5_4 before ReLU) or vgg16 (our substitute where torchvision's VGG19 file
     is absent: conv5_3 before ReLU, same normalisation, from `python -m spsr_hpc.weights fetch`)."""
+    layer: str | None = None
+    """Conv compared before its ReLU; null = conv5_4 (vgg19, the paper) / conv5_3 (vgg16)."""
     weights: str | None = None
     """Path to the backbone's state dict; None = spsr_hpc.weights' lookup (fails naming the file)."""
     random_weights: bool = False
@@ -452,6 +454,13 @@ class PerceptualConfig:
     def validate(self) -> None:
         if self.backbone not in ("vgg19", "vgg16"):
             raise ConfigError("backbone", f"{self.backbone!r} is not 'vgg19' or 'vgg16'")
+        if self.layer is not None:
+            from spsr_hpc.losses.perceptual import conv_layer_end
+
+            try:
+                conv_layer_end(self.backbone, self.layer)
+            except ValueError as e:
+                raise ConfigError("layer", str(e)) from e
 
 
 def _run_config_class() -> type:

@@ -359,3 +359,25 @@ def test_objective_requires_its_dependencies(torch_gradient_map):
         obj.generator_loss(out, torch.rand(1, 3, 128, 128), ds)
     with pytest.raises(ValueError, match="structure"):
         obj.discriminator_loss("structure", out, torch.rand(1, 3, 128, 128), nn.Identity())
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "vgg19"])
+def test_perceptual_layer_names_match_torchvision(backbone):
+    """conv_layer_end against torchvision's own feature stack: block = MaxPools seen + 1."""
+    import torchvision
+
+    from spsr_hpc.losses.perceptual import conv_layer_end
+
+    features = getattr(torchvision.models, backbone)().features
+    block, k = 1, 0
+    for i, m in enumerate(features):
+        if isinstance(m, torch.nn.MaxPool2d):
+            block, k = block + 1, 0
+        elif isinstance(m, torch.nn.Conv2d):
+            k += 1
+            assert conv_layer_end(backbone, f"conv{block}_{k}") == i + 1
+    assert conv_layer_end("vgg19", "conv5_4") == 35 and conv_layer_end("vgg16", "conv5_3") == 29
+    with pytest.raises(ValueError, match="has no layer 'conv5_4'"):
+        conv_layer_end("vgg16", "conv5_4")
+    loss = PerceptualLoss(random_weights=True, backbone=backbone, layer="conv2_2")
+    assert len(loss.features) == 8 and loss.layer == "conv2_2"

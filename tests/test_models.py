@@ -519,3 +519,30 @@ def test_builders(tmp_path):
     torch.save({"state_dict": {f"nse.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "nse.pth")
     nse = build_nse(NSEConfig(pretrained=str(tmp_path / "nse.pth")))
     assert torch.equal(nse.conv6.weight, src.conv6.weight)
+
+
+def test_spsr_fusion_passthrough_starts_at_the_rrdb_output(tmp_path):
+    """fusion_init=passthrough: SPSR's SR equals the RRDBNet it was initialised from; the branch
+    still reaches the output through f_concat."""
+    torch.manual_seed(0)
+    rrdb = build_generator(GeneratorConfig(name="rrdbnet", nf=8, nb=2, gc=4, init_scale=1.0)).eval()
+    path = tmp_path / "rrdb.pth"
+    torch.save(rrdb.state_dict(), path)
+    cfg = GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1], init_scale=1.0, pretrained=str(path),
+                          fusion_init="passthrough")
+    spsr = build_generator(cfg).eval()
+    lr = torch.rand(2, 3, 12, 10)
+    with torch.no_grad():
+        want, got = rrdb(lr).sr, spsr(lr).sr
+        assert (rrdb.model[:-1](lr) < 0).any()  # negative last features survive the fusion's LeakyReLU
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    spsr(lr).sr.square().sum().backward()
+    concat = spsr.f_concat[0].weight.grad
+    assert concat[:, : spsr.nf].abs().sum() > 0  # the zeroed branch half trains
+    with pytest.raises(ValueError, match="fusion_init=passthrough needs"):
+        GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1], fusion_init="passthrough")
+    spsr_ckpt = tmp_path / "spsr.pth"
+    torch.save(spsr.state_dict(), spsr_ckpt)
+    with pytest.raises(ValueError, match="has no RGB conv model.10.weight"):
+        build_generator(GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1], pretrained=str(spsr_ckpt),
+                                        fusion_init="passthrough"))

@@ -28,8 +28,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # features[:35] ends at conv5_4, before its ReLU (ESRGAN/SPSR "VGG19-54").
 CONV5_4_END = 35
-# backbone -> (torchvision VGG config, default end: the last conv of block 5, before its ReLU)
-BACKBONES = {"vgg19": ("E", CONV5_4_END), "vgg16": ("D", 29)}
+# backbone -> (torchvision VGG config, default layer: the last conv of block 5, before its ReLU)
+BACKBONES = {"vgg19": ("E", "conv5_4"), "vgg16": ("D", "conv5_3")}
+
+
+def conv_layer_end(backbone: str, layer: str) -> int:
+    """Number of VGG ``features`` modules up to and including conv `layer` ("conv5_4"), before
+    its ReLU: conv_layer_end("vgg19", "conv5_4") == 35, conv_layer_end("vgg16", "conv5_3") == 29."""
+    cfg = cfgs[BACKBONES[backbone][0]]
+    block, k, pos, names = 1, 0, 0, []
+    for v in cfg:
+        if v == "M":
+            block, k, pos = block + 1, 0, pos + 1
+            continue
+        k += 1
+        names.append(f"conv{block}_{k}")
+        if names[-1] == layer:
+            return pos + 1
+        pos += 2  # conv + ReLU
+    raise ValueError(f"PerceptualLoss: {backbone} has no layer {layer!r}; its convolutions are {names}")
 
 
 class PerceptualLoss(nn.Module):
@@ -41,9 +58,10 @@ class PerceptualLoss(nn.Module):
             lookup. Absent weights raise spsr_hpc.weights.MissingWeightsError naming the file.
         random_weights: tests only: skip loading and keep random features (warns loudly).
         criterion: "l1" (the paper) or "l2".
-        end: number of VGG `features` layers to run (default: up to conv5_4 for VGG19, conv5_3
-            for VGG16, before the ReLU).
+        end: number of VGG `features` modules to run (overrides `layer`).
         backbone: "vgg19" (the paper) or "vgg16" (substitute).
+        layer: the conv whose output (before ReLU) is compared; default conv5_4 for VGG19 (the
+            paper), conv5_3 for VGG16.
 
     forward(sr, hr): (B, 3, H, W) float in [0, 1] each -> 0-dim fp32 loss; gradients flow into
     sr only.
@@ -57,14 +75,17 @@ class PerceptualLoss(nn.Module):
         criterion: str = "l1",
         end: int | None = None,
         backbone: str = "vgg19",
+        layer: str | None = None,
     ) -> None:
         super().__init__()
         if criterion not in ("l1", "l2"):
             raise ValueError(f"PerceptualLoss: criterion={criterion!r} is not 'l1' or 'l2'")
         if backbone not in BACKBONES:
             raise ValueError(f"PerceptualLoss: backbone={backbone!r} is not one of {sorted(BACKBONES)}")
-        cfg_name, default_end = BACKBONES[backbone]
-        end = default_end if end is None else end
+        cfg_name, default_layer = BACKBONES[backbone]
+        self.layer = layer or default_layer
+        if end is None:
+            end = conv_layer_end(backbone, self.layer)
         layers = make_layers(cfgs[cfg_name], batch_norm=False)
         if not 1 <= end <= len(layers):
             raise ValueError(f"PerceptualLoss: end={end} must be in [1, {len(layers)}]")

@@ -59,6 +59,11 @@ class GeneratorConfig:
     times faster with 1.0."""
     pretrained: str | None = None
     """Checkpoint loaded by build_generator (SPSR, ESRGAN old/new, or our export); None = fresh."""
+    fusion_init: str = "fresh"
+    """spsr only: "fresh" (the paper: kaiming-normal × init_scale) or "passthrough" (ours, for short
+    runs): with an RRDB `pretrained`, the fusion starts as a pass-through of the trunk ending in
+    that RRDB's RGB conv, so SR starts at (nearly) the PSNR model's output
+    (SPSRGenerator.init_fusion_passthrough)."""
     strict_load: bool = True
     """Refuse a checkpoint that leaves model keys unloaded (beyond SPSR's by-design fresh layers)."""
 
@@ -81,6 +86,13 @@ class GeneratorConfig:
             raise ValueError(
                 f"generator.taps={self.taps} must be strictly increasing RRDB indices "
                 f"in [0, {nb - 1}] for nb={nb}"
+            )
+        if self.fusion_init not in ("fresh", "passthrough"):
+            raise ValueError(f"generator.fusion_init={self.fusion_init!r} is not 'fresh' or 'passthrough'")
+        if self.fusion_init == "passthrough" and (self.name != "spsr" or not self.pretrained):
+            raise ValueError(
+                "generator.fusion_init=passthrough needs generator.name=spsr and generator.pretrained set to "
+                f"a PSNR RRDB checkpoint (got name={self.name!r}, pretrained={self.pretrained!r})"
             )
         if not (isinstance(self.res_scale, (int, float)) and self.res_scale > 0):
             raise ValueError(f"generator.res_scale must be > 0, got {self.res_scale!r}")
@@ -107,7 +119,25 @@ def build_generator(cfg: GeneratorConfig) -> nn.Module:
         report = load_pretrained(model, cfg.pretrained, strict=cfg.strict_load)
         if is_main_process():
             log.info("generator: %s", report)
+        if cfg.fusion_init == "passthrough":
+            _passthrough_from(model, cfg.pretrained, report)
     return model
+
+
+def _passthrough_from(model: nn.Module, path: str, report: object) -> None:
+    """Initialise `model`'s fusion from the RGB conv of the RRDB checkpoint at `path`."""
+    from spsr_hpc.models.loading import esrgan_new_to_old, is_esrgan_new, read_state_dict
+
+    sd = read_state_dict(path)[0]
+    if is_esrgan_new(sd):
+        sd = esrgan_new_to_old(sd)
+    last = f"model.{len(model.model)}."  # the RRDB's nf→RGB conv (model.10 at ×4)
+    if f"{last}weight" not in sd:
+        raise ValueError(
+            f"generator.fusion_init=passthrough: {path} has no RGB conv {last}weight; it must be a PSNR "
+            f"RRDB checkpoint (ESRGAN format or an rrdbnet export), not {getattr(report, 'format', '?')}"
+        )
+    model.init_fusion_passthrough(sd[f"{last}weight"].float(), sd[f"{last}bias"].float())
 
 
 @dataclass

@@ -133,6 +133,45 @@ class SPSRGenerator(nn.Module):
                 counts[self.part_of(name)] += p.numel()
         return counts
 
+    @torch.no_grad()
+    def init_fusion_passthrough(self, rgb_weight: torch.Tensor, rgb_bias: torch.Tensor) -> None:
+        """Start the fusion as a pass-through of the trunk (ours; the paper starts it fresh).
+
+        rgb_weight (out_ch, nf, 3, 3), rgb_bias (out_ch,): the final nf→RGB conv of the PSNR RRDB
+        whose trunk this model loaded (``model.10`` at ×4). Afterwards the model's SR equals that
+        RRDB's output exactly: HR_conv1_new is an identity conv; every RDB of f_block ends in a
+        zero conv (f_block then multiplies by 1.2); f_concat applies the RGB conv to the trunk
+        half (÷1.2) into channels g and -g and ignores the branch half; f_HR_conv0 passes them
+        through its LeakyReLU and f_HR_conv1 recombines them as (lrelu(g) - lrelu(-g)) / 1.2 = g.
+        Every fusion weight still trains (the branch half of f_concat from zero), so the GAN
+        stage starts at the PSNR model instead of at noise. Needs nf >= 2 * out_ch.
+        """
+        nf, c = self.nf, self.out_ch
+        if tuple(rgb_weight.shape) != (c, nf, 3, 3) or tuple(rgb_bias.shape) != (c,):
+            raise ValueError(
+                f"init_fusion_passthrough: expected an RGB conv ({c}, {nf}, 3, 3) + ({c},), "
+                f"got {tuple(rgb_weight.shape)} + {tuple(rgb_bias.shape)}"
+            )
+        if nf < 2 * c:
+            raise ValueError(f"init_fusion_passthrough needs nf >= {2 * c}, got nf={nf}")
+        for conv in (self.HR_conv1_new[0], self.f_concat[0], self.f_HR_conv0[0], self.f_HR_conv1[0]):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        eye = torch.arange(nf)
+        self.HR_conv1_new[0].weight[eye, eye, 1, 1] = 1.0
+        for rdb in (self.f_block.RDB1, self.f_block.RDB2, self.f_block.RDB3):
+            rdb.conv5[0].weight.zero_()
+            rdb.conv5[0].bias.zero_()
+        concat = self.f_concat[0]  # input: 1.2 * cat(branch, trunk); RRDB is out * 0.2 + x
+        concat.weight[:c, nf:] = rgb_weight / 1.2
+        concat.weight[c : 2 * c, nf:] = -rgb_weight / 1.2
+        concat.bias[:c], concat.bias[c : 2 * c] = rgb_bias, -rgb_bias
+        two = torch.arange(2 * c)
+        self.f_HR_conv0[0].weight[two, two, 1, 1] = 1.0
+        rgb = torch.arange(c)
+        self.f_HR_conv1[0].weight[rgb, rgb, 1, 1] = 1 / 1.2  # lrelu(g) - lrelu(-g) = 1.2 g
+        self.f_HR_conv1[0].weight[rgb, c + rgb, 1, 1] = -1 / 1.2
+
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The parameters that train alone during the public code's warm-up (names with `f_`)."""
         return [p for n, p in self.named_parameters() if self.part_of(n) == "fusion"]

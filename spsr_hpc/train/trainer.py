@@ -124,9 +124,10 @@ class Trainer:
         perceptual = None
         if cfg.loss.needs_perceptual():
             pc = cfg.perceptual
-            perceptual = PerceptualLoss(pc.weights, random_weights=pc.random_weights, backbone=pc.backbone)
+            perceptual = PerceptualLoss(pc.weights, random_weights=pc.random_weights, backbone=pc.backbone,
+                                        layer=pc.layer)
             if sdist.is_main_process():
-                print(f"[spsr] perceptual loss backbone: {perceptual.source}", flush=True)
+                print(f"[spsr] perceptual loss: {perceptual.layer} of {perceptual.source}", flush=True)
         self.objective = SRObjective(cfg.loss, perceptual=perceptual, nse=nse).to(self.device)
 
         init_distributed(cfg.deepspeed.backend)
@@ -444,7 +445,7 @@ class Trainer:
 
         lr, sr, hr, grad_sr = self._last_vis
         extra = [same_gradient(sr), same_gradient(hr)]
-        labels = ["LR (nearest)", "SR", "HR", "grad(SR)", "grad(HR)"]
+        labels = ["LR", "SR", "HR", "grad(SR)", "grad(HR)"]
         if grad_sr is not None:
             extra.insert(0, grad_sr)
             labels.insert(3, "branch grad")
