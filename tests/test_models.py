@@ -543,6 +543,6 @@ def test_spsr_fusion_passthrough_starts_at_the_rrdb_output(tmp_path):
         GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1], fusion_init="passthrough")
     spsr_ckpt = tmp_path / "spsr.pth"
     torch.save(spsr.state_dict(), spsr_ckpt)
-    with pytest.raises(ValueError, match="has no RGB conv model.10.weight"):
+    with pytest.raises(ValueError, match=r"has no RGB conv model\.10\.weight"):
         build_generator(GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1], pretrained=str(spsr_ckpt),
                                         fusion_init="passthrough"))
