@@ -94,3 +94,46 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     count = torch.tensor([float(x.numel())], device=x.device)
     total = all_reduce_sum(torch.cat([x.sum().reshape(1), count]))
     return total[0] / total[1]
+
+
+def average_buffers(module: torch.nn.Module) -> int:
+    """Replace every floating buffer of ``module`` (BatchNorm running statistics) by its mean over
+    ranks; integer buffers (``num_batches_tracked``) are equal on every rank and left alone.
+
+    Collective. Checkpoints store rank 0's module only; after this every rank holds, and the
+    checkpoint stores, the same statistics. Returns the number of buffers averaged.
+    """
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs or not is_initialized() or dist.get_world_size() == 1:
+        return 0
+    flat = torch.cat([b.detach().float().reshape(-1) for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    i = 0
+    with torch.no_grad():
+        for b in bufs:
+            b.copy_(flat[i : i + b.numel()].view_as(b))
+            i += b.numel()
+    return len(bufs)
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor on t's device; ``t`` itself without a group).
+
+    Collective. Works for CPU tensors under nccl too (they travel through this rank's GPU).
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t
+    dev = local_device() if dist.get_backend() == "nccl" else t.device
+    out = t.detach().to(dev, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` of rank ``src`` on every rank (picklable objects; the object itself without a group)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
