@@ -34,6 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import REPO, FixedBatches, _cfg, _env, _losses, _params, method_overrides
 
 SPSR_STEPS = 3
+# Adam with eps 1 updates by ~lr * grad for small gradients: with the default eps 1e-8 the first
+# update is lr * sign(grad), and the sign of a gradient that is zero up to rounding flips
+# between two correct runs that sum in another order (2 * lr apart). Large steps keep the test
+# sensitive (the parameters move by ~1e-3 and more).
+EXACT_ADAM = ["optim.eps=1.0", "optim.lr_g=0.1", "optim.lr_d=0.1"]
 ACCUM_WINDOWS = 4  # optimizer steps of the faulty run (one of them skipped)
 POISON = 3  # micro batch (window 1, second micro batch) made NaN on rank 1
 GAN_SMALL = [  # ESRGAN without the VGG perceptual term: G + image D, cheap
@@ -104,7 +109,7 @@ def worker_ws2(out: Path) -> None:
     name, ovs = method_overrides("spsr_g", "")
     # SPSR-G with sync_bn (the default) on 2 ranks x 2 samples.
     t = Trainer(
-        _cfg(name, [*ovs, f"train.max_steps={SPSR_STEPS}"], out / "spsr_ws2"),
+        _cfg(name, [*ovs, *EXACT_ADAM, f"train.max_steps={SPSR_STEPS}"], out / "spsr_ws2"),
         loader=FixedBatches(SPSR_STEPS, 2, rank, world),
     )
     t.fit()
@@ -200,15 +205,18 @@ def worker_single(out: Path) -> None:
     # Reference for the 2-rank SPSR-G run: one rank, twice the batch, the same samples.
     name, ovs = method_overrides("spsr_g", "")
     t = Trainer(
-        _cfg(name, [*ovs, f"train.max_steps={SPSR_STEPS}", "data.batch_size=4"], out / "spsr_ws1"),
+        _cfg(name, [*ovs, *EXACT_ADAM, f"train.max_steps={SPSR_STEPS}", "data.batch_size=4"],
+             out / "spsr_ws1"),
         loader=FixedBatches(SPSR_STEPS, 4, 0, 1),
     )
+    init = _params(t)
     t.fit()
     t.close()
-    torch.save({"params": _params(t), "buffers": _bn_buffers(t)}, out / "spsr_ws1.pt")
+    torch.save({"params": _params(t), "buffers": _bn_buffers(t), "init": init}, out / "spsr_ws1.pt")
 
-    # SIGKILL after step 7, resume from step 5, run to 10.
-    rc = subprocess.run([sys.executable, __file__, "killed", str(out)], env=os.environ.copy()).returncode
+    # SIGKILL after step 7, resume from step 5, run to 10 (the child must not inherit this
+    # process's one-rank group environment).
+    rc = subprocess.run([sys.executable, __file__, "killed", str(out)], env=_env()).returncode
     res["killed_rc"] = rc
     name, ovs = method_overrides("psnr", "")
     t = Trainer(
@@ -296,6 +304,8 @@ def test_spsr_g_two_ranks_equal_one_rank_with_twice_the_batch(runs):
     for k in ref["params"]:
         torch.testing.assert_close(got["params"][k], ref["params"][k], atol=2e-6, rtol=1e-5,
                                    msg=lambda m, k=k: f"{k}: {m}")
+    moved = [k for k in ref["params"] if (ref["params"][k] - ref["init"][k]).abs().max() > 1e-3]
+    assert len(moved) > len(ref["params"]) // 2, "the runs hardly trained: the comparison proves little"
     for rank_bufs in got["buffers"]:  # the running statistics of the whole batch on every rank
         for k, v in ref["buffers"].items():
             torch.testing.assert_close(rank_bufs[k], v, atol=2e-6, rtol=1e-5)

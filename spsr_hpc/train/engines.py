@@ -213,13 +213,20 @@ def discard_accumulated_gradients(engine: Any, micro_steps: int) -> None:
     """
     opt = engine.optimizer
     if engine.zero_optimization():
+        # Mirrors DeepSpeed 0.19.8's overflow path in DeepSpeedZeroOptimizer.step(); ZeRO 2 keeps
+        # the reduced gradients of earlier micro steps in all_grad_tensors between boundaries.
         opt.zero_grad(set_to_none=True)
+        if hasattr(opt, "_release_preflattened_grad_buffers"):
+            opt._release_preflattened_grad_buffers()
+        if getattr(opt, "cpu_offload", False):
+            opt.reset_cpu_buffers()
+        for buffers in (getattr(opt, "averaged_gradients", {}), getattr(opt, "all_grad_tensors", {})):
+            for k in buffers:
+                buffers[k] = None
         if hasattr(opt, "micro_step_id"):
             from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
             opt.micro_step_id = INITIAL_MICRO_STEP_ID
-        for k in getattr(opt, "averaged_gradients", {}):
-            opt.averaged_gradients[k] = None
     else:
         engine.zero_grad()
         opt.zero_grad(set_to_none=True)

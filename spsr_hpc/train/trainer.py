@@ -9,12 +9,18 @@ Launch (launch/train.py is a thin wrapper around :func:`main`)::
     python launch/train.py --config configs/spsr_g.yaml --validate                 # check only
 
 One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
-  1. G: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module`` so no
-     DeepSpeed bookkeeping or gradient of theirs is touched; one backward on the weighted sum.
-  2. each D ("image", then "gradient" or "structure"): on the detached SR of step 1, real and
-     fake terms summed into one loss, one backward.
-The NSE of SPSR-P/-J is frozen inside the objective (eval mode, no grads). Every network has
-its own DeepSpeed engine (torch Adam + MultiStepLR, SPEC §5).
+  1. G forward: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module``
+     so no DeepSpeed bookkeeping or gradient of theirs is touched.
+  2. each D forward ("image", then "gradient" or "structure"): on the detached SR of step 1, real
+     and fake terms summed into one loss.
+  3. one all-reduce of every term and the stop flag: global-batch values for the log, and every
+     rank agrees on a stop or a non-finite skip (of the whole accumulation window) before
+     anything is applied.
+  4. backward + step of G, then of each D (one backward per engine).
+RaGAN's relativistic mean and the discriminators' BatchNorm (``sync_bn``) use the global batch,
+so N ranks x b train like one process with N·b. The NSE of SPSR-P/-J is frozen inside the
+objective (eval mode, no grads). Every network has its own DeepSpeed engine (torch Adam +
+MultiStepLR, SPEC §5).
 """
 
 from __future__ import annotations
