@@ -91,7 +91,7 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if not is_initialized() or dist.get_world_size() == 1:
         return x.mean()
-    count = torch.tensor([float(x.numel())], device=x.device)
+    count = torch.full((1,), float(x.numel()), device=x.device)  # a fill, no host-to-device copy
     total = all_reduce_sum(torch.cat([x.sum().reshape(1), count]))
     return total[0] / total[1]
 
