@@ -43,6 +43,7 @@ EXACT_ADAM = ["optim.eps=1.0", "optim.lr_g=0.1", "optim.lr_d=0.1"]
 # the D's BatchNorm then divides by a near-zero variance at every layer (gradients ~1e8), and
 # rounding differences blow up within a step. init_scale 1 gives diverse SR (gradients ~1).
 WELL_CONDITIONED = [*EXACT_ADAM, "model.generator.init_scale=1.0", "train.fusion_warmup_steps=0"]
+SYNC_BN = ["model.discriminators.image.sync_bn=true", "model.discriminators.gradient.sync_bn=true"]
 ACCUM_WINDOWS = 4  # optimizer steps of the faulty run (one of them skipped)
 POISON = 3  # micro batch (window 1, second micro batch) made NaN on rank 1
 GAN_SMALL = [  # ESRGAN without the VGG perceptual term: G + image D, cheap
@@ -127,9 +128,9 @@ def worker_ws2(out: Path) -> None:
 
     rank, world = sdist.get_rank(), sdist.get_world_size()
     name, ovs = method_overrides("spsr_g", "")
-    # SPSR-G with sync_bn (the default) on 2 ranks x 2 samples.
+    # SPSR-G with sync_bn on 2 ranks x 2 samples.
     t = Trainer(
-        _cfg(name, [*ovs, *WELL_CONDITIONED, f"train.max_steps={SPSR_STEPS}"], out / "spsr_ws2"),
+        _cfg(name, [*ovs, *WELL_CONDITIONED, *SYNC_BN, f"train.max_steps={SPSR_STEPS}"], out / "spsr_ws2"),
         loader=FixedBatches(SPSR_STEPS, 2, rank, world),
     )
     got = _first_step(t)
@@ -139,7 +140,7 @@ def worker_ws2(out: Path) -> None:
     if rank == 0:
         torch.save(got, out / "spsr_ws2.pt")
 
-    # sync_bn off: per-rank statistics; the checkpoint averages the running buffers. The loader
+    # sync_bn off (the default): per-rank statistics; the checkpoint averages the running buffers. The loader
     # reports skips (rank r: r + 1 bad images in shard b) to check that they are summed.
     t = Trainer(
         _cfg(name, [*ovs, "train.max_steps=2", "model.discriminators.image.sync_bn=false",
@@ -226,7 +227,7 @@ def worker_single(out: Path) -> None:
     # Reference for the 2-rank SPSR-G run: one rank, twice the batch, the same samples.
     name, ovs = method_overrides("spsr_g", "")
     t = Trainer(
-        _cfg(name, [*ovs, *WELL_CONDITIONED, f"train.max_steps={SPSR_STEPS}", "data.batch_size=4"],
+        _cfg(name, [*ovs, *WELL_CONDITIONED, *SYNC_BN, f"train.max_steps={SPSR_STEPS}", "data.batch_size=4"],
              out / "spsr_ws1"),
         loader=FixedBatches(SPSR_STEPS, 4, 0, 1),
     )

@@ -122,9 +122,10 @@ class DiscriminatorConfig:
     """Base width."""
     input_size: int | None = None
     """Spatial input size; None = 128 for vgg128 (130 gradient maps also fit), 32 for structure."""
-    sync_bn: bool = True
-    """BatchNorm statistics over the global batch (all data-parallel ranks; a no-op on one rank),
-    so N ranks x b train like 1 x N·b. false: per-rank statistics, as the public code (per GPU)."""
+    sync_bn: bool = False
+    """true: BatchNorm statistics over the global batch (all data-parallel ranks; a no-op on one
+    rank), so N ranks x b train like 1 x N·b. false (default): per-rank statistics, what the public
+    code does (DataParallel: per GPU)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sync_bn, bool):

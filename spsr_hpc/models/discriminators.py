@@ -3,10 +3,10 @@
 Both output one logit per sample, (B, 1). Their final feature map must be exactly the size the
 classifier was built for; any other input size raises ValueError naming the sizes that work.
 
-BatchNorm statistics: with ``sync_bn=True`` (the default) the batch statistics in training are
-those of the global batch, every rank of a data-parallel run together (:class:`GlobalBatchNorm2d`),
-so N ranks x b samples train exactly like one process with N·b; ``sync_bn=False`` keeps per-rank
-statistics, which is what the public code's DataParallel does (statistics per GPU).
+BatchNorm statistics: ``sync_bn=False`` (the default) keeps per-rank statistics, which is what
+the public code's DataParallel does (statistics per GPU); with ``sync_bn=True`` the batch
+statistics in training are those of the global batch, every rank of a data-parallel run together
+(:class:`GlobalBatchNorm2d`), so N ranks x b samples train exactly like one process with N·b.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class _PairedConvDiscriminator(nn.Module):
     """features: pairs of [3×3 s1, 4×4 s2] conv blocks (BN except the first), then an MLP head."""
 
     def __init__(
-        self, in_ch: int, channels: list[int], input_size: int, hidden: int, name: str, sync_bn: bool = True
+        self, in_ch: int, channels: list[int], input_size: int, hidden: int, name: str, sync_bn: bool = False
     ) -> None:
         super().__init__()
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
@@ -151,10 +151,10 @@ class VGGDiscriminator(_PairedConvDiscriminator):
     Args:
         in_ch: input channels (3). nf: base width (64). input_size: 128 (or 130; any size whose
         final map is the same works). sync_bn: BatchNorm statistics over all ranks (see the module
-        docstring); False = per rank, as the public code.
+        docstring); False (default) = per rank, as the public code.
     """
 
-    def __init__(self, in_ch: int = 3, nf: int = 64, input_size: int = 128, sync_bn: bool = True) -> None:
+    def __init__(self, in_ch: int = 3, nf: int = 64, input_size: int = 128, sync_bn: bool = False) -> None:
         super().__init__(
             in_ch, [nf, 2 * nf, 4 * nf, 8 * nf, 8 * nf], input_size, 100, "VGGDiscriminator", sync_bn
         )
@@ -173,5 +173,5 @@ class StructureDiscriminator(_PairedConvDiscriminator):
         sync_bn: as for VGGDiscriminator.
     """
 
-    def __init__(self, in_ch: int = 32, nf: int = 64, input_size: int = 32, sync_bn: bool = True) -> None:
+    def __init__(self, in_ch: int = 32, nf: int = 64, input_size: int = 32, sync_bn: bool = False) -> None:
         super().__init__(in_ch, [nf, 2 * nf, 4 * nf], input_size, 100, "StructureDiscriminator", sync_bn)
