@@ -9,7 +9,6 @@ Uses launch/train.py with the real WebDataset loader on tiny shards made here.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import REPO, _env  # the same clean launcher environment
+
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -30,12 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRITON_INTERPRET="1")
-    return env
 
 
 def _overrides(shards: Path, run_dir: Path) -> list[str]:
@@ -93,7 +88,8 @@ def test_two_launchers_with_hostfile_and_no_ssh_train_like_one_node(shards, tmp_
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    losses = [[r["loss/g_total"] for r in read_jsonl(d / "metrics.jsonl") if "loss/g_total" in r] for d in (two, one)]
+    losses = [[r["loss/g_total"] for r in read_jsonl(d / "metrics.jsonl") if "loss/g_total" in r]
+              for d in (two, one)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     meta = [p for p in (two / "checkpoints").iterdir()]
     assert len(meta) == 1 and '"world_size": 2' in (meta[0] / "meta.json").read_text()
