@@ -310,6 +310,11 @@ class TrainConfig:
     """bf16 engines (GPU only; refused on CPU)."""
     max_skipped_steps: int = 100
     """With on_nonfinite=skip: give up after this many consecutive skipped steps."""
+    max_skip_rate: float | None = 0.01
+    """Stop when more than this fraction of the data samples read (all ranks) were skipped as
+    unusable (corrupt tar, bad image, ...), naming the shards; null: never stop (still reported)."""
+    skip_rate_min_samples: int = 1000
+    """The skip rate is judged once this many samples were read (skipped + used, all ranks)."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
@@ -320,6 +325,10 @@ class TrainConfig:
             raise ConfigError("global_batch", f"must be >= 1 or null, got {self.global_batch}")
         if self.max_skipped_steps < 1:
             raise ConfigError("max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
+        if self.max_skip_rate is not None and not 0.0 <= self.max_skip_rate <= 1.0:
+            raise ConfigError("max_skip_rate", f"must be in [0, 1] or null, got {self.max_skip_rate}")
+        if self.skip_rate_min_samples < 0:
+            raise ConfigError("skip_rate_min_samples", f"must be >= 0, got {self.skip_rate_min_samples}")
         if self.fusion_warmup_steps < 0:
             raise ConfigError("fusion_warmup_steps", f"must be >= 0, got {self.fusion_warmup_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

@@ -206,6 +206,7 @@ def _fake_ckpt(root: Path, name: str, meta: dict | None) -> Path:
     p.mkdir(parents=True)
     if meta is not None:
         (p / META_NAME).write_text(json.dumps(meta))
+        (p / "trainer.pt").write_bytes(b"x")  # a manifest-less checkpoint must hold trainer.pt
     return p
 
 

@@ -43,6 +43,9 @@ from spsr_hpc.data.loader import LoaderState, derive_seed, epoch_batches
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting
+SKIP_REASONS = ("unreadable_tar", "missing_member", "bad_image", "size_mismatch", "too_small")
+"""Why a sample was skipped: tar data that cannot be read, a sample without hr.png/lr.png, an
+image that does not decode, LR x scale != HR, an image smaller than the patch."""
 
 
 @dataclass(frozen=True)
@@ -113,22 +116,25 @@ class _EpochStream(IterableDataset):
         start_batch: int,
         batches_per_epoch: int,
         skipped: Any,
+        shard_index: dict[str, int],
     ):
         super().__init__()
         self.cfg, self.plans, self.rank, self.seed = cfg, plans, rank, seed
         self.epoch, self.start_batch, self.batches_per_epoch = epoch, start_batch, batches_per_epoch
-        self.skipped = skipped  # multiprocessing.Value shared with the loader
+        self.skipped = skipped  # multiprocessing.Array (shard x reason) shared with the loader
+        self.shard_index = shard_index
+        self._shard = 0  # index of the shard being read (for tar errors)
         self._warned = 0
 
-    def _note_skip(self, what: str) -> None:
+    def _note_skip(self, what: str, reason: str, shard: int) -> None:
         with self.skipped.get_lock():
-            self.skipped.value += 1
+            self.skipped[shard * len(SKIP_REASONS) + SKIP_REASONS.index(reason)] += 1
         if self._warned < _MAX_WARNINGS:
             self._warned += 1
-            log.warning("data: skipping a sample: %s", what)
+            log.warning("data: skipping a sample (%s): %s", reason, what)
 
     def _tar_handler(self, exc: Exception) -> bool:
-        self._note_skip(f"unreadable tar data ({type(exc).__name__}: {exc})")
+        self._note_skip(f"unreadable tar data ({type(exc).__name__}: {exc})", "unreadable_tar", self._shard)
         return True
 
     def _raw_samples(self, plan: StreamPlan, worker: int) -> Iterator[dict]:
@@ -143,6 +149,7 @@ class _EpochStream(IterableDataset):
             order = list(range(len(plan.shards)))
             rng.shuffle(order)
             for si in order:
+                self._shard = self.shard_index[plan.shards[si]]
                 src = [{"url": plan.shards[si]}]
                 samples = wds.tarfile_samples(src, handler=self._tar_handler, select_files=select)
                 for pos, sample in enumerate(samples):
@@ -164,27 +171,32 @@ class _EpochStream(IterableDataset):
     def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, ...] | None:
         cfg = self.cfg
         key = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        reason = "missing_member"
         try:
             if "hr.png" not in sample or (not cfg.hr_only and "lr.png" not in sample):
                 raise BadImageError(f"{key}: missing hr.png or lr.png member")
+            reason = "bad_image"
             hr, _ = decode_rgb(sample["hr.png"], key + ".hr.png")
             flips = {"hflip": cfg.hflip, "vflip": cfg.vflip, "transpose": cfg.transpose}
             if cfg.hr_only:
                 p = cfg.hr_patch
                 if hr.shape[0] < p or hr.shape[1] < p:
+                    reason = "too_small"
                     raise BadImageError(f"{key}: HR {hr.shape[1]}x{hr.shape[0]} smaller than the patch {p}")
                 return (random_patch(hr, p, rng, **flips),)
             lr, _ = decode_rgb(sample["lr.png"], key + ".lr.png")
             s, p = cfg.scale, cfg.patch_size
             if (lr.shape[0] * s, lr.shape[1] * s) != hr.shape[:2]:
+                reason = "size_mismatch"
                 raise BadImageError(
                     f"{key}: LR {lr.shape[1]}x{lr.shape[0]} × scale {s} != HR {hr.shape[1]}x{hr.shape[0]}"
                 )
             if lr.shape[0] < p or lr.shape[1] < p:
+                reason = "too_small"
                 raise BadImageError(f"{key}: LR {lr.shape[1]}x{lr.shape[0]} smaller than the patch {p}")
             return aligned_patch(lr, hr, s, p, rng, **flips)
         except BadImageError as exc:
-            self._note_skip(str(exc))
+            self._note_skip(str(exc), reason, self.shard_index.get(str(sample.get("__url__")), self._shard))
             return None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -250,7 +262,8 @@ class WebDatasetLoader:
                 "data.num_workers, more samples, or smaller shards (make_shards --shard-size-mb)"
             )
         self.state = LoaderState(seed, rank, world_size, epoch_batches(cfg, sum(counts), world_size))
-        self._skipped = mp.Value("q", 0)
+        self._skipped = mp.Array("q", len(shards) * len(SKIP_REASONS))
+        self._shard_index = {sh: i for i, sh in enumerate(shards)}
 
     def __len__(self) -> int:
         return self.state.batches_per_epoch
@@ -262,7 +275,16 @@ class WebDatasetLoader:
     @property
     def num_skipped(self) -> int:
         """Corrupt or unusable samples skipped so far (all workers of this rank)."""
-        return int(self._skipped.value)
+        return int(self.skip_counts().sum())
+
+    skip_reasons = SKIP_REASONS
+
+    def skip_counts(self) -> torch.Tensor:
+        """Samples skipped so far by this rank's workers: (len(self.shards), len(SKIP_REASONS)) int64,
+        row i for ``self.shards[i]``, columns in ``SKIP_REASONS`` order."""
+        with self._skipped.get_lock():
+            flat = list(self._skipped)
+        return torch.tensor(flat, dtype=torch.int64).view(len(self.shards), len(SKIP_REASONS))
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` at its first batch on the next iteration (a no-op for the current epoch)."""
@@ -288,6 +310,7 @@ class WebDatasetLoader:
             start_batch=self.state.consumed,
             batches_per_epoch=self.state.batches_per_epoch,
             skipped=self._skipped,
+            shard_index=self._shard_index,
         )
         if cfg.num_workers == 0:
             batches: Any = iter(ds)

@@ -152,8 +152,14 @@ class DiscriminatorConfig:
     """Base width."""
     input_size: int | None = None
     """Spatial input size; None = 128 for vgg128 (130 gradient maps also fit), 32 for structure."""
+    sync_bn: bool = False
+    """true: BatchNorm statistics over the global batch (all data-parallel ranks; a no-op on one
+    rank), so N ranks x b train like 1 x N·b. false (default): per-rank statistics, what the public
+    code does (DataParallel: per GPU)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sync_bn, bool):
+            raise ValueError(f"discriminator.sync_bn must be true or false, got {self.sync_bn!r}")
         if self.name not in DISCRIMINATORS:
             raise ValueError(f"discriminator.name={self.name!r} is not one of {sorted(DISCRIMINATORS)}")
         _positive_int("discriminator", "in_ch", self.in_ch, optional=True)
@@ -165,7 +171,7 @@ def build_discriminator(cfg: DiscriminatorConfig) -> nn.Module:
     """Instantiate the configured discriminator."""
     in_ch = cfg.in_ch if cfg.in_ch is not None else (3 if cfg.name == "vgg128" else 32)
     size = cfg.input_size if cfg.input_size is not None else (128 if cfg.name == "vgg128" else 32)
-    return DISCRIMINATORS[cfg.name](in_ch=in_ch, nf=cfg.nf, input_size=size)
+    return DISCRIMINATORS[cfg.name](in_ch=in_ch, nf=cfg.nf, input_size=size, sync_bn=cfg.sync_bn)
 
 
 @dataclass

@@ -2,6 +2,11 @@
 
 Both output one logit per sample, (B, 1). Their final feature map must be exactly the size the
 classifier was built for; any other input size raises ValueError naming the sizes that work.
+
+BatchNorm statistics: ``sync_bn=False`` (the default) keeps per-rank statistics, which is what
+the public code's DataParallel does (statistics per GPU); with ``sync_bn=True`` the batch
+statistics in training are those of the global batch, every rank of a data-parallel run together
+(:class:`GlobalBatchNorm2d`), so N ranks x b samples train exactly like one process with N·b.
 """
 
 from __future__ import annotations
@@ -9,13 +14,59 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spsr_hpc import distributed as sdist
 from spsr_hpc.models.blocks import check_image_input, count_parameters, kaiming_init_
 
 
-def _conv_bn_lrelu(in_ch: int, out_ch: int, k: int, s: int, bn: bool) -> list[nn.Module]:
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are over all ranks (a SyncBatchNorm that runs on CPU).
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors (torch 2.14); this one works on any device and
+    backend (gloo, nccl): one all-reduce of the per-channel sum, sum of squares and count forward,
+    one of their gradients backward (autograd through :func:`spsr_hpc.distributed.all_reduce_sum`).
+    Without a process group, with one rank, or in eval mode it is exactly ``nn.BatchNorm2d``.
+    The running statistics are updated from the global batch, so they stay equal on every rank.
+    The state-dict keys are those of ``nn.BatchNorm2d``: checkpoints load either way.
+    Collective in training: every rank must call it the same number of times, in the same order.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) float -> same shape and dtype."""
+        if not (self.training and sdist.is_initialized() and sdist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat(
+            [
+                xf.sum(dim=(0, 2, 3)),
+                (xf * xf).sum(dim=(0, 2, 3)),
+                torch.full((1,), float(x.numel() // max(c, 1)), device=x.device),
+            ]
+        )
+        total = sdist.all_reduce_sum(local)
+        n = total[2 * c]  # >= 2 with two ranks holding a sample each; no host sync here
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                unbiased = var.detach() * (n / (n - 1))
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight.float()
+            shift = shift * self.weight.float() + self.bias.float()
+        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
+def _conv_bn_lrelu(in_ch: int, out_ch: int, k: int, s: int, bn: bool, sync_bn: bool) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, k, s, 1)]
     if bn:
-        layers.append(nn.BatchNorm2d(out_ch))
+        layers.append(GlobalBatchNorm2d(out_ch) if sync_bn else nn.BatchNorm2d(out_ch))
     layers.append(nn.LeakyReLU(0.2, inplace=True))
     return layers
 
@@ -30,7 +81,9 @@ def _out_size(size: int, stages: int) -> int:
 class _PairedConvDiscriminator(nn.Module):
     """features: pairs of [3×3 s1, 4×4 s2] conv blocks (BN except the first), then an MLP head."""
 
-    def __init__(self, in_ch: int, channels: list[int], input_size: int, hidden: int, name: str) -> None:
+    def __init__(
+        self, in_ch: int, channels: list[int], input_size: int, hidden: int, name: str, sync_bn: bool = False
+    ) -> None:
         super().__init__()
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
             raise ValueError(f"{name}: input_size must be a positive int, got {input_size!r}")
@@ -45,8 +98,8 @@ class _PairedConvDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         prev = in_ch
         for i, ch in enumerate(channels):
-            layers += _conv_bn_lrelu(prev, ch, 3, 1, bn=i > 0)
-            layers += _conv_bn_lrelu(ch, ch, 4, 2, bn=True)
+            layers += _conv_bn_lrelu(prev, ch, 3, 1, bn=i > 0, sync_bn=sync_bn)
+            layers += _conv_bn_lrelu(ch, ch, 4, 2, bn=True, sync_bn=sync_bn)
             prev = ch
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
@@ -97,11 +150,14 @@ class VGGDiscriminator(_PairedConvDiscriminator):
 
     Args:
         in_ch: input channels (3). nf: base width (64). input_size: 128 (or 130; any size whose
-        final map is the same works).
+        final map is the same works). sync_bn: BatchNorm statistics over all ranks (see the module
+        docstring); False (default) = per rank, as the public code.
     """
 
-    def __init__(self, in_ch: int = 3, nf: int = 64, input_size: int = 128) -> None:
-        super().__init__(in_ch, [nf, 2 * nf, 4 * nf, 8 * nf, 8 * nf], input_size, 100, "VGGDiscriminator")
+    def __init__(self, in_ch: int = 3, nf: int = 64, input_size: int = 128, sync_bn: bool = False) -> None:
+        super().__init__(
+            in_ch, [nf, 2 * nf, 4 * nf, 8 * nf, 8 * nf], input_size, 100, "VGGDiscriminator", sync_bn
+        )
 
 
 class StructureDiscriminator(_PairedConvDiscriminator):
@@ -114,7 +170,8 @@ class StructureDiscriminator(_PairedConvDiscriminator):
 
     Args:
         in_ch: NSE feature dimension (32). nf: base width (64). input_size: feature-map size (32).
+        sync_bn: as for VGGDiscriminator.
     """
 
-    def __init__(self, in_ch: int = 32, nf: int = 64, input_size: int = 32) -> None:
-        super().__init__(in_ch, [nf, 2 * nf, 4 * nf], input_size, 100, "StructureDiscriminator")
+    def __init__(self, in_ch: int = 32, nf: int = 64, input_size: int = 32, sync_bn: bool = False) -> None:
+        super().__init__(in_ch, [nf, 2 * nf, 4 * nf], input_size, 100, "StructureDiscriminator", sync_bn)

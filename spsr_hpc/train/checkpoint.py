@@ -6,13 +6,19 @@ Layout of one checkpoint (``<dir>/step_0001000``)::
                                   optimizer incl. ZeRO partitions of every rank, LR scheduler)
     trainer.pt                    rank-0 state: step, EMA, anything shared (weights_only)
     rank_00000.pt, rank_00001.pt  per-rank state: RNG (python, numpy, torch, cuda), data loader
-    meta.json                     written LAST; {"complete": true, "step": ..., ...}
+    meta.json                     written LAST; {"complete": true, "step": ..., "files": {path: bytes}}
 
-Writes go to ``step_XXXXXXX.tmp``; every rank fsyncs, rank 0 writes meta.json, fsyncs and
-renames the folder, then prunes to the newest ``keep_last``. ``find_latest`` only accepts a
-folder without ``.tmp`` whose meta.json says complete, so a crash at any point leaves the
-previous checkpoint as the newest valid one. The folder must be on a filesystem all ranks see
-(one node: local disk; several nodes: a shared filesystem).
+Writes go to ``step_XXXXXXX.tmp``; every rank fsyncs, rank 0 writes meta.json (with the
+manifest: every other file of the folder and its size), fsyncs and renames the folder, then
+prunes: it keeps the newest ``keep_last`` checkpoints that verify and removes older ones,
+damaged ones and stale ``.tmp`` folders. A crash at any point leaves the previous checkpoint as
+the newest valid one. The folder must be on a filesystem all ranks see (one node: local disk;
+several nodes: a shared filesystem).
+
+Verification (:func:`verify_checkpoint`): meta.json complete, every manifest file present with
+its size (a truncated or missing engine file, engine folder or rank file fails). ``resume: auto``
+takes the newest checkpoint that verifies and reports each newer one it passes over, with what is
+wrong; an explicit resume path that does not verify is an error saying what is wrong.
 
 Loading: our own files use ``torch.load(weights_only=True)``. DeepSpeed's engine loader uses
 ``torch.load(weights_only=False)`` internally (pickle): only resume from checkpoints you trust.
@@ -46,11 +52,14 @@ __all__ = [
     "is_complete",
     "list_checkpoints",
     "load_checkpoint",
+    "prune_checkpoints",
     "read_meta",
     "resolve_resume",
     "restore_rng_state",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
+_ANY_RE = re.compile(r"^step_(\d+)(\.tmp)?$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -88,25 +97,116 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_latest(ckpt_dir: str | Path) -> Path | None:
-    """Newest COMPLETE checkpoint (half-written ``.tmp`` or meta-less folders are ignored)."""
-    ckpts = list_checkpoints(ckpt_dir)
-    return ckpts[-1][1] if ckpts else None
+def _manifest(root: Path) -> dict[str, int]:
+    """Every file under ``root`` except meta.json, as relative path -> size in bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            f = Path(dirpath) / name
+            rel = f.relative_to(root).as_posix()
+            if rel != META_NAME:
+                out[rel] = f.stat().st_size
+    return dict(sorted(out.items()))
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
-    """``checkpoint.resume``: "auto" (newest complete, else None), "none", or a path."""
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with a checkpoint folder ([] = it verifies). Reads only meta.json and stats.
+
+    With a manifest (written by this version): every listed file must exist with its size.
+    Without one (older checkpoints): trainer.pt, every engine folder (non-empty) and every rank
+    file of the world size in meta.json must exist.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return [f"{p} is not a folder"]
+    meta = read_meta(p)
+    if meta is None or meta.get("complete") is not True:
+        return [f"no {META_NAME} marked complete (the save did not finish)"]
+    problems: list[str] = []
+    files = meta.get("files")
+    if isinstance(files, dict):
+        tops = {rel.split("/")[0] for rel in files if "/" in rel}
+        gone_dirs = sorted(d for d in tops if not (p / d).is_dir())
+        problems += [f"missing folder {d}/" for d in gone_dirs]
+        for rel, size in files.items():
+            f = p / rel
+            if rel.split("/")[0] in gone_dirs:
+                continue
+            if not f.is_file():
+                problems.append(f"missing file {rel}")
+            elif f.stat().st_size != size:
+                problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {size} (truncated?)")
+        return problems
+    for ename in meta.get("engines", []):
+        if not (p / ename).is_dir() or not any((p / ename).iterdir()):
+            problems.append(f"missing engine folder {ename}/")
+    if not (p / TRAINER_NAME).is_file():
+        problems.append(f"missing file {TRAINER_NAME}")
+    for r in range(int(meta.get("world_size", 0))):
+        if not (p / f"rank_{r:05d}.pt").is_file():
+            problems.append(f"missing file rank_{r:05d}.pt")
+    return problems
+
+
+def find_latest(ckpt_dir: str | Path, *, report: list[tuple[Path, list[str]]] | None = None) -> Path | None:
+    """Newest checkpoint that verifies (half-written ``.tmp``, meta-less or damaged ones are passed
+    over; each damaged complete one is appended to ``report`` as (path, problems))."""
+    for _, p in reversed(list_checkpoints(ckpt_dir)):
+        problems = verify_checkpoint(p)
+        if not problems:
+            return p
+        if report is not None:
+            report.append((p, problems))
+    return None
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path, *, log: Any = None) -> Path | None:
+    """``checkpoint.resume``: "auto" (newest that verifies, else None), "none", or a path.
+
+    ``log(text)`` (e.g. print) is told about every damaged checkpoint "auto" passes over.
+    Raises ValueError for a path that is not a checkpoint or does not verify, saying why.
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(ckpt_dir)
+        damaged: list[tuple[Path, list[str]]] = []
+        found = find_latest(ckpt_dir, report=damaged)
+        if log is not None:
+            for p, problems in damaged:
+                log(
+                    f"[spsr] checkpoint {p} is damaged ({'; '.join(problems)}); "
+                    + (f"falling back to {found}" if found else "no older one verifies: starting fresh")
+                )
+        return found
     p = Path(resume)
     if not is_complete(p):
         raise ValueError(
             f"checkpoint.resume={resume!r} is not a complete checkpoint folder (step_XXXXXXX with a "
             f"{META_NAME} marked complete); use 'auto', 'none' or such a folder"
         )
+    problems = verify_checkpoint(p)
+    if problems:
+        older = [str(q) for _, q in list_checkpoints(p.parent) if q != p and not verify_checkpoint(q)]
+        raise ValueError(
+            f"checkpoint.resume={resume!r} is damaged: {'; '.join(problems)}. "
+            + (f"Checkpoints that verify: {older}" if older else "No other checkpoint in its folder verifies")
+        )
     return p
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Keep the newest ``keep_last`` checkpoints that verify (and ``keep``); remove every other
+    ``step_*`` folder: older ones, damaged ones, stale ``.tmp`` ones. Returns what was removed.
+    Rank 0 only, after a save (no save may be in progress in ``ckpt_dir``)."""
+    root = Path(ckpt_dir)
+    good = [p for _, p in list_checkpoints(root) if not verify_checkpoint(p)]
+    keep_set = {p.resolve() for p in good[-keep_last:]} | ({Path(keep).resolve()} if keep else set())
+    removed = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if _ANY_RE.match(p.name) and p.is_dir() and p.resolve() not in keep_set:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +316,7 @@ def save_checkpoint(
             "engines": sorted(engines),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(meta or {}),
+            "files": _manifest(tmp),
         }
         meta_path = tmp / META_NAME
         with meta_path.open("w") as f:
@@ -226,8 +327,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_file(root)
-        for _, old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep_last, keep=final)
     sdist.barrier()
     return final
 
@@ -248,21 +348,38 @@ def load_checkpoint(
     meta = read_meta(p)
     if not is_complete(p) or meta is None:
         raise ValueError(f"{p} is not a complete checkpoint (no {META_NAME} marked complete)")
+    problems = verify_checkpoint(p)
+    if problems:
+        raise ValueError(f"checkpoint {p} is damaged: {'; '.join(problems)}")
     missing = sorted(set(engines) - set(meta.get("engines", [])))
     if missing:
         raise ValueError(
             f"checkpoint {p} has no state for engine(s) {missing} (it holds {meta.get('engines')}); "
             "was it written by a run with another objective?"
         )
-    for ename, engine in engines.items():
-        load_path, _ = engine.load_checkpoint(
-            str(p), tag=ename, load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_optimizer_states,
+
+    def damaged(what: str, exc: Exception) -> ValueError:
+        return ValueError(
+            f"checkpoint {p}: could not load {what} ({type(exc).__name__}: {exc}); the checkpoint is "
+            "damaged: resume from an older one (checkpoint.resume=<path>) or move this one away"
         )
+
+    for ename, engine in engines.items():
+        try:
+            load_path, _ = engine.load_checkpoint(
+                str(p), tag=ename, load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_optimizer_states,
+            )
+        except Exception as e:  # DeepSpeed raises anything from AssertionError to pickle errors
+            raise damaged(f"engine '{ename}' ({p / ename})", e) from e
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load engine '{ename}' from {p / ename}")
-    trainer_state = torch.load(p / TRAINER_NAME, map_location="cpu", weights_only=True)
-    rank_state: dict[str, Any] = {}
-    if int(meta.get("world_size", -1)) == sdist.get_world_size():
-        rank_state = torch.load(p / f"rank_{sdist.get_rank():05d}.pt", map_location="cpu", weights_only=True)
+    try:
+        trainer_state = torch.load(p / TRAINER_NAME, map_location="cpu", weights_only=True)
+        rank_state: dict[str, Any] = {}
+        if int(meta.get("world_size", -1)) == sdist.get_world_size():
+            rank_file = p / f"rank_{sdist.get_rank():05d}.pt"
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise damaged("the trainer/rank state", e) from e
     return trainer_state, rank_state, meta

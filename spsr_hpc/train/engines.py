@@ -199,3 +199,35 @@ def module_dtype(module: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def discard_accumulated_gradients(engine: Any, micro_steps: int) -> None:
+    """Drop the gradients an engine accumulated since its micro step ``micro_steps`` (no update).
+
+    What DeepSpeed's ZeRO 1/2 optimizer does itself when it skips an overflowing step (zero the
+    gradients, including the partitioned ones, restart its micro-step count), plus rewinding the
+    engine's micro-step counter so that its accumulation boundary stays where it was: the next
+    ``grad_accum`` micro steps form the next window. Under ZeRO 0 the gradients live in
+    ``param.grad`` and are simply cleared. Call on every rank (it is local, no collective), only
+    between micro steps (after ``step()``, before the next ``backward``).
+    """
+    opt = engine.optimizer
+    if engine.zero_optimization():
+        # Mirrors DeepSpeed 0.19.8's overflow path in DeepSpeedZeroOptimizer.step(); ZeRO 2 keeps
+        # the reduced gradients of earlier micro steps in all_grad_tensors between boundaries.
+        opt.zero_grad(set_to_none=True)
+        if hasattr(opt, "_release_preflattened_grad_buffers"):
+            opt._release_preflattened_grad_buffers()
+        if getattr(opt, "cpu_offload", False):
+            opt.reset_cpu_buffers()
+        for buffers in (getattr(opt, "averaged_gradients", {}), getattr(opt, "all_grad_tensors", {})):
+            for k in buffers:
+                buffers[k] = None
+        if hasattr(opt, "micro_step_id"):
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
+    else:
+        engine.zero_grad()
+        opt.zero_grad(set_to_none=True)
+    engine.micro_steps = int(micro_steps)

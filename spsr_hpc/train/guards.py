@@ -28,6 +28,10 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
+class DataSkipRateError(RuntimeError):
+    """Too many data samples were unusable; the message names the reasons and the shards."""
+
+
 class StopSignal:
     """Context manager: SIGINT/SIGTERM set ``self.requested`` instead of killing the process."""
 
@@ -78,3 +82,21 @@ def first_nonfinite(terms: dict[str, torch.Tensor | float]) -> str | None:
         if not isinstance(v, torch.Tensor) and not (float("-inf") < float(v) < float("inf")):
             return k
     return None
+
+
+def reduce_step_values(values: torch.Tensor, *flags: bool) -> tuple[list[float], list[bool]]:
+    """Mean over ranks of ``values`` (1-D float tensor) and the OR of ``flags``: one all-reduce.
+
+    The losses a rank computes are means over its own micro batch (equal sizes on every rank),
+    so their mean over ranks is the loss of the global batch; a term that is NaN/inf on any rank
+    is non-finite in the result on every rank, so all ranks agree on a skip. Without a group or
+    with one rank: the values themselves (one device-to-host copy either way).
+    """
+    v = values.detach().float().reshape(-1)
+    if not sdist.is_initialized() or sdist.get_world_size() == 1:
+        return v.cpu().tolist(), [bool(f) for f in flags]
+    t = torch.cat([v, torch.tensor([float(f) for f in flags], device=v.device)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    host = t.cpu()
+    n = v.numel()
+    return (host[:n] / sdist.get_world_size()).tolist(), [bool(x > 0) for x in host[n:].tolist()]

@@ -6,12 +6,20 @@ so training code calls it unconditionally.
 Files under ``run_dir``: ``metrics.jsonl`` (one JSON object per logged step:
 ``{"step": 10, "time": ..., "loss/g_total": ..., "lr/generator": ..., "samples_per_s": ...}``),
 ``tb/`` (TensorBoard), ``images/step_0001000.png``.
+
+Every step appears once in ``metrics.jsonl``: a logger that starts at ``start_step`` (a resumed
+run) first moves the records of later steps (written after that checkpoint by the run that
+crashed or was killed), and a torn last line, to ``metrics.discarded.jsonl``.
+
+Values are what the trainer passes; the SR trainer passes losses already averaged over ranks
+(the global batch), so rank 0's file describes the whole run, not rank 0's share.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +105,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.run_dir / jsonl_name, start_step)
         self._jsonl = (self.run_dir / jsonl_name).open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -128,6 +137,8 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(step - self._step_last)
             short = {k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+            if record.get("data/skipped"):
+                short["skipped"] = str(int(record["data/skipped"]))
             if "samples_per_s" in record:
                 short[f"{self.sample_unit}/s"] = f"{record['samples_per_s']:.3g}"
             self._bar.set_postfix(short, refresh=False)
@@ -160,6 +171,39 @@ class RunLogger:
         if self._jsonl is not None:
             self._jsonl.close()
         self._bar = self._tb = self._jsonl = None
+
+
+def truncate_jsonl(path: str | Path, last_step: int) -> int:
+    """Keep the records of steps <= ``last_step`` in a metrics file; move the others (and lines
+    that do not parse, e.g. torn by a kill) to ``<stem>.discarded.jsonl``. Returns how many moved.
+
+    The file is replaced atomically (a kill during the rewrite leaves the old or the new one).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    keep, drop = [], []
+    with p.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                step = None
+            good = isinstance(step, int) and step <= last_step and line.endswith("\n")
+            (keep if good else drop).append(line if line.endswith("\n") else line + "\n")
+    if not drop:
+        return 0
+    with p.with_name(p.stem + ".discarded" + p.suffix).open("a") as f:
+        f.writelines(drop)
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return len(drop)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

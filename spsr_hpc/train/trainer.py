@@ -9,12 +9,18 @@ Launch (launch/train.py is a thin wrapper around :func:`main`)::
     python launch/train.py --config configs/spsr_g.yaml --validate                 # check only
 
 One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
-  1. G: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module`` so no
-     DeepSpeed bookkeeping or gradient of theirs is touched; one backward on the weighted sum.
-  2. each D ("image", then "gradient" or "structure"): on the detached SR of step 1, real and
-     fake terms summed into one loss, one backward.
-The NSE of SPSR-P/-J is frozen inside the objective (eval mode, no grads). Every network has
-its own DeepSpeed engine (torch Adam + MultiStepLR, SPEC §5).
+  1. G forward: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module``
+     so no DeepSpeed bookkeeping or gradient of theirs is touched.
+  2. each D forward ("image", then "gradient" or "structure"): on the detached SR of step 1, real
+     and fake terms summed into one loss.
+  3. one all-reduce of every term and the stop flag: global-batch values for the log, and every
+     rank agrees on a stop or a non-finite skip (of the whole accumulation window) before
+     anything is applied.
+  4. backward + step of G, then of each D (one backward per engine).
+RaGAN's relativistic mean and the discriminators' BatchNorm (``sync_bn``) use the global batch,
+so N ranks x b train like one process with N·b. The NSE of SPSR-P/-J is frozen inside the
+objective (eval mode, no grads). Every network has its own DeepSpeed engine (torch Adam +
+MultiStepLR, SPEC §5).
 """
 
 from __future__ import annotations
@@ -51,11 +57,12 @@ from spsr_hpc.train.engines import (
     check_global_batch,
     deepspeed_config,
     destroy_distributed,
+    discard_accumulated_gradients,
     engine_lr,
     init_distributed,
     set_trainable,
 )
-from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, sync_flags
+from spsr_hpc.train.guards import DataSkipRateError, NonFiniteLossError, StopSignal, reduce_step_values
 from spsr_hpc.train.logging import RunLogger, image_grid
 
 GENERATOR = "generator"
@@ -174,6 +181,8 @@ class Trainer:
         self.samples_seen = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.data_skipped_base: dict[str, int] = {}  # skipped samples per reason before this session
+        self.data_skipped: dict[str, int] = {}  # ... including this session (all ranks)
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
         self._signal: StopSignal | None = None
@@ -182,7 +191,7 @@ class Trainer:
         self._last_vis: tuple[torch.Tensor, ...] | None = None
         self.logger: RunLogger | None = None
 
-        resume = resolve_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        resume = self._resolve_resume()
         if resume is not None:
             self.load(resume)
         self._apply_fusion_warmup()
@@ -196,6 +205,7 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "skipped_total": self.skipped_total,
+            "data_skipped": dict(self.data_skipped),
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
@@ -203,6 +213,8 @@ class Trainer:
         self.step = int(state["step"])
         self.samples_seen = int(state.get("samples_seen", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
+        self.data_skipped_base = {k: int(v) for k, v in state.get("data_skipped", {}).items()}
+        self.data_skipped = dict(self.data_skipped_base)
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError("checkpoint has no EMA state but train.ema_decay is set; set it to null")
@@ -215,7 +227,14 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        """Collective: checkpoint every engine + trainer + per-rank state at the current step."""
+        """Collective: checkpoint every engine + trainer + per-rank state at the current step.
+
+        Module buffers (BatchNorm running statistics; per rank with sync_bn off) are first
+        averaged over ranks, so the checkpoint (rank 0's module) holds what every rank holds.
+        """
+        for engine in self.engines.values():
+            sdist.average_buffers(engine.module)
+        self._count_data_skips()
         meta = {
             "config_source": self.source,
             "method": self.cfg.loss.method,
@@ -233,6 +252,24 @@ class Trainer:
         )
         self.last_checkpoint = path
         return path
+
+    def _resolve_resume(self) -> Path | None:
+        """checkpoint.resume -> the checkpoint to load. Rank 0 verifies and decides, every rank
+        takes its answer (a rank that saw the files differently would otherwise load another
+        checkpoint or hang); a damaged explicit path raises on every rank."""
+        answer: tuple[str | None, str | None] = (None, None)
+        if sdist.is_main_process():
+            try:
+                found = resolve_resume(
+                    self.cfg.checkpoint.resume, self.ckpt_dir, log=lambda m: print(m, flush=True)
+                )
+                answer = (str(found) if found is not None else None, None)
+            except ValueError as e:
+                answer = (None, f"{self.source}: {e}")
+        path, error = sdist.broadcast_object(answer)  # type: ignore[misc]
+        if error is not None:
+            raise ValueError(error)
+        return Path(path) if path is not None else None
 
     def load(self, path: str | Path) -> None:
         trainer_state, rank_state, meta = load_checkpoint(path, engines=self.engines)
@@ -276,38 +313,49 @@ class Trainer:
         dtype = self.dtype
         return lambda x: d(x.to(dtype)).float()
 
-    def _check(self, values: dict[str, torch.Tensor], what: str) -> tuple[dict[str, float], bool]:
-        """Host floats of the terms (one sync) + agreement over ranks on stop/non-finite."""
-        names = list(values)
-        floats = torch.stack([values[k].detach().float().reshape(()) for k in names]).cpu().tolist()
-        out = dict(zip(names, floats))
-        bad = next((k for k, v in out.items() if not np.isfinite(v)), None)
-        stop, any_bad = sync_flags(self._signal.requested if self._signal else False, bad is not None)
-        self._stop_requested |= stop
-        if any_bad:
-            term = bad or "<on another rank>"
-            if self.cfg.train.on_nonfinite == "stop":
-                last = str(self.last_checkpoint or find_latest(self.ckpt_dir) or "") or None
-                raise NonFiniteLossError(self.step + 1, f"{what}/{term}", last)
-            self.skipped_in_a_row += 1
-            self.skipped_total += 1
-            if self.logger is not None:
-                self.logger.message(f"step {self.step + 1}: non-finite {what}/{term}, update skipped")
-            if self.skipped_in_a_row > self.cfg.train.max_skipped_steps:
-                raise NonFiniteLossError(
-                    self.step + 1,
-                    f"{what}/{term} ({self.skipped_in_a_row} skips in a row)",
-                    str(self.last_checkpoint) if self.last_checkpoint else None,
-                )
-            return out, False
-        return out, True
+    def _check(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
+        """Global-batch host floats of the terms and the first non-finite one (None: all finite).
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        One all-reduce per micro step carries the terms (mean over ranks) and the stop flag, so
+        every rank sees the same values and agrees on a stop or a skip.
+        """
+        names = list(values)
+        local = torch.stack([values[k].detach().float().reshape(()) for k in names])
+        floats, (stop,) = reduce_step_values(local, self._signal.requested if self._signal else False)
+        self._stop_requested |= stop
+        out = dict(zip(names, floats))
+        return out, next((k for k, v in out.items() if not np.isfinite(v)), None)
+
+    def _on_nonfinite(self, term: str) -> None:
+        """A window had a non-finite term: raise (stop, or too many skips in a row) or count it."""
+        if self.cfg.train.on_nonfinite == "stop":
+            last = str(self.last_checkpoint or find_latest(self.ckpt_dir) or "") or None
+            raise NonFiniteLossError(self.step + 1, term, last)
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        if self.logger is not None:
+            self.logger.message(
+                f"step {self.step + 1}: non-finite {term} (global batch), accumulation window skipped "
+                f"on every engine and rank ({self.skipped_total} skipped so far)"
+            )
+        if self.skipped_in_a_row > self.cfg.train.max_skipped_steps:
+            raise NonFiniteLossError(
+                self.step + 1,
+                f"{term} ({self.skipped_in_a_row} skips in a row)",
+                str(self.last_checkpoint) if self.last_checkpoint else None,
+            )
+
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
+        """Forward every loss, check them all (one reduction over ranks), then backward + step.
+
+        The D losses are computed before G's backward (on the detached SR, with D parameters that
+        G's step does not touch), so nothing is applied when any term of the micro step is
+        non-finite. Returns (global-batch metrics, first non-finite term or None).
+        """
         from spsr_hpc.models import SROutput
 
         lr = batch["lr"].to(self.device, non_blocking=True).float()
         hr = batch["hr"].to(self.device, non_blocking=True).float()
-        metrics: dict[str, float] = {}
 
         for d in self.d_engines.values():
             set_trainable(d.module, False)
@@ -315,42 +363,116 @@ class Trainer:
         out = SROutput(*[t.float() if t is not None else None for t in raw])
         d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
         g_total, g_terms = self.objective.generator_loss(out, hr, d_fns)
-        vals, ok = self._check({"g_total": g_total, **{f"g/{k}": v for k, v in g_terms.items()}}, "generator")
-        metrics.update({f"loss/{k}": v for k, v in vals.items()})
-        if ok:
-            self.g_engine.backward(g_total)
-            self.g_engine.step()
         for d in self.d_engines.values():
             set_trainable(d.module, True)
-
         fake = SROutput(*[t.detach() if t is not None else None for t in out])
-        all_ok = ok
+        terms = {"g_total": g_total, **{f"g/{k}": v for k, v in g_terms.items()}}
+        d_totals = {}
         for name, d in self.d_engines.items():
-            d_total, d_terms = self.objective.discriminator_loss(name, fake, hr, self._d_call(d))
-            vals, d_ok = self._check({f"d_{name}/{k}": v for k, v in d_terms.items()}, f"d_{name}")
-            metrics.update({f"loss/{k}": v for k, v in vals.items()})
-            if d_ok:
-                d.backward(d_total)
+            d_totals[name], d_terms = self.objective.discriminator_loss(name, fake, hr, self._d_call(d))
+            terms.update({f"d_{name}/{k}": v for k, v in d_terms.items()})
+        vals, bad = self._check(terms)
+        if bad is None:
+            self.g_engine.backward(g_total)
+            self.g_engine.step()
+            for name, d in self.d_engines.items():
+                d.backward(d_totals[name])
                 d.step()
-            all_ok &= d_ok
-        if all_ok:
-            self.skipped_in_a_row = 0
         self._last_vis = (lr.detach(), fake.sr, hr.detach(), fake.grad_sr)
-        return metrics
+        if bad is not None and not bad.startswith("d_"):
+            bad = f"generator/{bad}"  # e.g. generator/g_total, d_image/d_loss
+        return {f"loss/{k}": v for k, v in vals.items()}, bad
+
+    def _window_start(self) -> dict[str, Any]:
+        """What a skipped window restores: each engine's micro step and every module buffer
+        (BatchNorm running statistics move in every training forward)."""
+        return {
+            "micro": {n: e.micro_steps for n, e in self.engines.items()},
+            "buffers": {n: [b.detach().clone() for b in e.module.buffers()] for n, e in self.engines.items()},
+        }
+
+    def _discard_window(self, start: dict[str, Any]) -> None:
+        for name, engine in self.engines.items():
+            discard_accumulated_gradients(engine, start["micro"][name])
+            with torch.no_grad():
+                for b, saved in zip(engine.module.buffers(), start["buffers"][name]):
+                    b.copy_(saved)
+
+    def _count_data_skips(self) -> torch.Tensor | None:
+        """Collective: update ``data_skipped`` (per reason, all ranks, since the run began) from the
+        loader's counters; returns this session's local (shard, reason) counts, or None when the
+        loader keeps none (the DALI loader fails on bad data instead of skipping)."""
+        counts_fn = getattr(self.loader, "skip_counts", None)
+        if counts_fn is None:
+            return None
+        local = counts_fn()
+        now = sdist.sum_over_ranks(local.sum(0)).tolist()
+        self.data_skipped = {
+            r: self.data_skipped_base.get(r, 0) + int(n) for r, n in zip(self.loader.skip_reasons, now)
+        }
+        return local
+
+    def _health_record(self) -> dict[str, float]:
+        """Collective, at log steps: skipped steps and skipped data samples (per reason, summed over
+        ranks) for metrics.jsonl; stops the run when the data skip rate passes train.max_skip_rate."""
+        rec = {"train/skipped_steps": float(self.skipped_total)}
+        local = self._count_data_skips()
+        if local is None:
+            return rec
+        total = sum(self.data_skipped.values())
+        rec["data/skipped"] = float(total)
+        rec.update({f"data/skipped/{r}": float(n) for r, n in self.data_skipped.items()})
+        tc = self.cfg.train
+        read = total + self.samples_seen
+        limit = tc.max_skip_rate
+        if limit is not None and read >= tc.skip_rate_min_samples and total > limit * read:
+            per_shard = sdist.sum_over_ranks(local.sum(1)).tolist()  # this session's counts
+            shards = sorted(
+                ((n, str(sh)) for n, sh in zip(per_shard, self.loader.shards) if n), reverse=True
+            )
+            reasons = ", ".join(f"{r} {n}" for r, n in self.data_skipped.items() if n)
+            named = ", ".join(f"{sh} ({n})" for n, sh in shards[:10]) + (" ..." if len(shards) > 10 else "")
+            raise DataSkipRateError(
+                f"step {self.step}: {total} of {read} data samples ({total / read:.1%}) were skipped as "
+                f"unusable, above train.max_skip_rate={tc.max_skip_rate}; by reason: {reasons}; "
+                f"shards: {named or '(none this session)'}. Rewrite or remove these shards "
+                "(launch/make_shards.py), or raise train.max_skip_rate (null: never stop)"
+            )
+        return rec
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (grad_accum micro batches) of G and every D; returns mean metrics."""
+        """One optimizer step (grad_accum micro batches) of G and every D; returns mean metrics.
+
+        A non-finite term in any micro batch, on any rank, skips the whole accumulation window on
+        every engine and rank (with ``train.on_nonfinite=skip``): its remaining micro batches are
+        read and dropped, the accumulated gradients are zeroed, the engines' micro-step counters
+        and the module buffers are restored, nothing is applied. The step counter (and the data
+        position) still advance; the skip is counted in ``skipped_total``; returns {} then.
+        """
         sums: dict[str, float] = defaultdict(float)
         accum = self.cfg.train.grad_accum
-        for _ in range(accum):
-            for k, v in self._micro_step(self._next_batch()).items():
+        start = self._window_start() if self.cfg.train.on_nonfinite == "skip" else None
+        skipped = False
+        for i in range(accum):
+            metrics, bad = self._micro_step(self._next_batch())
+            if bad is not None:
+                self._on_nonfinite(bad)
+                for _ in range(accum - i - 1):
+                    self._next_batch()
+                assert start is not None
+                self._discard_window(start)
+                skipped = True
+                break
+            for k, v in metrics.items():
                 sums[k] += v / accum
         self.step += 1
         self.samples_seen += self.global_batch
-        if self.ema is not None:
-            self.ema.update(self.g_engine.module)
+        if not skipped:
+            self.skipped_in_a_row = 0
+            if self.ema is not None:
+                self.ema.update(self.g_engine.module)
         self._apply_fusion_warmup()
-        return dict(sums)
+        return {} if skipped else dict(sums)
 
     # ---------------------------------------------------------------------------------------
     # validation, images, export
@@ -474,7 +596,8 @@ class Trainer:
             + (f", fusion warm-up until step {cfg.train.fusion_warmup_steps}" if self.fusion_active else "")
         )
         sums: dict[str, float] = defaultdict(float)
-        n_sums, samples_since, last_record = 0, 0, {}
+        counts: dict[str, int] = defaultdict(int)  # a skipped window contributes no loss values
+        samples_since, last_record = 0, {}
         saved_at = self.step if self.last_checkpoint is not None else -1
         stopped_by = None
         with StopSignal() as sig:
@@ -483,14 +606,15 @@ class Trainer:
                 metrics = self.train_step()
                 for k, v in metrics.items():
                     sums[k] += v
-                n_sums += 1
+                    counts[k] += 1
                 samples_since += self.global_batch
                 step = self.step
                 if step % lc.log_every == 0 or step == cfg.train.max_steps or self._stop_requested:
-                    record = {k: v / n_sums for k, v in sums.items()}
+                    record = {k: v / counts[k] for k, v in sums.items()}
                     record.update({f"lr/{n}": engine_lr(e) for n, e in self.engines.items()})
+                    record.update(self._health_record())
                     last_record = self.logger.log(step, record, samples=samples_since)
-                    sums, n_sums, samples_since = defaultdict(float), 0, 0
+                    sums, counts, samples_since = defaultdict(float), defaultdict(int), 0
                 if lc.image_every and step % lc.image_every == 0:
                     self._log_images()
                 if cfg.val.every and cfg.val.dir and step % cfg.val.every == 0:
@@ -516,11 +640,18 @@ class Trainer:
             self.logger.message(
                 f"[spsr] stopped by {stopped_by} at step {self.step}; checkpoint {self.last_checkpoint}"
             )
+        if self.skipped_total or any(self.data_skipped.values()):
+            self.logger.message(
+                f"[spsr] {self.skipped_total} step(s) skipped (non-finite); data samples skipped: "
+                + (", ".join(f"{r} {n}" for r, n in self.data_skipped.items() if n) or "none")
+            )
         return {
             "step": self.step,
             "checkpoint": str(self.last_checkpoint),
             "exports": [str(p) for p in exports],
             "stopped_by": stopped_by,
+            "skipped_steps": self.skipped_total,
+            "data_skipped": dict(self.data_skipped),
             "last_metrics": last_record,
             "run_dir": str(self.run_dir),
         }
