@@ -302,7 +302,13 @@ def read_manifest(out_dir: str | Path) -> dict:
             f"{path} not found: {out_dir} is not a finished make_shards output (the manifest is written "
             "last); re-run make_shards"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); re-run make_shards with --force") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path} is not a make_shards manifest (no 'shards' list); re-run make_shards")
+    return manifest
 
 
 def write_shards(
