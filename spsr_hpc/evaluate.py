@@ -536,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     logging.basicConfig(level=logging.INFO if sdist.is_main_process() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     started = False
+    sdist.export_slurm_env()  # under srun without a launcher: ranks from SLURM_PROCID/SLURM_NTASKS
     if sdist.get_world_size() > 1 and not sdist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(sdist.get_local_rank() % torch.cuda.device_count())

@@ -76,9 +76,20 @@ def weight_problems(cfg: Any) -> list[str]:
     return [p for p in problems if p]
 
 
+def launch_problems() -> list[str]:
+    """Several srun tasks that would all be rank 0 (see spsr_hpc.distributed.check_launch_env)."""
+    from spsr_hpc.distributed import check_launch_env
+
+    try:
+        check_launch_env()
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def run_input_problems(cfg: Any) -> list[str]:
     """Every problem :func:`check_run_inputs` would report (an empty list when all is well)."""
-    return data_problems(cfg.data) + weight_problems(cfg)
+    return launch_problems() + data_problems(cfg.data) + weight_problems(cfg)
 
 
 def check_run_inputs(cfg: Any, *, source: str = "<config>") -> None:
@@ -98,5 +109,5 @@ def print_errors(exc: BaseException) -> int:
     return 2
 
 
-__all__ = ["PreflightError", "check_run_inputs", "data_problems", "print_errors", "run_input_problems",
-           "weight_problems"]
+__all__ = ["PreflightError", "check_run_inputs", "data_problems", "launch_problems", "print_errors",
+           "run_input_problems", "weight_problems"]

@@ -201,6 +201,7 @@ class NSEPretrainer:
         logger = RunLogger(
             self.run_dir, total_steps=self.total_steps, start_step=self.step,
             tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar, sample_unit="anchor",
+            wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None, wandb_config=to_dict(cfg),
         )  # fmt: skip
         rf, stride, radius = self.geometry
         logger.message(

@@ -440,6 +440,8 @@ class Trainer:
             start_step=self.step,
             tensorboard=lc.tensorboard,
             progress_bar=lc.progress_bar,
+            wandb_project=lc.wandb_project if lc.wandb else None,
+            wandb_config=to_dict(cfg),
         )
         self.logger.message(
             f"[spsr] {cfg.loss.method}: {self.world} rank(s) on {self.device}, "
@@ -460,6 +462,7 @@ class Trainer:
                 n_sums += 1
                 samples_since += self.global_batch
                 step = self.step
+                self.logger.progress(step, metrics)  # the bar shows this step's losses
                 if step % lc.log_every == 0 or step == cfg.train.max_steps or self._stop_requested:
                     record = {k: v / n_sums for k, v in sums.items()}
                     record.update({f"lr/{n}": engine_lr(e) for n, e in self.engines.items()})
