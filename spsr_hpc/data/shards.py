@@ -423,9 +423,14 @@ def write_shards(
             results = pool.imap(_process_file, jobs, chunksize=1)  # ordered: shards are deterministic
         else:
             results = map(_process_file, jobs)
-        for res in tqdm(results, total=len(jobs), desc="make_shards", unit="img", disable=not progress):
+        bar = tqdm(results, total=len(jobs), desc="make_shards", unit="img", disable=not progress)
+        for res in bar:
             if res.skipped is not None:
-                warnings.warn(f"make_shards: skipping {res.source}: {res.skipped}", stacklevel=2)
+                msg = f"make_shards: skipping {res.source}: {res.skipped}"
+                if progress:
+                    bar.write(f"warning: {msg}", file=sys.stderr)  # above the bar, not through it
+                else:
+                    warnings.warn(msg, stacklevel=2)
                 skipped.append({"file": res.source, "reason": res.skipped})
                 continue
             conversions += [{"file": res.source, "conversion": c} for c in res.conversions]
