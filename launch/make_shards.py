@@ -15,7 +15,7 @@ from pathlib import Path
 from spsr_hpc.data import export_bundled_photos, write_shards
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rewrite even if an identical finished run exists"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.bundled and args.lr:
         parser.error("--lr goes with --hr, not --bundled")

@@ -424,7 +424,7 @@ class LoggingConfig:
         if self.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 "wandb", "logging.wandb=true needs the `wandb` package, which is not installed: "
-                "pip install wandb, or set logging.wandb=false"
+                "pip install wandb (or spsr-hpc[wandb]), or set logging.wandb=false"
             )
 
 

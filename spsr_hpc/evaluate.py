@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-weights", default=None, help="torchvision alexnet-owt-7be5be79.pth "
                    "(default: the torch hub cache)")
     p.add_argument("--require-lpips", action="store_true", help="fail when the AlexNet weights are missing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 
 

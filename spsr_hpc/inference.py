@@ -304,7 +304,7 @@ def build_and_load(
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} does not fit the {describe_arch(arch)} generator; "
-            f"{implied_arch_hint(path)}. Details: {e}"
+            f"{implied_arch_hint(path)}. Details: {' '.join(str(e).split())}"
         ) from None
     if report.fresh:
         raise CheckpointMismatchError(
@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-safetensors", default=None, metavar="PATH",
                    help="write the loaded generator's weights as safetensors")
     p.add_argument("--onnx", default=None, metavar="PATH", help="export the generator to ONNX (needs `onnx`)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 
 

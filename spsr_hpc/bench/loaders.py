@@ -55,7 +55,7 @@ def _time_loader(cfg: DataConfig, warmup: int, batches: int) -> list[float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         "--csv", default="loaders.csv",
         help="file under benchmarks/results (default loaders.csv; '' = do not write)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    args = build_parser().parse_args(argv)
 
     shards, n_samples = _prepare_shards(Path(args.work_dir), args.crop, args.step)
     cuda = torch.cuda.is_available()
