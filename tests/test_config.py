@@ -156,7 +156,8 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys, bundled_shards
     assert "train.max_stepz" in err and str(path) in err
     assert not torch.distributed.is_initialized()
     good = REPO / "configs" / "tiny_spsr_g.yaml"
-    assert main(["--config", str(good), "--validate", "train.max_steps=3", f"data.shards={bundled_shards}"]) == 0
+    shards = f"data.shards={bundled_shards}"
+    assert main(["--config", str(good), "--validate", "train.max_steps=3", shards]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["train"]["max_steps"] == 3 and out["loss"]["method"] == "spsr_g"
 
