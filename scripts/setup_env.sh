@@ -45,7 +45,7 @@ fi
 pin=()
 if [ "${SPSR_ALLOW_TORCH_CHANGE:-0}" != 1 ] && has_torch; then
     cfile="$venv/spsr-torch-constraints.txt"
-    "$venv/bin/python" "$repo/scripts/torch_guard.py" constraints > "$cfile"
+    "$venv/bin/python" "$repo/scripts/torch_guard.py" constraints > "$cfile" || exit 2
     echo "[setup] keeping the installed $(paste -sd' ' "$cfile") (constraints in $cfile)"
     pin=(-c "$cfile")
     plan="$(mktemp)"

@@ -10,7 +10,9 @@ venv holding your own torch plans to replace it (and to pull another CUDA wheel 
     python scripts/torch_guard.py check plan.json                        # exit 1 if torch would change
 
 ``constraints`` prints ``name==version`` for each of torch, torchvision, torchaudio and triton
-that is installed (local labels such as ``+cu130`` kept, so only that exact build satisfies it).
+that is installed (local labels such as ``+cu130`` kept, so only that exact build satisfies it);
+it fails, naming them, when the installed ones already contradict each other (a torchvision
+built for another torch), since no install could keep them.
 ``check`` reads a ``pip install --dry-run --report`` file and fails, naming the versions, when
 the plan installs any of them while a version is already installed.
 """
@@ -33,6 +35,31 @@ def installed_versions() -> dict[str, str]:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    return found
+
+
+def _requirement_parser():
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # every venv with pip has a copy
+        from pip._vendor.packaging.requirements import Requirement
+    return Requirement
+
+
+def conflicts(versions: dict[str, str]) -> list[str]:
+    """Requirements among the installed guarded packages that the installed versions break,
+    e.g. ``torchvision 0.29.1 needs torch==2.14.1, installed 2.13.0+cpu`` (no pin can keep both)."""
+    Requirement = _requirement_parser()
+    found = []
+    for name in versions:
+        for line in importlib.metadata.requires(name) or []:
+            req = Requirement(line)
+            other = req.name.lower()
+            applies = req.marker is None or req.marker.evaluate({"extra": ""})
+            if (other in versions and other != name and applies
+                    and not req.specifier.contains(versions[other], prereleases=True)):
+                found.append(f"{name} {versions[name]} needs {req.name}{req.specifier}, "
+                             f"installed {versions[other]}")
     return found
 
 
@@ -60,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     versions = installed_versions()
     if args.cmd == "constraints":
+        broken = conflicts(versions)
+        if broken:
+            print("error: the installed torch stack does not fit together, so no install can keep it:\n  "
+                  + "\n  ".join(broken)
+                  + "\nInstall the torchvision (and triton) built for your torch first, or set "
+                  "SPSR_ALLOW_TORCH_CHANGE=1 to let pip choose.", file=sys.stderr)
+            return 1
         print("\n".join(constraint_lines(versions)))
         return 0
     with open(args.report) as f:

@@ -132,9 +132,10 @@ def test_setup_env_keeps_the_installed_torch_or_refuses(venv_torch_213):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "keeping the installed torch==2.13.0+cpu" in ok.stdout
     # A torchvision that needs another torch next to torch 2.13: no install can keep both.
-    tv = sorted(Path("/opt/wheels").glob("torchvision-0.29*cp311*.whl"))
+    dirs = ("/opt/wheels", "/opt/pypi-more/files")
+    tv = sorted(w for d in dirs for w in Path(d).glob("torchvision-0.29*cp311*.whl"))
     if not tv:
-        pytest.skip("needs a torchvision 0.29 wheel under /opt/wheels for the refusal case")
+        pytest.skip(f"needs a torchvision 0.29 wheel in {' or '.join(dirs)} for the refusal case")
     subprocess.run([str(venv_torch_213), "-m", "pip", "install", "--quiet", "--no-deps", str(tv[-1])],
                    check=True, timeout=900)
     try:
@@ -144,7 +145,8 @@ def test_setup_env_keeps_the_installed_torch_or_refuses(venv_torch_213):
         subprocess.run([str(venv_torch_213), "-m", "pip", "uninstall", "--quiet", "-y", "torchvision"],
                        timeout=300)
     assert bad.returncode == 2
-    assert "error: pip cannot install" in bad.stderr and "SPSR_ALLOW_TORCH_CHANGE=1" in bad.stderr
+    assert "does not fit together" in bad.stderr and "torchvision 0.29" in bad.stderr
+    assert "SPSR_ALLOW_TORCH_CHANGE=1" in bad.stderr
 
 
 def test_torch_guard_check_reads_a_pip_report(tmp_path):
