@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 import spsr_kernels
-from spsr_hpc.data import read_rgb, to_uint8
+from spsr_hpc.data import BadImageError, read_rgb, to_uint8
 from spsr_hpc.data.images import IMAGE_EXTENSIONS, list_images
 from spsr_hpc.distributed import is_main_process, local_device
 from spsr_hpc.models import CheckpointMismatchError, GeneratorConfig, build_generator, load_pretrained
@@ -693,11 +693,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         print(f"onnx: {export_onnx(model, args.onnx, with_grad=args.save_grad)}")
     if args.input is None:
         return []
-    written = infer(
-        args.input, model, args.out, precision=args.precision, tile=args.tile or None,
-        overlap=args.overlap, margin=args.margin, tile_batch=args.tile_batch, save_grad=args.save_grad,
-        progress=not args.no_progress,
-    )
+    try:
+        written = infer(
+            args.input, model, args.out, precision=args.precision, tile=args.tile or None,
+            overlap=args.overlap, margin=args.margin, tile_batch=args.tile_batch, save_grad=args.save_grad,
+            progress=not args.no_progress,
+        )
+    except BadImageError as e:  # an unreadable input image, found before any output is written
+        raise SystemExit(_user_error(e)) from None
     for path in written:
         print(path)
     if args.check_tiling:

@@ -639,3 +639,19 @@ def test_loaders_do_not_import_each_other_in_a_circle():
         assert "spsr_hpc.data.loader" not in _imports(data / f"{name}.py"), name
     assert not {"spsr_hpc.data.wds_loader", "spsr_hpc.data.dali_loader"} & _imports(data / "loader_state.py")
 
+
+
+def test_infer_user_errors_are_one_line(tmp_path, capsys):
+    from spsr_hpc.inference import main
+
+    ckpt = _trainer_style_export(tmp_path / "g.safetensors", TINY)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    for argv in (["--input", str(tmp_path / "in"), "--checkpoint", str(ckpt)],
+                 ["--input", str(tmp_path / "missing"), "--checkpoint", str(ckpt)],
+                 ["--input", str(tmp_path / "in"), "--checkpoint", str(tmp_path / "none.safetensors")]):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--out", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
