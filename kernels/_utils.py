@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ._triton import HAS_TRITON, TRITON_MISSING
+
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -26,6 +28,10 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str) -> str:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "torch":
+        return "torch"
+    if not HAS_TRITON:
+        if backend == "triton":
+            raise ValueError(f"{op}: backend='triton': {TRITON_MISSING}")
         return "torch"
     if backend == "triton":
         if not on_cuda and not interpreter_active():

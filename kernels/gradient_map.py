@@ -24,10 +24,9 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import nn
 
+from ._triton import tl, triton  # stand-ins without triton: PyTorch paths only
 from ._utils import BACKENDS, check_float, check_same_device, interpreter_active, resolve_backend
 
 EPS = 1e-6

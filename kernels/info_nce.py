@@ -30,9 +30,8 @@ import contextlib
 import math
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton  # stand-ins without triton: PyTorch paths only
 from ._utils import BACKENDS, check_float, check_same_device, interpreter_active, resolve_backend
 
 OP = "info_nce"

@@ -1,4 +1,4 @@
-"""Pack HR (and LR) image folders into WebDataset tar shards with DALI indexes and a manifest.
+r"""Pack HR (and LR) image folders into WebDataset tar shards with DALI indexes and a manifest.
 
     python launch/make_shards.py --hr DIV2K/DIV2K_train_HR --lr DIV2K/DIV2K_train_LR_bicubic/X4 \
         --out data/div2k_shards --scale 4 --crop 480 --step 240
@@ -15,7 +15,7 @@ from pathlib import Path
 from spsr_hpc.data import export_bundled_photos, write_shards
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -28,19 +28,30 @@ def main(argv: list[str] | None = None) -> int:
         "--lr", help="folder of matching LR images (default: made with MATLAB-style imresize)"
     )
     parser.add_argument("--out", required=True, help="output folder for shards, indexes and manifest.json")
-    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--scale", type=int, default=4, help="SR scale factor: LR = HR / scale (default 4)")
     parser.add_argument(
         "--crop", type=int, default=None, help="HR sub-image size (e.g. 480); default whole images"
     )
     parser.add_argument("--step", type=int, default=None, help="HR sub-image stride (e.g. 240)")
-    parser.add_argument("--shard-size-mb", type=float, default=256.0)
-    parser.add_argument("--compress-level", type=int, default=1, help="PNG zlib level 0-9")
-    parser.add_argument("--prefix", default="shard")
+    parser.add_argument(
+        "--shard-size-mb", type=float, default=256.0, help="target size of one tar shard in MiB (default 256)"
+    )
+    parser.add_argument(
+        "--compress-level", type=int, default=1, help="PNG zlib level 0-9 (default 1: fast, larger files)"
+    )
+    parser.add_argument(
+        "--prefix", default="shard", help="shard file names: PREFIX-000000.tar (default shard)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     parser.add_argument(
         "--force", action="store_true", help="rewrite even if an identical finished run exists"
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.bundled and args.lr:
         parser.error("--lr goes with --hr, not --bundled")
@@ -48,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Bundled photos are exported next to the shards (idempotently, so a re-run sees unchanged
     # files and skips the finished work).
-    hr_dir = export_bundled_photos(Path(args.out) / "photos")[0] if args.bundled else args.hr
     try:
+        hr_dir = export_bundled_photos(Path(args.out) / "photos")[0] if args.bundled else args.hr
         manifest = write_shards(
             hr_dir,
             args.out,
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             command=command,
         )
-    except ValueError as exc:
+    except (ValueError, ModuleNotFoundError) as exc:  # bad input, or scikit-image missing for --bundled
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
     print(

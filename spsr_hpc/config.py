@@ -414,12 +414,27 @@ class LoggingConfig:
     """Save an LR | SR | HR (+ gradient maps) grid every N steps (0: never)."""
     tensorboard: bool = True
     progress_bar: bool = True
+    """A tqdm bar when stdout is a terminal; otherwise (or false) one plain line per logged step."""
+    wandb: bool = False
+    """Also log scalars to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works)."""
+    wandb_project: str = "spsr-hpc"
 
     def validate(self) -> None:
         if self.log_every < 1:
             raise ConfigError("log_every", f"must be >= 1, got {self.log_every}")
+        self._validate_wandb()
         if self.image_every < 0:
             raise ConfigError("image_every", f"must be >= 0, got {self.image_every}")
+
+
+    def _validate_wandb(self) -> None:
+        import importlib.util
+
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "wandb", "logging.wandb=true needs the `wandb` package, which is not installed: "
+                "pip install wandb (or spsr-hpc[wandb]), or set logging.wandb=false"
+            )
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ import csv
 import logging
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -54,7 +55,7 @@ from spsr_hpc.inference import (
     tensor_to_uint8,
 )
 from spsr_hpc.metrics import LPIPSMetric, psnr, ssim
-from spsr_hpc.models import GeneratorConfig
+from spsr_hpc.models import CheckpointMismatchError, GeneratorConfig
 from spsr_hpc.weights import BACKBONE_FILES, MissingWeightsError, hub_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ _RANDOM_NOTE = (
 
 class DatasetNotFoundError(FileNotFoundError):
     """No usable benchmark set on disk; the message shows the expected layout."""
+
+
+class EvalInputError(ValueError):
+    """A dataset pair or a checkpoint is unusable; found before any model is built."""
 
 
 def expected_layout(data_root: str | os.PathLike, sets: Sequence[str], scale: int) -> str:
@@ -230,7 +235,9 @@ def _prepare_models(
     out = {}
     for name, spec in models.items():
         if name == BICUBIC:
-            raise ValueError(f"method name {BICUBIC!r} is reserved for the baseline row; rename the model")
+            raise EvalInputError(
+                f"method name {BICUBIC!r} is reserved for the baseline row; rename the model"
+            )
         if isinstance(spec, nn.Module):
             model = spec.to(device).eval()
         else:
@@ -239,20 +246,41 @@ def _prepare_models(
             else:
                 cfg, path = arch, spec
             if cfg is None:
-                raise ValueError(
+                raise EvalInputError(
                     f"model {name!r} is a checkpoint path; pass arch=GeneratorConfig(...) to build it"
                 )
             if cfg.scale != scale:
-                raise ValueError(
+                raise EvalInputError(
                     f"model {name!r}: architecture scale {cfg.scale} differs from the evaluation scale"
                     f" {scale}"
                 )
             model = build_and_load(path, cfg, device)
         declared = getattr(model, "scale", scale)
         if declared != scale:
-            raise ValueError(f"model {name!r} up-scales ×{declared} but the evaluation scale is ×{scale}")
+            raise EvalInputError(f"model {name!r} up-scales ×{declared} but the evaluation scale is ×{scale}")
         out[name] = model
     return out
+
+
+def check_inputs(
+    models: Mapping[str, object],
+    datasets: Mapping[str, tuple[str | os.PathLike, str | os.PathLike | None]],
+    scale: int,
+) -> dict[str, FolderDataset]:
+    """Open every set and check every HR/LR pair (sizes from the headers) and every checkpoint
+    path, without building a model. Returns the readers; raises :class:`EvalInputError`."""
+    readers = {}
+    for name, (hr, lr) in datasets.items():
+        try:
+            readers[name] = FolderDataset(hr, lr, scale=scale)
+            readers[name].check_pairs()
+        except ValueError as e:  # BadImageError is a ValueError too
+            raise EvalInputError(f"dataset {name!r}: {e}") from e
+    for name, spec in models.items():
+        path = spec[1] if isinstance(spec, tuple) else spec
+        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+            raise EvalInputError(f"model {name!r}: checkpoint {str(path)!r} does not exist")
+    return readers
 
 
 @contextlib.contextmanager
@@ -416,6 +444,8 @@ def evaluate(
     is_main = sdist.is_main_process() or not distributed
     out = Path(out_dir)
 
+    # Every pair and checkpoint is checked before any model is built (minutes for large sets).
+    readers = check_inputs(models, datasets, scale)
     # Modules passed in (e.g. mid-training by the demo) get their train/eval mode back at the end.
     with _restore_modes(models):
         nets = _prepare_models(models, arch, scale, dev)
@@ -427,8 +457,6 @@ def evaluate(
             metric, lpips_note = _build_lpips(lpips_weights, require_lpips, random_lpips_backbone, dev)
         methods = ([BICUBIC] if bicubic else []) + list(nets)
 
-        # Open every set first (FolderDataset matches the LR files): a missing LR fails before compute.
-        readers = {name: FolderDataset(h, l, scale=scale) for name, (h, l) in datasets.items()}
         work = [(d, i) for d, ds in readers.items() for i in range(len(ds))]
         mine = work[rank::world]
 
@@ -535,60 +563,89 @@ def build_parser() -> argparse.ArgumentParser:
                    "alexnet-owt-7be5be79.pth in the torch hub cache, else the file converted by "
                    "`python -m spsr_hpc.weights fetch`)")
     p.add_argument("--require-lpips", action="store_true", help="fail when the AlexNet weights are missing")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> EvalReport:
     """Entry point of launch/evaluate.py; initialises torch.distributed when launched with
-    several processes and tears it down on the way out."""
-    from spsr_hpc.data import export_bundled_photos
-
+    several processes and tears it down on the way out. User errors (a missing or mismatched
+    file, a checkpoint that does not fit) print one ``error:`` line and exit with status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if sdist.is_main_process() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     started = False
+    try:
+        sdist.export_slurm_env()  # under srun without a launcher: ranks from SLURM_PROCID/SLURM_NTASKS
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if sdist.get_world_size() > 1 and not sdist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(sdist.get_local_rank() % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         started = True
     try:
-        base = arch_from_args(args)
-        models: dict[str, tuple[GeneratorConfig, str]] = {}
-        for spec in args.model:
-            name, arch, path = _parse_model(spec)
-            if name in models:
-                raise ValueError(f"--model name {name!r} given twice")
-            # --nf/--nb/--gc/--taps describe --arch; a per-model ARCH takes its published size.
-            same = arch is None or arch == args.arch
-            models[name] = (base if same else GeneratorConfig(name=arch, scale=args.scale), path)
-        datasets: dict[str, tuple[str | Path, str | Path | None]] = {}
-        for spec in args.dataset:
-            name, hr, lr = _parse_dataset(spec)
-            datasets[name] = (hr, lr)
-        if args.bundled:
-            bundled = Path(args.out) / "bundled"
-            if sdist.is_main_process():
-                export_bundled_photos(bundled, holdout=2)
-            sdist.barrier()
-            datasets["bundled_val"] = (bundled / "val" / "HR", None)  # export_bundled_photos' layout
-        try:
-            if args.sets or not (args.dataset or args.bundled):
-                datasets.update(find_datasets(args.data_root, args.sets, args.scale))
-        except DatasetNotFoundError as exc:
-            raise SystemExit(f"error: {exc}") from None
-        report = evaluate(
-            models, datasets, args.scale, args.out, device=args.device, precision=args.precision,
-            batch_size=args.batch_size, tile=args.tile, overlap=args.overlap, bicubic=not args.no_bicubic,
-            save_images=args.save_images, lpips_weights=args.lpips_weights, require_lpips=args.require_lpips,
-            progress=not args.no_progress,
-        )
+        return _run_cli(args)
+    except (EvalInputError, DatasetNotFoundError, CheckpointMismatchError, FileNotFoundError,
+            ModuleNotFoundError) as exc:
         if sdist.is_main_process():
-            print(report.markdown)
-            for kind, path in report.files.items():
-                print(f"{kind}: {path}")
-        return report
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _cli_models(args: argparse.Namespace) -> dict[str, tuple[GeneratorConfig, str]]:
+    """--model specs -> name: (architecture, path); the architecture comes from each checkpoint's
+    metadata, overridden by --arch/--nf/... (a per-model ARCH uses only its metadata and --scale)."""
+    models: dict[str, tuple[GeneratorConfig, str]] = {}
+    for spec in args.model:
+        try:
+            name, arch, path = _parse_model(spec)
+        except ValueError as e:
+            raise EvalInputError(str(e)) from None
+        if name in models:
+            raise EvalInputError(f"--model name {name!r} given twice")
+        if not Path(path).is_file():
+            raise EvalInputError(f"model {name!r}: checkpoint {path!r} does not exist")
+        try:
+            models[name] = (arch_from_args(args, path, arch), path)
+        except ValueError as e:
+            raise EvalInputError(f"model {name!r}: {e}") from None
+    return models
+
+
+def _run_cli(args: argparse.Namespace) -> EvalReport:
+    from spsr_hpc.data import export_bundled_photos
+
+    models = _cli_models(args)
+    # The evaluation scale: --scale, else the first model's (from its metadata), else 4.
+    scale = args.scale or next((cfg.scale for cfg, _ in models.values()), 4)
+    datasets: dict[str, tuple[str | Path, str | Path | None]] = {}
+    for spec in args.dataset:
+        try:
+            name, hr, lr = _parse_dataset(spec)
+        except ValueError as e:
+            raise EvalInputError(str(e)) from None
+        datasets[name] = (hr, lr)
+    if args.bundled:
+        bundled = Path(args.out) / "bundled"
+        if sdist.is_main_process():
+            export_bundled_photos(bundled, holdout=2)
+        sdist.barrier()
+        datasets["bundled_val"] = (bundled / "val" / "HR", None)  # export_bundled_photos' layout
+    if args.sets or not (args.dataset or args.bundled):
+        datasets.update(find_datasets(args.data_root, args.sets, scale))
+    report = evaluate(
+        models, datasets, scale, args.out, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, tile=args.tile, overlap=args.overlap, bicubic=not args.no_bicubic,
+        save_images=args.save_images, lpips_weights=args.lpips_weights, require_lpips=args.require_lpips,
+        progress=not args.no_progress,
+    )
+    if sdist.is_main_process():
+        print(report.markdown)
+        for kind, path in report.files.items():
+            print(f"{kind}: {path}")
+    return report

@@ -25,8 +25,10 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,10 +41,10 @@ from torch import nn
 from tqdm import tqdm
 
 import spsr_kernels
-from spsr_hpc.data import read_rgb, to_uint8
+from spsr_hpc.data import BadImageError, read_rgb, to_uint8
 from spsr_hpc.data.images import IMAGE_EXTENSIONS, list_images
 from spsr_hpc.distributed import is_main_process, local_device
-from spsr_hpc.models import GeneratorConfig, build_generator, load_pretrained
+from spsr_hpc.models import CheckpointMismatchError, GeneratorConfig, build_generator, load_pretrained
 from spsr_hpc.models.spsr import GradientMapNoPadding
 
 log = logging.getLogger(__name__)
@@ -297,15 +299,134 @@ def build_and_load(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     model = build_generator(dataclasses.replace(arch, pretrained=None))
-    report = load_pretrained(model, path)
+    try:
+        report = load_pretrained(model, path)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} does not fit the {describe_arch(arch)} generator; "
+            f"{implied_arch_hint(path)}. Details: {' '.join(str(e).split())}"
+        ) from None
     if report.fresh:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} ({report.format} format) does not provide {len(report.fresh)} "
-            f"weights of the {arch.name!r} generator (e.g. {report.fresh[:3]}); an "
-            "ESRGAN/RRDB checkpoint needs the 'rrdbnet' architecture"
+            f"weights of the {describe_arch(arch)} generator (e.g. {report.fresh[:3]}); "
+            f"{implied_arch_hint(path)}"
         )
     log.info("%s", report)
     return model.to(device).eval()
+
+
+def generator_config_from_metadata(checkpoint: str | os.PathLike) -> GeneratorConfig | None:
+    """The GeneratorConfig a trainer export carries in its safetensors metadata, else None.
+
+    The trainer (and ``launch/infer.py --export-safetensors``) writes the generator section as
+    JSON under the ``generator`` metadata key; other files (.pth, foreign safetensors) have none.
+    """
+    path = Path(checkpoint)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({e})") from e
+    if "generator" not in meta:
+        return None
+    try:
+        fields = json.loads(meta["generator"])
+        fields.pop("pretrained", None)
+        return GeneratorConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its 'generator' metadata {meta['generator']!r} is not a valid "
+            f"generator config ({e}); pass --arch/--nf/--nb/--gc/--taps explicitly"
+        ) from e
+
+
+def describe_arch(cfg: GeneratorConfig) -> str:
+    """``spsr (nf=64, nb=23, gc=32, taps=[4, 9, 14, 19], x4)``-style description."""
+    nf, nb = cfg.resolved()
+    parts = [f"nf={nf}", f"nb={nb}"]
+    if cfg.name in ("spsr", "rrdbnet"):
+        parts.append(f"gc={cfg.gc}")
+    if cfg.name == "spsr":
+        parts.append(f"taps={list(cfg.taps)}")
+    return f"{cfg.name} ({', '.join(parts)}, x{cfg.scale})"
+
+
+def _count_blocks(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
+
+
+def implied_architecture(sd: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The generator family and sizes a state dict's tensors imply (None when unrecognised).
+
+    Returns e.g. ``{"arch": "spsr", "nf": 64, "nb": 23, "gc": 32}``: the number of blocks is
+    counted from the keys, widths come from the first conv's and the first dense conv's shapes.
+    """
+    def out_ch(key: str) -> int | None:
+        t = sd.get(key)
+        return int(t.shape[0]) if t is not None and t.ndim >= 1 else None
+
+    if "model.0.weight" in sd and any(k.startswith("model.1.sub.") for k in sd):  # RRDB trunk
+        arch = "spsr" if any(k.startswith(("b_", "f_")) for k in sd) else "rrdbnet"
+        return {"arch": arch, "nf": out_ch("model.0.weight"),
+                "nb": _count_blocks(sd, r"model\.1\.sub\.(\d+)\.RDB1\."),
+                "gc": out_ch("model.1.sub.0.RDB1.conv1.0.weight")}
+    if "conv_first.weight" in sd:  # ESRGAN, new key style
+        return {"arch": "rrdbnet", "nf": out_ch("conv_first.weight"),
+                "nb": _count_blocks(sd, r"(?:body|RRDB_trunk)\.(\d+)\.(?:rdb|RDB)1\."),
+                "gc": out_ch("body.0.rdb1.conv1.weight") or out_ch("RRDB_trunk.0.RDB1.conv1.weight")}
+    if "head.weight" in sd:
+        return {"arch": "edsr", "nf": out_ch("head.weight"), "nb": _count_blocks(sd, r"body\.(\d+)\.body\.")}
+    if "head.0.weight" in sd:
+        return {"arch": "srresnet", "nf": out_ch("head.0.weight"),
+                "nb": _count_blocks(sd, r"body\.(\d+)\.body\.")}
+    return None
+
+
+def implied_arch_hint(checkpoint: str | os.PathLike) -> str:
+    """One clause for error messages: what the checkpoint's tensors imply and the flags to pass."""
+    from spsr_hpc.models.loading import read_state_dict
+
+    try:
+        sd, _, _ = read_state_dict(checkpoint)
+    except (OSError, TypeError, ValueError):
+        return "its tensors could not be read"
+    found = implied_architecture(sd)
+    if found is None:
+        return "its tensors match none of spsr, rrdbnet, edsr, srresnet"
+    flags = " ".join(f"--{k} {v}" for k, v in found.items() if v is not None)
+    sizes = ", ".join(f"{k}={v}" for k, v in found.items() if k != "arch" and v is not None)
+    return f"its tensors imply {found['arch']} ({sizes}): pass {flags}"
+
+
+def resolve_arch(
+    checkpoint: str | os.PathLike | None,
+    *,
+    arch: str | None = None,
+    nf: int | None = None,
+    nb: int | None = None,
+    gc: int | None = None,
+    taps: Sequence[int] | None = None,
+    scale: int | None = None,
+) -> GeneratorConfig:
+    """The generator to build for ``checkpoint``: its metadata, then the explicit values on top.
+
+    Without metadata (or when ``arch`` names another family than the metadata's) the base is the
+    published configuration of ``arch`` (default "spsr"). Values left None keep the base's.
+    """
+    meta = generator_config_from_metadata(checkpoint) if checkpoint is not None else None
+    if meta is not None and arch is not None and arch != meta.name:
+        meta = None  # another family: its sizes do not transfer
+    base = meta if meta is not None else GeneratorConfig(name=arch or "spsr")
+    explicit: dict[str, Any] = {"nf": nf, "nb": nb, "gc": gc, "scale": scale,
+                                "taps": list(taps) if taps else None}
+    changes = {k: v for k, v in explicit.items() if v is not None}
+    fields = {**dataclasses.asdict(base), **changes, "pretrained": None}
+    return GeneratorConfig(**fields)
 
 
 def export_generator(
@@ -475,22 +596,50 @@ def infer(
 # --- command line ----------------------------------------------------------------------------
 
 
+def _user_error(exc: BaseException) -> int:
+    """Print ``error: <message>`` on stderr (rank 0) for a user error; exit status 2."""
+    import sys
+
+    if is_main_process():
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
 def add_arch_arguments(p: argparse.ArgumentParser) -> None:
-    """The generator-architecture options shared by launch/infer.py and launch/evaluate.py."""
-    p.add_argument("--arch", default="spsr",
-                   help="generator architecture: spsr (default), rrdbnet, edsr, srresnet")
-    p.add_argument("--nf", type=int, default=None, help="feature width (default: the published one)")
-    p.add_argument("--nb", type=int, default=None, help="number of blocks (default: the published one)")
-    p.add_argument("--gc", type=int, default=32, help="dense-block growth channels (default 32)")
-    p.add_argument("--taps", type=int, nargs="+", default=None,
-                   help="spsr: trunk RRDB indices feeding the branch")
-    p.add_argument("--scale", type=int, default=4, help="up-scaling factor (default 4)")
+    """The generator-architecture options shared by launch/infer.py and launch/evaluate.py.
+
+    Every option defaults to None: the architecture comes from the checkpoint's metadata
+    (exports of the trainer carry it), and an option given on the command line overrides it.
+    """
+    g = p.add_argument_group(
+        "generator architecture",
+        "read from the checkpoint's metadata when it has some (trainer exports do); options given "
+        "here override it. Without metadata: the published spsr x4 model.",
+    )
+    g.add_argument("--arch", default=None, choices=["spsr", "rrdbnet", "edsr", "srresnet"],
+                   help="generator architecture (default: metadata, else spsr)")
+    g.add_argument("--nf", type=int, default=None,
+                   help="feature width (default: metadata, else the published one)")
+    g.add_argument("--nb", type=int, default=None,
+                   help="number of blocks (default: metadata, else the published one)")
+    g.add_argument("--gc", type=int, default=None,
+                   help="dense-block growth channels (default: metadata, else 32)")
+    g.add_argument("--taps", type=int, nargs="+", default=None,
+                   help="spsr: trunk RRDB indices feeding the branch (default: metadata, else 4 9 14 19)")
+    g.add_argument("--scale", type=int, default=None, help="up-scaling factor (default: metadata, else 4)")
 
 
-def arch_from_args(args: argparse.Namespace) -> GeneratorConfig:
-    """The GeneratorConfig named by add_arch_arguments' options."""
-    return GeneratorConfig(name=args.arch, nf=args.nf, nb=args.nb, gc=args.gc, scale=args.scale,
-                           **({"taps": args.taps} if args.taps else {}))
+def arch_from_args(args: argparse.Namespace, checkpoint: str | os.PathLike | None = None,
+                   arch: str | None = None) -> GeneratorConfig:
+    """The GeneratorConfig for ``checkpoint``: its metadata overridden by add_arch_arguments' options.
+
+    ``arch`` (evaluate's per-model ``NAME:ARCH=PATH``) replaces ``--arch``; the size options
+    then apply only when that model's family equals ``--arch``'s.
+    """
+    if arch is not None and arch != (args.arch or arch):
+        return resolve_arch(checkpoint, arch=arch, scale=args.scale)
+    return resolve_arch(checkpoint, arch=arch or args.arch, nf=args.nf, nb=args.nb, gc=args.gc,
+                        taps=args.taps, scale=args.scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -517,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-safetensors", default=None, metavar="PATH",
                    help="write the loaded generator's weights as safetensors")
     p.add_argument("--onnx", default=None, metavar="PATH", help="export the generator to ONNX (needs `onnx`)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 
 
@@ -528,20 +677,30 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.input is None and args.export_safetensors is None and args.onnx is None:
         raise SystemExit("nothing to do: give --input (and/or --export-safetensors / --onnx)")
     device = torch.device(args.device) if args.device else local_device()
-    cfg = arch_from_args(args)
-    model = build_and_load(args.checkpoint, cfg, device)
+    try:
+        cfg = arch_from_args(args, args.checkpoint)
+        if args.input is not None:
+            _input_files(Path(args.input))  # a wrong --input fails before the model is built
+        model = build_and_load(args.checkpoint, cfg, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(_user_error(e)) from None
+    log.info("generator: %s", describe_arch(cfg))
     if args.export_safetensors:
-        path = export_generator(model, args.export_safetensors, metadata={"arch": args.arch})
+        meta = {"arch": cfg.name, "generator": json.dumps(dataclasses.asdict(cfg))}
+        path = export_generator(model, args.export_safetensors, metadata=meta)
         print(f"safetensors: {path}")
     if args.onnx:
         print(f"onnx: {export_onnx(model, args.onnx, with_grad=args.save_grad)}")
     if args.input is None:
         return []
-    written = infer(
-        args.input, model, args.out, precision=args.precision, tile=args.tile or None,
-        overlap=args.overlap, margin=args.margin, tile_batch=args.tile_batch, save_grad=args.save_grad,
-        progress=not args.no_progress,
-    )
+    try:
+        written = infer(
+            args.input, model, args.out, precision=args.precision, tile=args.tile or None,
+            overlap=args.overlap, margin=args.margin, tile_batch=args.tile_batch, save_grad=args.save_grad,
+            progress=not args.no_progress,
+        )
+    except BadImageError as e:  # an unreadable input image, found before any output is written
+        raise SystemExit(_user_error(e)) from None
     for path in written:
         print(path)
     if args.check_tiling:
@@ -560,10 +719,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 __all__: Sequence[str] = [
     "autocast",
     "build_and_load",
+    "describe_arch",
     "export_generator",
     "export_onnx",
+    "generator_config_from_metadata",
+    "implied_architecture",
     "infer",
     "main",
+    "resolve_arch",
     "sr_images",
     "sr_tiled",
     "tensor_to_uint8",

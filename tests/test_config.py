@@ -147,7 +147,7 @@ def test_generic_schema(tmp_path):
         load_config(path, ["tags.a=x"], schema=Root)
 
 
-def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
+def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys, bundled_shards):
     from spsr_hpc.train.trainer import main
 
     path = _write(tmp_path, "train:\n  max_stepz: 10\n")
@@ -156,7 +156,8 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
     assert "train.max_stepz" in err and str(path) in err
     assert not torch.distributed.is_initialized()
     good = REPO / "configs" / "tiny_spsr_g.yaml"
-    assert main(["--config", str(good), "--validate", "train.max_steps=3"]) == 0
+    shards = f"data.shards={bundled_shards}"
+    assert main(["--config", str(good), "--validate", "train.max_steps=3", shards]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["train"]["max_steps"] == 3 and out["loss"]["method"] == "spsr_g"
 

@@ -181,8 +181,9 @@ def test_cli(photos, tiny_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| mine | LPIPS / PSNR / SSIM |" in out and "report.md" in out
     assert {r["method"] for r in report.summary} == {BICUBIC, "tiny"}
-    with pytest.raises(SystemExit, match="Expected layout"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--data-root", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
 
 
 @pytest.mark.slow

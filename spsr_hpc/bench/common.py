@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import os
-import platform
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from spsr_hpc.device import device_name  # re-exported: the benchmarks import it from here
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -46,12 +46,6 @@ def _lookup(table: dict[str, float], name: str) -> float | None:
         if key in name:
             return value
     return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def hbm_peak(device: torch.device) -> float | None:

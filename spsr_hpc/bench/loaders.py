@@ -22,6 +22,7 @@ import torch
 
 from spsr_hpc.bench.common import append_rows, device_name, format_table, provenance
 from spsr_hpc.data import DataConfig, build_train_loader, export_bundled_photos, write_shards
+from spsr_hpc.data.dali_loader import dali_missing_message
 
 
 def _prepare_shards(work_dir: Path, crop: int, step: int) -> tuple[Path, int]:
@@ -54,28 +55,36 @@ def _time_loader(cfg: DataConfig, warmup: int, batches: int) -> list[float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--loaders", nargs="+", default=["webdataset", "dali"], choices=["webdataset", "dali"]
+        "--loaders", nargs="+", default=["webdataset", "dali"], choices=["webdataset", "dali"],
+        help="loaders to time (default both; dali is skipped with a note when DALI is not installed)",
     )
     parser.add_argument(
-        "--workers", nargs="+", type=int, default=[0, 2], help="WebDataset worker counts to try"
+        "--workers", nargs="+", type=int, default=[0, 2], help="WebDataset worker counts to try (default 0 2)"
     )
-    parser.add_argument("--dali-threads", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--patch", type=int, default=32, help="LR patch (HR = 4x)")
-    parser.add_argument("--crop", type=int, default=256, help="sub-image size of the shards")
-    parser.add_argument("--step", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "spsr_bench_loaders"))
+    parser.add_argument("--dali-threads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DALI CPU threads (default min(4, cores))")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
+    parser.add_argument("--patch", type=int, default=32, help="LR patch side (HR = 4x; default 32)")
+    parser.add_argument("--crop", type=int, default=256, help="sub-image size of the shards (default 256)")
+    parser.add_argument("--step", type=int, default=128, help="sub-image stride of the shards (default 128)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per loader (default 40)")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "spsr_bench_loaders"),
+                        help="where the photos and shards are made, once (default: <tmp>/spsr_bench_loaders)")
     parser.add_argument(
-        "--csv", default="loaders.csv", help="file under benchmarks/results ('' = do not write)"
+        "--csv", default="loaders.csv",
+        help="file under benchmarks/results (default loaders.csv; '' = do not write)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    args = build_parser().parse_args(argv)
 
     shards, n_samples = _prepare_shards(Path(args.work_dir), args.crop, args.step)
     cuda = torch.cuda.is_available()
@@ -84,7 +93,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     runs: list[tuple[str, dict]] = []
     if "webdataset" in args.loaders:
         runs += [("webdataset", {"num_workers": w}) for w in args.workers]
-    if "dali" in args.loaders:
+    dali_missing = dali_missing_message() if "dali" in args.loaders else None
+    if dali_missing:
+        print(f"note: dali skipped: {dali_missing}")
+    elif "dali" in args.loaders:
         runs += [("dali", {"dali_device": "cpu"})] + ([("dali", {"dali_device": "gpu"})] if cuda else [])
 
     rows = []

@@ -18,6 +18,17 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+def require_skimage() -> None:
+    """Raise ModuleNotFoundError naming scikit-image when it is not installed."""
+    try:
+        import skimage  # noqa: F401
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"the bundled photos come from scikit-image, which does not import ({e}); install it "
+            "(pip install scikit-image, or the project's [dev] extra) or give your own images with --hr"
+        ) from e
+
+
 def _motorcycle(i: int) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         from skimage import data
@@ -52,7 +63,12 @@ BUNDLED_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
 
 
 def load_bundled_photos() -> dict[str, np.ndarray]:
-    """Every available bundled RGB photo, name → uint8 (H, W, 3), in the fixed order."""
+    """Every available bundled RGB photo, name → uint8 (H, W, 3), in the fixed order.
+
+    Raises:
+        ModuleNotFoundError: scikit-image (which ships the photos) is not installed.
+    """
+    require_skimage()
     photos: dict[str, np.ndarray] = {}
     for name, load in BUNDLED_PHOTOS.items():
         try:

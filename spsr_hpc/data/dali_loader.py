@@ -30,7 +30,26 @@ from typing import Any
 import torch
 
 from spsr_hpc.data.config import DataConfig
-from spsr_hpc.data.loader import LoaderState, derive_seed, epoch_batches, index_path
+from spsr_hpc.data.loader_state import LoaderState, derive_seed, epoch_batches, index_path
+
+DALI_EXTRAS = "pip install 'spsr-hpc[dali-cuda12]' (CUDA 12 driver) or 'spsr-hpc[dali-cuda13]' (CUDA 13)"
+
+
+def dali_missing_message() -> str | None:
+    """None when ``nvidia.dali`` imports, else a one-line message naming the extras to install."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        return (f"data.loader=dali needs NVIDIA DALI, which does not import ({e}); {DALI_EXTRAS}, "
+                "or use data.loader=webdataset")
+    return None
+
+
+def require_dali() -> None:
+    """Raise ModuleNotFoundError naming the ``[dali-cuda12]``/``[dali-cuda13]`` extras when DALI is absent."""
+    msg = dali_missing_message()
+    if msg:
+        raise ModuleNotFoundError(msg)
 
 
 def _dali_seed(*parts: int) -> int:
@@ -159,6 +178,7 @@ class DaliLoader:
         seed: int,
         device: torch.device | str | None = None,
     ):
+        require_dali()
         missing = [str(index_path(s)) for s in shards if not index_path(s).is_file()]
         if missing:
             raise ValueError(

@@ -48,6 +48,38 @@ class FolderDataset(Dataset):
                     )
                 self.lr_files[i] = match
 
+    def check_pairs(self) -> None:
+        """Check every image's size from its header (no decoding): each HR is at least ``scale``
+        pixels on a side and each LR file is exactly the mod-cropped HR / scale.
+
+        Raises:
+            BadImageError: unreadable headers or too small HR images, naming the files.
+            ValueError: LR/HR size mismatches, naming the first few pairs.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        def size(path: Path) -> tuple[int, int]:
+            try:
+                with Image.open(path) as im:
+                    return im.size  # (width, height)
+            except (OSError, UnidentifiedImageError) as e:
+                raise BadImageError(f"{path}: not a readable image ({e})") from e
+
+        s, bad = self.scale, []
+        for hr_path, lr_path in zip(self.hr_files, self.lr_files):
+            w, h = size(hr_path)
+            if w < s or h < s:
+                raise BadImageError(f"{hr_path}: {w}x{h} is smaller than the scale {s}")
+            if lr_path is not None and size(lr_path) != (w // s, h // s):
+                lw, lh = size(lr_path)
+                bad.append(f"{lr_path} is {lw}x{lh} but HR {hr_path.name} (mod-cropped "
+                           f"{w - w % s}x{h - h % s}) / {s} is {w // s}x{h // s}")
+        if bad:
+            raise ValueError(
+                f"{len(bad)} LR image(s) do not match their HR at scale {s}: " + "; ".join(bad[:3])
+                + (" ..." if len(bad) > 3 else "")
+            )
+
     def __len__(self) -> int:
         return len(self.hr_files)
 

@@ -302,7 +302,13 @@ def read_manifest(out_dir: str | Path) -> dict:
             f"{path} not found: {out_dir} is not a finished make_shards output (the manifest is written "
             "last); re-run make_shards"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); re-run make_shards with --force") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path} is not a make_shards manifest (no 'shards' list); re-run make_shards")
+    return manifest
 
 
 def write_shards(
@@ -417,9 +423,14 @@ def write_shards(
             results = pool.imap(_process_file, jobs, chunksize=1)  # ordered: shards are deterministic
         else:
             results = map(_process_file, jobs)
-        for res in tqdm(results, total=len(jobs), desc="make_shards", unit="img", disable=not progress):
+        bar = tqdm(results, total=len(jobs), desc="make_shards", unit="img", disable=not progress)
+        for res in bar:
             if res.skipped is not None:
-                warnings.warn(f"make_shards: skipping {res.source}: {res.skipped}", stacklevel=2)
+                msg = f"make_shards: skipping {res.source}: {res.skipped}"
+                if progress:
+                    bar.write(f"warning: {msg}", file=sys.stderr)  # above the bar, not through it
+                else:
+                    warnings.warn(msg, stacklevel=2)
                 skipped.append({"file": res.source, "reason": res.skipped})
                 continue
             conversions += [{"file": res.source, "conversion": c} for c in res.conversions]

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from spsr_hpc.data.augment import aligned_patch, random_patch
 from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.images import BadImageError, decode_rgb
-from spsr_hpc.data.loader import LoaderState, derive_seed, epoch_batches
+from spsr_hpc.data.loader_state import LoaderState, derive_seed, epoch_batches
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting

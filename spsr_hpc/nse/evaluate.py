@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from spsr_hpc.bench.common import device_name
 from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.images import list_images, read_rgb
 from spsr_hpc.data.loader import build_train_loader
+from spsr_hpc.device import device_name
 from spsr_hpc.models import NSEConfig, build_nse
 from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
 from spsr_hpc.nse.contrastive import ContrastiveObjective

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -200,6 +201,7 @@ class NSEPretrainer:
         logger = RunLogger(
             self.run_dir, total_steps=self.total_steps, start_step=self.step,
             tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar, sample_unit="anchor",
+            wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None, wandb_config=to_dict(cfg),
         )  # fmt: skip
         rf, stride, radius = self.geometry
         logger.message(
@@ -284,11 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of launch/pretrain_nse.py."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if sdist.is_main_process() else logging.WARNING)
-    cfg = load_config(args.config, args.overrides, schema=NSEPretrainConfig)
+    from spsr_hpc.preflight import check_run_inputs, print_errors
+
+    try:
+        cfg = load_config(args.config, args.overrides, schema=NSEPretrainConfig)
+    except (ValueError, FileNotFoundError) as e:
+        return print_errors(e)
     if args.validate:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        check_run_inputs(cfg, source=args.config)  # shards, manifest, loader package
+    except ValueError as e:
+        return print_errors(e)
+    if args.validate:
+        print(f"config {args.config}: OK", file=sys.stderr)
         return 0
     path = pretrain(cfg)
     if sdist.is_main_process():

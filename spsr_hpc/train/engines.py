@@ -53,14 +53,16 @@ def resolve_backend(backend: str = "auto") -> str:
 def init_distributed(backend: str = "auto") -> None:
     """Start the process group under deepspeed, torchrun, or plain python.
 
-    The launchers set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under plain python
-    none is set and a one-process group on a free local port is created. Idempotent.
+    The launchers set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under ``srun`` without
+    a launcher they come from SLURM (:func:`spsr_hpc.distributed.export_slurm_env`); under plain
+    python none is set and a one-process group on a free local port is created. Idempotent.
     """
     global _STARTED_GROUP
     if sdist.is_initialized():
         return
     import deepspeed
 
+    sdist.export_slurm_env()  # under srun without a launcher: ranks from SLURM_PROCID/SLURM_NTASKS
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(
             {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",

@@ -1,4 +1,9 @@
-"""Rank-0 run output: progress bar, JSONL metrics, TensorBoard scalars, image grids.
+"""Rank-0 run output: progress bar (or plain lines), JSONL metrics, TensorBoard, W&B, image grids.
+
+The progress bar is drawn only when it is on (``logging.progress_bar``) and stdout is a
+terminal; otherwise (a batch system's log file, a pipe) each logged step prints one plain line,
+``step 120/1000 (12.0%) | g_total 0.123 ... | 45.6 img/s | eta 0:12:34``. Weights & Biases
+(``logging.wandb``) is optional and off by default.
 
 Every method is a no-op on ranks other than 0 (decided by spsr_hpc.distributed.is_main_process),
 so training code calls it unconditionally.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +99,8 @@ class RunLogger:
         progress_bar: bool = True,
         jsonl_name: str = "metrics.jsonl",
         sample_unit: str = "img",
+        wandb_project: str | None = None,
+        wandb_config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = sdist.is_main_process()
         self.sample_unit = sample_unit  # progress-bar label of samples_per_s (NSE pretraining: "anchor")
@@ -100,8 +108,11 @@ class RunLogger:
         self._tb = None
         self._bar = None
         self._jsonl = None
+        self._wandb = None
         self._t_last = time.perf_counter()
+        self._t_start, self._start_step, self.total_steps = self._t_last, start_step, total_steps
         self._step_last = start_step
+        self._bar_step = start_step
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,10 +122,43 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=start_step or None)
-        if progress_bar:
+        if progress_bar and _is_terminal():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+        if wandb_project:
+            self._wandb = _start_wandb(wandb_project, self.run_dir, wandb_config, resume=start_step > 0)
+
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        """Advance the bar to ``step`` and show that step's losses (every step; no file output)."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix(self._short(metrics), refresh=False)
+        self._bar.update(step - self._bar_step)
+        self._bar_step = step
+
+    def _short(self, record: dict[str, Any]) -> dict[str, str]:
+        short = {k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+        if record.get("data/skipped"):
+            short["skipped"] = str(int(record["data/skipped"]))
+        if "samples_per_s" in record:
+            short[f"{self.sample_unit}/s"] = f"{record['samples_per_s']:.3g}"
+        return short
+
+    def _plain_line(self, step: int, record: dict[str, Any]) -> str:
+        """``step 120/1000 (12.0%) | g_total 0.123 ... | 45.6 img/s | eta 0:12:34``."""
+        parts = [f"step {step}/{self.total_steps}"
+                 + (f" ({100.0 * step / self.total_steps:.1f}%)" if self.total_steps else "")]
+        short = self._short(record)
+        rate = short.pop(f"{self.sample_unit}/s", None)
+        parts += [" ".join(f"{k} {v}" for k, v in short.items())] if short else []
+        if rate is not None:
+            parts.append(f"{rate} {self.sample_unit}/s")
+        done, elapsed = step - self._start_step, time.perf_counter() - self._t_start
+        if done > 0 and self.total_steps > step:
+            eta = int(elapsed / done * (self.total_steps - step))
+            parts.append(f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        return " | ".join(parts)
 
     def log(self, step: int, metrics: dict[str, float], *, samples: int | None = None) -> dict[str, Any]:
         """Write one JSONL record and TB scalars; ``samples`` since the last call gives samples/s."""
@@ -134,14 +178,15 @@ class RunLogger:
             for k, v in record.items():
                 if k not in ("step", "time"):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
         if self._bar is not None:
-            self._bar.update(step - self._step_last)
-            short = {k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
-            if record.get("data/skipped"):
-                short["skipped"] = str(int(record["data/skipped"]))
-            if "samples_per_s" in record:
-                short[f"{self.sample_unit}/s"] = f"{record['samples_per_s']:.3g}"
-            self._bar.set_postfix(short, refresh=False)
+            # Postfix first, then the update that redraws: the bar shows this step's numbers.
+            self._bar.set_postfix(self._short(record), refresh=False)
+            self._bar.update(max(0, step - self._bar_step))
+            self._bar_step = max(self._bar_step, step)
+        elif any(k.startswith("loss/") for k in record) or "samples_per_s" in record:
+            print(self._plain_line(step, record), flush=True)
         self._step_last = step
         return record
 
@@ -164,6 +209,9 @@ class RunLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
@@ -204,6 +252,34 @@ def truncate_jsonl(path: str | Path, last_step: int) -> int:
         os.fsync(f.fileno())
     os.replace(tmp, p)
     return len(drop)
+
+
+def _is_terminal() -> bool:
+    """stdout is an interactive terminal (not a batch system's log file or a pipe)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+WANDB_MISSING = (
+    "logging.wandb=true needs the `wandb` package, which is not installed: pip install wandb "
+    "(or set logging.wandb=false; TensorBoard and metrics.jsonl are always written)"
+)
+
+
+def _start_wandb(project: str, run_dir: Path, config: dict[str, Any] | None, *, resume: bool) -> Any:
+    """One W&B run per run folder (its id is kept in run_dir/wandb_id, so a resume continues it)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ModuleNotFoundError(WANDB_MISSING) from e
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    run = wandb.init(project=project, dir=str(run_dir), config=config, name=run_dir.name,
+                     id=run_id, resume="allow" if run_id else None)
+    id_file.write_text(str(run.id))
+    return run
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -588,6 +588,8 @@ class Trainer:
             start_step=self.step,
             tensorboard=lc.tensorboard,
             progress_bar=lc.progress_bar,
+            wandb_project=lc.wandb_project if lc.wandb else None,
+            wandb_config=to_dict(cfg),
         )
         self.logger.message(
             f"[spsr] {cfg.loss.method}: {self.world} rank(s) on {self.device}, "
@@ -609,6 +611,7 @@ class Trainer:
                     counts[k] += 1
                 samples_since += self.global_batch
                 step = self.step
+                self.logger.progress(step, metrics)  # the bar shows this step's losses
                 if step % lc.log_every == 0 or step == cfg.train.max_steps or self._stop_requested:
                     record = {k: v / counts[k] for k, v in sums.items()}
                     record.update({f"lr/{n}": engine_lr(e) for n, e in self.engines.items()})
@@ -671,19 +674,6 @@ def run(cfg: Any, *, source: str = "<config>", loader: Iterable[dict] | None = N
         trainer.close()
 
 
-def missing_files(cfg: Any) -> list[tuple[str, str]]:
-    """(key, path) of files the run will open at start that do not exist (for --validate)."""
-    checks = [("model.generator.pretrained", cfg.model.generator.pretrained)]
-    if cfg.loss.needs_nse():
-        checks.append(("model.nse.pretrained", cfg.model.nse.pretrained))
-    if cfg.loss.needs_perceptual() and not cfg.perceptual.random_weights:
-        checks.append(("perceptual.weights", cfg.perceptual.weights))
-    shards = cfg.data.shards
-    if isinstance(shards, str) and shards and not any(c in shards for c in "*?{["):
-        checks.append(("data.shards", shards))
-    return [(k, str(p)) for k, p in checks if p and not Path(p).exists()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an SR GAN (SPSR-G/-P/-J, ESRGAN, RRDB, ablations).")
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
@@ -696,18 +686,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: config errors fail here, before any process group or engine exists."""
+    from spsr_hpc.preflight import check_run_inputs, print_errors
+
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_errors(e)
     if args.validate:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        for key, path in missing_files(cfg):
-            print(f"warning: {key}={path} does not exist (needed at start)", file=sys.stderr)
+    try:
+        # Shards, manifest, loader package, weight files: before any model or engine exists.
+        check_run_inputs(cfg, source=args.config)
+    except ValueError as e:
+        return print_errors(e)
+    if args.validate:
         print(f"config {args.config}: OK", file=sys.stderr)
         return 0
     if os.environ.get("SPSR_TORCH_THREADS"):

@@ -1,0 +1,113 @@
+"""Checks of a run's inputs that need no model, no engine and no process group.
+
+``launch/train.py`` and ``launch/pretrain_nse.py`` (with and without ``--validate``) call
+:func:`check_run_inputs` right after the config loads, so a missing shard folder, an unreadable
+manifest, a loader package that is not installed or a missing weight file is reported in one
+``error:`` line per problem, with exit status 2, before the expensive start-up (building the
+models, DeepSpeed's engines and its one-off C++ op build). Tracebacks stay for real bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class PreflightError(ValueError):
+    """One or more inputs of a run are missing or unusable; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def data_problems(data: Any) -> list[str]:
+    """Shards exist (a make_shards folder needs a readable manifest), the loader is installed."""
+    from spsr_hpc.data.dali_loader import dali_missing_message
+    from spsr_hpc.data.loader import index_path, resolve_shards
+
+    problems = []
+    try:
+        shards = resolve_shards(data.shards)
+    except (ValueError, OSError) as e:
+        problems.append(str(e))
+        shards = []
+    if data.loader == "dali":
+        msg = dali_missing_message()
+        if msg:
+            problems.append(msg)
+        missing = [str(index_path(s)) for s in shards if not index_path(s).is_file()]
+        if missing:
+            problems.append(
+                f"data.loader=dali needs an index next to every shard; missing {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''} (make_shards writes them, or run DALI's wds2idx)"
+            )
+    return problems
+
+
+def _file_problem(key: str, path: str | None) -> str | None:
+    if path and not Path(path).expanduser().is_file():
+        return f"{key}={path} does not exist (needed at start)"
+    return None
+
+
+def weight_problems(cfg: Any) -> list[str]:
+    """Pretrained generator / NSE files and the VGG19 backbone of the perceptual loss (SR runs)."""
+    from spsr_hpc.weights import MissingWeightsError, resolve_backbone_weights
+
+    problems = []
+    model, loss = getattr(cfg, "model", None), getattr(cfg, "loss", None)
+    if model is not None:
+        problems.append(_file_problem("model.generator.pretrained", model.generator.pretrained))
+    if loss is not None and loss.needs_nse():
+        if not model.nse.pretrained:
+            problems.append(
+                f"loss.method={loss.method} uses structure losses and needs a pretrained NSE: set "
+                "model.nse.pretrained (launch/pretrain_nse.py writes one) or loss.no_structure_loss=true"
+            )
+        else:
+            problems.append(_file_problem("model.nse.pretrained", model.nse.pretrained))
+    if loss is not None and loss.needs_perceptual() and not cfg.perceptual.random_weights:
+        try:
+            resolve_backbone_weights("vgg19", cfg.perceptual.weights)
+        except MissingWeightsError as e:
+            problems.append(f"perceptual.weights: {e}")
+    return [p for p in problems if p]
+
+
+def launch_problems() -> list[str]:
+    """Several srun tasks that would all be rank 0 (see spsr_hpc.distributed.check_launch_env)."""
+    from spsr_hpc.distributed import check_launch_env
+
+    try:
+        check_launch_env()
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def run_input_problems(cfg: Any) -> list[str]:
+    """Every problem :func:`check_run_inputs` would report (an empty list when all is well)."""
+    return launch_problems() + data_problems(cfg.data) + weight_problems(cfg)
+
+
+def check_run_inputs(cfg: Any, *, source: str = "<config>") -> None:
+    """Raise :class:`PreflightError` (a ValueError) listing every missing or unusable input."""
+    problems = run_input_problems(cfg)
+    if problems:
+        raise PreflightError([f"{source}: {p}" for p in problems])
+
+
+def print_errors(exc: BaseException) -> int:
+    """Print ``error: <line>`` per problem on stderr (rank 0 only) and return exit status 2."""
+    from spsr_hpc.distributed import is_main_process
+
+    if is_main_process():
+        for line in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+    return 2
+
+
+__all__ = ["PreflightError", "check_run_inputs", "data_problems", "launch_problems", "print_errors",
+           "run_input_problems", "weight_problems"]
