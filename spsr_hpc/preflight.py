@@ -53,7 +53,7 @@ def _file_problem(key: str, path: str | None) -> str | None:
 
 
 def weight_problems(cfg: Any) -> list[str]:
-    """Pretrained generator / NSE files and the VGG19 backbone of the perceptual loss (SR runs)."""
+    """Pretrained generator / NSE files and the backbone of the perceptual loss (SR runs)."""
     from spsr_hpc.weights import MissingWeightsError, resolve_backbone_weights
 
     problems = []
@@ -70,7 +70,7 @@ def weight_problems(cfg: Any) -> list[str]:
             problems.append(_file_problem("model.nse.pretrained", model.nse.pretrained))
     if loss is not None and loss.needs_perceptual() and not cfg.perceptual.random_weights:
         try:
-            resolve_backbone_weights("vgg19", cfg.perceptual.weights)
+            resolve_backbone_weights(cfg.perceptual.backbone, cfg.perceptual.weights)
         except MissingWeightsError as e:
             problems.append(f"perceptual.weights: {e}")
     return [p for p in problems if p]
