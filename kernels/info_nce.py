@@ -866,29 +866,36 @@ def info_nce_chunked_fwd(
     """PyTorch twin of ``info_nce_fwd`` over (B, chunk_n, chunk_m) tiles of logits; several key
     tiles per anchor block are merged with logaddexp. Computes in p_hat's dtype (fp32, or fp64
     for gradcheck). Returns (lse, pos_logit), each (B, N)."""
-    B, N, d = p_hat.shape
+    B, N, _ = p_hat.shape
     M = k_hat.shape[1]
     mask = _TileMask(pos_index, crow, ccol, M, grid_width, radius)
     p_s = p_hat * scale
     k_t = k_hat.transpose(1, 2)
     lse = torch.empty((B, N), dtype=p_hat.dtype, device=p_hat.device)
+    pos_logit = torch.empty_like(lse)
     buf = torch.empty(B * chunk_n * chunk_m + 1, dtype=p_hat.dtype, device=p_hat.device)
     tile_lse = torch.empty((B, chunk_n), dtype=p_hat.dtype, device=p_hat.device)
     for n0 in range(0, N, chunk_n):
         n = min(N, n0 + chunk_n) - n0
-        out = lse[:, n0 : n0 + n]
+        out, pos_out = lse[:, n0 : n0 + n], pos_logit[:, n0 : n0 + n]
         for m0 in range(0, M, chunk_m):
             m = min(M, m0 + chunk_m) - m0
             s = buf[: B * n * m].view(B, n, m)
             torch.bmm(p_s[:, n0 : n0 + n], k_t[:, :, m0 : m0 + m], out=s)
+            # The positive logit is read from the tile (never removed), so with every negative
+            # removed the loss is exactly logsumexp([v]) - v = 0.
+            local = pos_index[:, n0 : n0 + n] - m0
+            val = s.gather(-1, local.clamp(0, m - 1)[..., None])[..., 0]
+            if m0 == 0 and m == M:
+                pos_out.copy_(val)
+            else:
+                pos_out.copy_(torch.where((local >= 0) & (local < m), val, pos_out))
             mask.apply(buf, s, n0, m0)
             if m0 == 0:
                 torch.logsumexp(s, -1, out=out)
             else:
                 torch.logsumexp(s, -1, out=tile_lse[:, :n])
                 torch.logaddexp(out, tile_lse[:, :n], out=out)
-    k_pos = torch.gather(k_hat, 1, pos_index[..., None].expand(-1, -1, d))
-    pos_logit = (p_s * k_pos).sum(-1)
     return lse, pos_logit
 
 
