@@ -141,7 +141,7 @@ def _info_nce_fwd_kernel(
     ccol_ptr,  # (B, N, C) int32 centre columns
     bound_ptr,  # (B, cdiv(N, BLOCK_N), 2) int32: min, max centre row of each anchor block
     lse_ptr,  # (B, N) fp32 out: natural-log LSE over kept keys (split: (B, SPLITS, N) partials)
-    nkept_ptr,  # split only: (B, SPLITS, N) int32 out, kept keys per split
+    nkept_ptr,  # split only: (B, SPLITS, N) int32 out, 1 where the split keeps at most the positive
     posl_ptr,  # (B, N) fp32 out: positive logit
     N,
     M,
@@ -196,7 +196,6 @@ def _info_nce_fwd_kernel(
     # A finite floor instead of -inf: a tile where a row has no kept key must not give inf - inf.
     m_i = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-    n_kept = tl.zeros([BLOCK_N], dtype=tl.int32)  # kept keys so far; 1 = only the positive
     m_start = split * keys_per_split
     m_end = tl.minimum(m_start + keys_per_split, M)
     for start_m in range(m_start, m_end, BLOCK_M):
@@ -208,34 +207,37 @@ def _info_nce_fwd_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(p, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        kept = m_mask[None, :] & (offs_n[:, None] >= 0)
+        s = tl.where(m_mask[None, :], s, float("-inf"))
         masked = False
         if HAS_EXCLUSION:
             masked = _tile_needs_mask(start_m, m_end, grid_width, radius, lo, hi, BLOCK_M)
+        # Only the logits leave the branch (a yielded 2-D mask would take a register per logit).
         if masked:
-            kept = kept & ~_removed(
+            removed = _removed(
                 offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
                 r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
             )  # fmt: skip
-            n_kept += tl.sum(kept.to(tl.int32), axis=1)
-        else:
-            n_kept += tl.minimum(m_end - start_m, BLOCK_M)
-        s = tl.where(kept, s, float("-inf"))
+            s = tl.where(removed, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    # Only the positive counted (every negative removed, or each below 2^-16 of it): the sum is
+    # then 1 and its max the positive, up to the rounding gap between the tile's logit and the
+    # gathered one. Snap the positive to the LSE so the loss is exactly 0 instead of that gap
+    # (the LSE itself stays as the backward expects it). A test on the sum, not a count of
+    # kept keys: a per-logit count would cost registers and instructions in every masked tile.
+    only_pos = (l_i <= 1.0000153) & (tl.abs(lse - pos_logit) <= 1e-3 * tl.maximum(tl.abs(pos_logit), 1.0))
     if SPLITS == 1:
-        # Every negative removed: the loss is exactly 0, not the rounding gap between the tile's
-        # logit and the gathered positive (the LSE itself stays as the backward expects it).
-        pos_logit = tl.where(n_kept <= 1, lse, pos_logit)
+        pos_logit = tl.where(only_pos, lse, pos_logit)
         tl.store(lse_ptr + pid_b * N + offs_n, lse, mask=n_mask)
     else:
-        # Partial LSE (-inf where the split kept nothing) and kept count of this key split;
-        # info_nce_fwd merges them (flash-decoding).
+        # Partial LSE (-inf where the split kept nothing) and whether the split holds nothing but
+        # (at most) the positive; info_nce_fwd merges them (flash-decoding).
         tl.store(lse_ptr + (pid_b * SPLITS + split) * N + offs_n, lse, mask=n_mask)
-        tl.store(nkept_ptr + (pid_b * SPLITS + split) * N + offs_n, n_kept, mask=n_mask)
+        flag = (only_pos | (l_i == 0.0)).to(tl.int32)
+        tl.store(nkept_ptr + (pid_b * SPLITS + split) * N + offs_n, flag, mask=n_mask)
     if split == 0:
         tl.store(posl_ptr + pid_b * N + offs_n, pos_logit, mask=n_mask)
 
@@ -306,14 +308,15 @@ def _info_nce_bwd_dp_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(p, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        kept = (m_mask[None, :]) & (n_mask[:, None])
+        s = tl.where(m_mask[None, :] & n_mask[:, None], s - lse_log2[:, None], float("-inf"))
         if HAS_EXCLUSION:  # noqa: SIM102 (compile-time branch around a run-time one)
             if _tile_needs_mask(start_m, M, grid_width, radius, lo, hi, BLOCK_M):
-                kept = kept & ~_removed(
+                removed = _removed(
                     offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
                     r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
                 )  # fmt: skip
-        prob = tl.where(kept, tl.exp2(s - lse_log2[:, None]), 0.0)
+                s = tl.where(removed, float("-inf"), s)
+        prob = tl.exp2(s)
         is_pos = offs_m[None, :] == pos[:, None]
         dlogit = g[:, None] * (prob - is_pos.to(tl.float32))
         if GRAD_BF16:
@@ -387,7 +390,7 @@ def _info_nce_bwd_dk_kernel(
         # g = 0 on padded anchors makes their (garbage) probabilities contribute nothing.
         g = tl.load(g_ptr + pid_b * N + offs_n, mask=n_mask, other=0.0)
         s = tl.dot(p, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        kept = (m_mask[None, :]) & (n_mask[:, None])
+        s = tl.where(m_mask[None, :] & n_mask[:, None], s - lse_log2[:, None], float("-inf"))
         if HAS_EXCLUSION:
             bound = bound_ptr + (pid_b * n_blocks + start_n // BLOCK_N) * 2
             lo = tl.load(bound)
@@ -399,11 +402,12 @@ def _info_nce_bwd_dk_kernel(
                 r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
                 r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
                 r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
-                kept = kept & ~_removed(
+                removed = _removed(
                     offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
                     r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
                 )  # fmt: skip
-        prob = tl.where(kept, tl.exp2(s - lse_log2[:, None]), 0.0)
+                s = tl.where(removed, float("-inf"), s)
+        prob = tl.exp2(s)
         is_pos = offs_m[None, :] == pos[:, None]
         dlogit = g[:, None] * (prob - is_pos.to(tl.float32))
         if GRAD_BF16:
@@ -581,7 +585,7 @@ def _block_sizes(N: int, M: int, d: int) -> tuple[int, int, int, int, int]:
         )
     # d is small (32 in the NSE): the loop is exp-bound, so wide anchor blocks amortise key loads.
     if block_d <= 64:
-        return 128, 64, block_d, 4, 3
+        return 128, 64, block_d, 8, 3
     # Wider rows: shared memory (ptxas, sm_90, fp32 tf32x3 operands, 4 exclusion centres) is the
     # limit, 227 KB per block: d=128 at 64x64 tiles needs 228 KB with 3 stages, 194 KB with 2;
     # d=256 at 32x32 with 1 stage 128 KB; d=512 at 16x16 with 1 stage 128 KB.
@@ -693,7 +697,7 @@ def info_nce_fwd(
         )  # fmt: skip
     if splits > 1:
         lse = torch.logsumexp(lse, dim=1)
-        pos_logit = torch.where(n_kept.sum(1) <= 1, lse, pos_logit)
+        pos_logit = torch.where(n_kept.amin(1) > 0, lse, pos_logit)
     return lse, pos_logit
 
 
@@ -728,8 +732,11 @@ def info_nce_bwd(
     dk = torch.empty_like(k_hat) if need_dk else k_hat.new_empty((0, d))
     block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
     if not interpreter_active():
-        # the backward holds a (BLOCK_N, BLOCK_D) fp32 accumulator and two tiles
+        # The backward holds a (BLOCK_N or BLOCK_M, BLOCK_D) fp32 accumulator besides two tiles:
+        # 64 anchors for d <= 64; for d = 128 32 x 32 tiles, as 64 x 64 spill (ptxas, sm_90).
         block_n = min(block_n, 64)
+        if block_d == 128:
+            block_n, block_m, stages = 32, 32, 1
     bounds = _block_bounds(crow, block_n) if has_excl else crow
     low = p_hat.dtype != torch.float32 and not interpreter_active()
     common = dict(

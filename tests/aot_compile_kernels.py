@@ -214,8 +214,9 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
         def run() -> None:
             B, H, W, N = 2, 12, 10, 50
             M = H * W
-            p = torch.randn(B, N, d).to(dtype)
-            k = torch.randn(B, M, d).to(dtype)
+            # Rows padded as InfoNCEFunction pads them (d=24 -> 32): the shipped configuration.
+            p = nce._pad_rows(torch.randn(B, N, d).to(dtype))
+            k = nce._pad_rows(torch.randn(B, M, d).to(dtype))
             pos = torch.randint(0, M, (B, N))
             crow = ccol = None
             radius = 0
@@ -236,16 +237,24 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
     # fp32 (tf32x3) d=128 with 4 exclusion centres: the widest tiles in shared memory; 3 pipeline
     # stages overflowed the 227 KB of an H100 block.
     cases.append(("info_nce torch.float32 d=128 exclusion=True", nce_case(torch.float32, 128, True)))
+    # d not a multiple of 16 (padded rows) and the wide rows that once spilled.
+    cases.append(("info_nce torch.bfloat16 d=24 exclusion=True", nce_case(torch.bfloat16, 24, True)))
+    cases.append(("info_nce torch.bfloat16 d=128 exclusion=True", nce_case(torch.bfloat16, 128, True)))
+    cases.append(("info_nce torch.float32 d=256 exclusion=True", nce_case(torch.float32, 256, True)))
+    cases.append(("info_nce torch.bfloat16 d=512 exclusion=True", nce_case(torch.bfloat16, 512, True)))
     return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=90, help="compute capability to target (90: H100)")
+    parser.add_argument("--only", default="", help="compile only the cases whose name contains this")
     args = parser.parse_args(argv)
     records = _install(args.cap)
     errors = 0
     for name, run in _cases():
+        if args.only not in name:
+            continue
         _CURRENT_CASE[0] = name
         try:
             run()
