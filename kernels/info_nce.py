@@ -42,9 +42,12 @@ REDUCTIONS = ("none", "mean", "sum")
 # Smallest default PyTorch tile (B · chunk_n · chunk_m logits): below this, per-op overhead
 # (dispatch, OpenMP fork/join, which a busy machine stretches) outweighs the cache benefit.
 TORCH_MIN_TILE_ELEMENTS = 1 << 16
-# Widest d the kernels take: the fp32 (tf32x3) tiles of wider rows overflow the 227 KB of shared
-# memory per block of an H100 even at 16-row tiles; "auto" sends wider inputs to the PyTorch path.
-MAX_KERNEL_DIM = 512
+# Widest d the kernels take, by input dtype: the widest rows whose every kernel compiles for sm_90
+# without register spills (launch/bench_kernels.py --static). fp32 runs its dots as tf32x3 (three
+# MMAs on split operands): at d = 128 its backward spills 136 B per thread even at 32 x 32 tiles.
+# 16-bit inputs compile spill-free up to 512; wider fp32 (tf32x3) tiles would also overflow the
+# 227 KB of shared memory per block. "auto" sends wider inputs to the PyTorch tile path.
+MAX_KERNEL_DIM = {torch.float32: 64, torch.float16: 512, torch.bfloat16: 512}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1200,11 +1203,11 @@ def info_nce(
         if backend == "triton":
             raise ValueError(f"{OP}: the Triton kernels take B <= 65535 images per call, got {pred.shape[0]}")
         path = "torch"
-    if path == "triton" and pred.shape[-1] > MAX_KERNEL_DIM:
+    if path == "triton" and pred.shape[-1] > MAX_KERNEL_DIM[pred.dtype]:
         if backend == "triton":
             raise ValueError(
-                f"{OP}: the Triton kernels take d <= {MAX_KERNEL_DIM}, got d={pred.shape[-1]}; "
-                "use backend='torch'"
+                f"{OP}: the Triton kernels take d <= {MAX_KERNEL_DIM[pred.dtype]} for {pred.dtype}, got "
+                f"d={pred.shape[-1]}; use bfloat16 inputs (up to 512) or backend='torch'"
             )
         path = "torch"
     if chunk_size is not None and (

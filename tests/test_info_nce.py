@@ -19,12 +19,23 @@ nce = importlib.import_module("spsr_kernels.info_nce")  # the module (the packag
 
 BACKENDS = ["triton", "torch"]
 TORCH_CHUNK = 7  # small and odd: anchors and keys both span several ragged tiles
+# Where the Triton kernels run: compiled on a CUDA device, else the interpreter on CPU tensors.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_kernel_device(x):
+    return x.to(KERNEL_DEVICE) if isinstance(x, torch.Tensor) else x
 
 
 def _run(backend: str, *args, **kwargs) -> torch.Tensor:
+    """info_nce on CPU inputs; the triton backend runs on KERNEL_DEVICE (copies in and out are
+    differentiable, so gradients reach the CPU leaves)."""
     if backend == "torch":
         kwargs.setdefault("chunk_size", TORCH_CHUNK)
-    return info_nce(*args, backend=backend, **kwargs)
+        return info_nce(*args, backend=backend, **kwargs)
+    args = [_on_kernel_device(a) for a in args]
+    kwargs = {k: _on_kernel_device(v) for k, v in kwargs.items()}
+    return info_nce(*args, backend=backend, **kwargs).cpu()
 
 
 def _make(B, N, H, W, d, C=0, dtype=torch.float32, device="cpu", seed=0):
@@ -250,7 +261,7 @@ def test_gradcheck_float64_torch_path():
 def test_float64_triton_is_rejected_and_auto_falls_back():
     pred, keys, pos, _ = _make(1, 3, 2, 2, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='torch'"):
-        info_nce(pred, keys, pos, backend="triton")
+        info_nce(*(t.to(KERNEL_DEVICE) for t in (pred, keys, pos)), backend="triton")
     got = info_nce(pred, keys, pos, backend="auto", reduction="none")
     assert got.dtype == torch.float64
     _assert_close("loss", got, info_nce_ref(pred, keys, pos, reduction="none"), 1e-12, 1e-12)
@@ -422,7 +433,7 @@ def test_backward_runs_only_the_kernels_asked_for(need, monkeypatch):
     monkeypatch.setattr(nce, skipped, Forbidden())
     leaf = (pred if need == "pred" else keys).clone().requires_grad_()
     args = (leaf, keys, pos) if need == "pred" else (pred, leaf, pos)
-    (grad,) = torch.autograd.grad(info_nce(*args, backend="triton", **kw), leaf)
+    (grad,) = torch.autograd.grad(_run("triton", *args, **kw), leaf)
     ref_leaf = leaf.detach().clone().requires_grad_()
     ref_args = (ref_leaf, keys, pos) if need == "pred" else (pred, ref_leaf, pos)
     (want,) = torch.autograd.grad(info_nce_ref(*ref_args, **kw), ref_leaf)
@@ -435,6 +446,7 @@ def test_split_key_forward_equals_plain():
     B, N, H, W, d = 2, 10, 12, 16, 16
     pred, keys, pos, centers = _make(B, N, H, W, d, C=3)
     centers[0, 0] = pos[0, 0]
+    pred, keys, pos, centers = (t.to(KERNEL_DEVICE) for t in (pred, keys, pos, centers))
     p_hat, k_hat = nce._normalize(pred)[0], nce._normalize(keys)[0]
     crow, ccol = nce._centre_grid(centers, W)
     plain = nce.info_nce_fwd(p_hat, k_hat, pos, crow, ccol, 64.0, W, 2, splits=1)

@@ -183,31 +183,33 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
 
 
 def append_rows(csv_name: str, rows: list[dict[str, object]]) -> Path:
-    """Append rows to benchmarks/results/<csv_name>, writing the header when the file is new."""
+    """Append rows to benchmarks/results/<csv_name>, writing the header when the file is new.
+
+    Columns are the union of the file's header and the rows' keys: a row without a column gets an
+    empty cell, and a row with a new column widens the file in place (earlier rows get empty
+    cells there). Rows can so be appended one at a time as they are measured.
+    """
     if not rows:
         return RESULTS_DIR / csv_name
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / csv_name
-    fields = list(rows[0].keys())
-    new = not path.exists()
-    if not new:
-        with path.open() as f:
-            existing = next(csv.reader(f), None)
-        if existing and existing != fields:
-            if set(existing) <= set(fields):
-                # Only new columns: widen the file in place (old rows get empty cells there).
-                with path.open(newline="") as f:
-                    old_rows = list(csv.DictReader(f))
-                with path.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=fields)
-                    writer.writeheader()
-                    writer.writerows(old_rows)
-            else:
-                # Columns removed or renamed: start a fresh file beside the old one.
-                path = path.with_name(path.stem + "_v2" + path.suffix)
-                new = not path.exists()
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            existing = next(csv.reader(f), [])
+        merged = existing + [k for k in fields if k not in existing]
+        if merged != existing:
+            with path.open(newline="") as f:
+                old_rows = list(csv.DictReader(f))
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=merged, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
+        fields, new = merged, False
+    else:
+        new = True
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -227,6 +227,12 @@ def bench_one(
     peak = common.sfu_peak(device)
     row["sfu_peak_per_s"] = peak
     row["sfu_fraction"] = row["exps_per_s_total"] / peak if peak else None
+    # Tensor-core work per fwd+bwd: the forward's P·Kᵀ, and in backward two recomputed P·Kᵀ (one
+    # per kernel) and the dP, dK products: 5 (B, N, M, d) matmuls of 2 flop per multiply-add.
+    tc_peak = common.tensor_peak(device, dtype)
+    flops = 5 * 2 * logits * d
+    row["tensor_peak_flop_per_s"] = tc_peak
+    row["tensor_fraction_total"] = flops / (t_q[1] * 1e-3) / tc_peak if tc_peak else None
     row["status"] = "ok"
     return row
 
@@ -372,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["cpu_load_1m"] = os.getloadavg()[0] if device.type == "cpu" else None
                 row["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
                 rows.append(row)
+                _write([row], args)  # at once: a later crash or time limit keeps this figure
                 print(
                     f"{provider:8s} B={B:<3d} N=M={N:<6d} {row.get('status')}"
                     + (f"  total p50 {row['total_ms_p50']:.1f} ms" if row.get("status") == "ok" else ""),
@@ -384,16 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     print(f"device: {prov['device']}  dtype: {args.dtype}  d={args.d}  radius={args.radius}  centres=3")
     print(common.format_table(rows, columns))
-    _write(rows, args)
+    if not args.no_csv:
+        print(f"appended {len(rows)} rows to {common.RESULTS_DIR / CSV_NAME}")
     return 0
 
 
 def _write(rows: list[dict[str, object]], args) -> None:
     if not args.no_csv:
-        # One schema for every row (a skipped row lacks the figures), stable across runs.
+        # FIELDS first (a skipped row lacks the figures), then any extra columns.
         fields = FIELDS + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in FIELDS]
-        path = common.append_rows(CSV_NAME, [{k: r.get(k) for k in fields} for r in rows])
-        print(f"appended {len(rows)} rows to {path}")
+        common.append_rows(CSV_NAME, [{k: r.get(k) for k in fields} for r in rows])
 
 
 def _main_interleaved(args, device, dtype, sizes, batches, prov) -> int:
@@ -407,16 +414,17 @@ def _main_interleaved(args, device, dtype, sizes, batches, prov) -> int:
         for B in batches:
             for N in sizes:
                 args_n = (B, N, args.d, args.radius, dtype, device, args, baseline)
-                for row in bench_interleaved(providers, *args_n):
+                done = bench_interleaved(providers, *args_n)
+                for row in done:
                     row.update(prov)
                     row["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
-                    rows.append(row)
+                _write(done, args)
+                rows += done
     columns = ["provider", "B", "N", "total_ms_p20", "total_ms_p50", "total_ms_p80", "speedup_vs_naive",
                "cpu_load_1m", "load_threads"]  # fmt: skip
     print(f"device: {prov['device']}  dtype: {args.dtype}  d={args.d}  radius={args.radius}  centres=3  "
           f"threads={torch.get_num_threads()}  competing load threads={args.load_threads}")  # fmt: skip
     print(common.format_table(rows, columns))
-    _write(rows, args)
     return 0
 
 
