@@ -70,8 +70,11 @@ def _static_rows(records: list[dict]) -> list[dict]:
 def run_static(no_csv: bool) -> int:
     """Compile every shipped configuration for sm_90 and report what the SASS shows."""
     sys.path.insert(0, str(REPO))
+    import torch
+
     from spsr_hpc.bench import common
 
+    prov = common.provenance(torch.device("cpu"))  # before the (minutes-long) compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = REPO / "tests" / "aot_compile_kernels.py"
     proc = subprocess.run([sys.executable, str(script), "--sass"], env=env, capture_output=True, text=True)
@@ -84,9 +87,6 @@ def run_static(no_csv: bool) -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
     rows = _static_rows(records)
-    import torch
-
-    prov = common.provenance(torch.device("cpu"))
     columns = list(rows[0])
     table = common.format_table(rows, columns)
     header = (
