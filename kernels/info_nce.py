@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -37,11 +38,16 @@ from ._utils import BACKENDS, check_float, check_same_device, interpreter_active
 OP = "info_nce"
 NORM_EPS = 1e-6  # vectors shorter than this are divided by NORM_EPS instead (zero vectors stay finite)
 REDUCTIONS = ("none", "mean", "sum")
-# Work budget of one PyTorch tile (B · chunk_n · chunk_m logits, fp32): 2 MB per temporary.
-TORCH_TILE_ELEMENTS = 1 << 19
-# Widest d the kernels take: the fp32 (tf32x3) tiles of wider rows overflow the 227 KB of shared
-# memory per block of an H100 even at 16-row tiles; "auto" sends wider inputs to the PyTorch path.
-MAX_KERNEL_DIM = 512
+# Smallest default PyTorch tile (B · chunk_n · chunk_m logits): below this, per-op overhead
+# (dispatch, OpenMP fork/join, which a busy machine stretches) outweighs the cache benefit.
+TORCH_MIN_TILE_ELEMENTS = 1 << 16
+# Widest d the kernels take, by input dtype: the widest rows whose every kernel compiles for sm_90
+# without register spills (launch/bench_kernels.py --static). fp32 runs its dots as tf32x3 (three
+# MMAs on split operands): its dK backward spills at d = 64 (8 B per thread) and at d = 128
+# (48-136 B even at 32 x 32 tiles). 16-bit inputs compile spill-free up to 512; wider fp32
+# (tf32x3) tiles would also overflow the 227 KB of shared memory per block. "auto" sends wider
+# inputs to the PyTorch tile path.
+MAX_KERNEL_DIM = {torch.float32: 32, torch.float16: 512, torch.bfloat16: 512}
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,44 +55,65 @@ MAX_KERNEL_DIM = 512
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _tile_exclusion(
-    kept,
-    offs_n,
-    offs_m,
-    pos,
-    n_mask,
-    crow_ptr,
-    ccol_ptr,
-    grid_width,
-    radius,
-    NUM_CENTERS: tl.constexpr,
-):
-    """Remove keys near any exclusion centre of each anchor (except the positive) from ``kept``.
+# Grid rows/columns of padded anchors and missing centres: far from every key, and far enough
+# from int32's ends that the unsigned near-tests below cannot wrap.
+_FAR = -(1 << 30)
 
-    crow/ccol point at this image's (N, NUM_CENTERS) int32 centre rows/columns.
-    """
+
+@triton.jit
+def _centre_corner(crow_ptr, ccol_ptr, offs_n, n_mask, radius, c: tl.constexpr, NUM_CENTERS: tl.constexpr):
+    """Top-left (row, col) of centre c's excluded square, per anchor ((BLOCK_N,) int32 each);
+    _FAR for padded anchors and for c >= NUM_CENTERS."""
+    if c < NUM_CENTERS:
+        row = tl.load(crow_ptr + offs_n * NUM_CENTERS + c, mask=n_mask, other=-(1 << 30)) - (radius - 1)
+        col = tl.load(ccol_ptr + offs_n * NUM_CENTERS + c, mask=n_mask, other=-(1 << 30)) - (radius - 1)
+    else:
+        row = tl.full(offs_n.shape, -(1 << 30), tl.int32)
+        col = tl.full(offs_n.shape, -(1 << 30), tl.int32)
+    return row, col
+
+
+@triton.jit
+def _near(key_row, key_col, row0, col0, span):
+    """(BLOCK_N, BLOCK_M): key within the square [row0, row0+span) x [col0, col0+span), as two
+    unsigned range tests (one subtract and one compare per axis)."""
+    dr = (key_row[None, :] - row0[:, None]).to(tl.uint32, bitcast=True)
+    dc = (key_col[None, :] - col0[:, None]).to(tl.uint32, bitcast=True)
+    return (dr < span) & (dc < span)
+
+
+@triton.jit
+def _removed(
+    offs_m, pos, offs_n, n_mask, crow_ptr, ccol_ptr, grid_width, radius,
+    r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_N, BLOCK_M) bool: keys removed for each anchor — within Chebyshev distance < radius
+    of one of its centres, the positive excepted. The first four centres' corners come in
+    registers (loaded once before the key loop); any further centres are loaded here."""
     key_row = offs_m // grid_width
-    key_col = offs_m % grid_width
-    # Cheap tile-level test first: most tiles are far from every centre, and the per-logit mask
-    # (several integer ops per centre) would otherwise cost more than the exponentials.
-    row_lo = tl.min(key_row, axis=0)
-    row_hi = tl.max(key_row, axis=0)
-    hit = tl.zeros_like(offs_n)
-    for c in tl.static_range(NUM_CENTERS):
-        cr = tl.load(crow_ptr + offs_n * NUM_CENTERS + c, mask=n_mask, other=-(1 << 30))
-        hit = hit | ((cr > row_lo - radius) & (cr < row_hi + radius)).to(offs_n.dtype)
-    if tl.max(hit, axis=0) > 0:
-        excluded = (offs_n[:, None] < 0) & (offs_m[None, :] < 0)
-        for c in tl.static_range(NUM_CENTERS):
-            cr = tl.load(crow_ptr + offs_n * NUM_CENTERS + c, mask=n_mask, other=-(1 << 30))
-            cc = tl.load(ccol_ptr + offs_n * NUM_CENTERS + c, mask=n_mask, other=-(1 << 30))
-            near_r = tl.abs(key_row[None, :] - cr[:, None]) < radius
-            near_c = tl.abs(key_col[None, :] - cc[:, None]) < radius
-            excluded = excluded | (near_r & near_c)
-        is_pos = offs_m[None, :] == pos[:, None]
-        kept = kept & ((excluded == 0) | is_pos)
-    return kept
+    key_col = offs_m - key_row * grid_width
+    span = (2 * radius - 1).to(tl.uint32)
+    rem = _near(key_row, key_col, r0, c0, span)
+    if NUM_CENTERS > 1:
+        rem = rem | _near(key_row, key_col, r1, c1, span)
+    if NUM_CENTERS > 2:
+        rem = rem | _near(key_row, key_col, r2, c2, span)
+    if NUM_CENTERS > 3:
+        rem = rem | _near(key_row, key_col, r3, c3, span)
+    for c in tl.static_range(4, NUM_CENTERS):
+        rc, cc = _centre_corner(crow_ptr, ccol_ptr, offs_n, n_mask, radius, c, NUM_CENTERS)
+        rem = rem | _near(key_row, key_col, rc, cc, span)
+    return rem & (offs_m[None, :] != pos[:, None])
+
+
+@triton.jit
+def _tile_needs_mask(start_m, M, grid_width, radius, lo, hi, BLOCK_M: tl.constexpr):
+    """Scalar test: can any key of the tile [start_m, start_m + BLOCK_M) be within `radius` rows
+    of a centre row in [lo, hi] (the anchor block's bounds, precomputed)? No reductions, no
+    barriers: most tiles are far from every centre and skip the per-logit mask."""
+    row_lo = start_m // grid_width
+    row_hi = (tl.minimum(start_m + BLOCK_M, M) - 1) // grid_width
+    return (row_hi > lo - radius) & (row_lo < hi + radius)
 
 
 @triton.jit
@@ -100,13 +127,24 @@ def _normalize_backward_tile(dxhat, xhat, norm):
 
 
 @triton.jit
+def _store_grad(ptr, offs, mask, grad, SATURATE: tl.constexpr):
+    """Store in the output dtype; fp16 saturates at its largest finite value (the 1/eps gradient
+    of a zero vector would otherwise be inf)."""
+    if SATURATE:
+        grad = tl.minimum(tl.maximum(grad, -65504.0), 65504.0)
+    tl.store(ptr + offs, grad.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _info_nce_fwd_kernel(
-    p_ptr,  # (B, N, d) normalised predictions
-    k_ptr,  # (B, M, d) normalised keys
+    p_ptr,  # (B, N, D) normalised predictions
+    k_ptr,  # (B, M, D) normalised keys
     pos_ptr,  # (B, N) int64
     crow_ptr,  # (B, N, C) int32 centre rows (unused without exclusion)
     ccol_ptr,  # (B, N, C) int32 centre columns
-    lse_ptr,  # (B, N) fp32 out: natural-log LSE over kept keys
+    bound_ptr,  # (B, cdiv(N, BLOCK_N), 2) int32: min, max centre row of each anchor block
+    lse_ptr,  # (B, N) fp32 out: natural-log LSE over kept keys (split: (B, SPLITS, N) partials)
+    nkept_ptr,  # split only: (B, SPLITS, N) int32 out, 1 where the split keeps at most the positive
     posl_ptr,  # (B, N) fp32 out: positive logit
     N,
     M,
@@ -114,20 +152,24 @@ def _info_nce_fwd_kernel(
     grid_width,
     radius,
     scale,
+    keys_per_split,  # keys each program of a split-key launch covers (M without a split)
     HAS_EXCLUSION: tl.constexpr,
     NUM_CENTERS: tl.constexpr,
+    SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D == BLOCK_D: rows need no column mask (full, aligned vector loads)
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < N
-    d_mask = offs_d < D
+    d_mask = offs_d < D if not EVEN_D else offs_d < BLOCK_D
     p_base = p_ptr + pid_b * N * D
     k_base = k_ptr + pid_b * M * D
 
@@ -139,6 +181,13 @@ def _info_nce_fwd_kernel(
     pos = tl.load(pos_ptr + pid_b * N + offs_n, mask=n_mask, other=0)
     crow_base = crow_ptr + pid_b * N * NUM_CENTERS
     ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
+    r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
+    r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
+    r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
+    r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
+    bound = bound_ptr + (pid_b * tl.num_programs(0) + pid_n) * 2
+    lo = tl.load(bound)
+    hi = tl.load(bound + 1)
 
     # Positive logit from a gathered key row, in fp32.
     k_pos = tl.load(
@@ -150,28 +199,50 @@ def _info_nce_fwd_kernel(
     # A finite floor instead of -inf: a tile where a row has no kept key must not give inf - inf.
     m_i = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start_m in range(0, M, BLOCK_M):
+    m_start = split * keys_per_split
+    m_end = tl.minimum(m_start + keys_per_split, M)
+    for start_m in range(m_start, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
+        m_mask = offs_m < m_end
         k = tl.load(
             k_base + offs_m[:, None] * D + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
         )
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(p, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        kept = (m_mask[None, :]) & (offs_n[:, None] >= 0)
+        s = tl.where(m_mask[None, :], s, float("-inf"))
+        masked = False
         if HAS_EXCLUSION:
-            kept = _tile_exclusion(
-                kept, offs_n, offs_m, pos, n_mask, crow_base, ccol_base, grid_width, radius, NUM_CENTERS
-            )
-        s = tl.where(kept, s, float("-inf"))
+            masked = _tile_needs_mask(start_m, m_end, grid_width, radius, lo, hi, BLOCK_M)
+        # Only the logits leave the branch (a yielded 2-D mask would take a register per logit).
+        if masked:
+            removed = _removed(
+                offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
+                r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
+            )  # fmt: skip
+            s = tl.where(removed, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(lse_ptr + pid_b * N + offs_n, lse, mask=n_mask)
-    tl.store(posl_ptr + pid_b * N + offs_n, pos_logit, mask=n_mask)
+    # Only the positive counted (every negative removed, or each below 2^-16 of it): the sum is
+    # then 1 and its max the positive, up to the rounding gap between the tile's logit and the
+    # gathered one. Snap the positive to the LSE so the loss is exactly 0 instead of that gap
+    # (the LSE itself stays as the backward expects it). A test on the sum, not a count of
+    # kept keys: a per-logit count would cost registers and instructions in every masked tile.
+    only_pos = (l_i <= 1.0000153) & (tl.abs(lse - pos_logit) <= 1e-3 * tl.maximum(tl.abs(pos_logit), 1.0))
+    if SPLITS == 1:
+        pos_logit = tl.where(only_pos, lse, pos_logit)
+        tl.store(lse_ptr + pid_b * N + offs_n, lse, mask=n_mask)
+    else:
+        # Partial LSE (-inf where the split kept nothing) and whether the split holds nothing but
+        # (at most) the positive; info_nce_fwd merges them (flash-decoding).
+        tl.store(lse_ptr + (pid_b * SPLITS + split) * N + offs_n, lse, mask=n_mask)
+        flag = (only_pos | (l_i == 0.0)).to(tl.int32)
+        tl.store(nkept_ptr + (pid_b * SPLITS + split) * N + offs_n, flag, mask=n_mask)
+    if split == 0:
+        tl.store(posl_ptr + pid_b * N + offs_n, pos_logit, mask=n_mask)
 
 
 @triton.jit
@@ -181,10 +252,11 @@ def _info_nce_bwd_dp_kernel(
     pos_ptr,
     crow_ptr,
     ccol_ptr,
+    bound_ptr,
     lse_ptr,
     g_ptr,  # (B, N) fp32 upstream gradient of the per-anchor loss
     pnorm_ptr,  # (B, N) fp32 norms of the raw predictions, clamped at NORM_EPS
-    dp_ptr,  # (B, N, d) out, input dtype: gradient wrt the raw predictions
+    dp_ptr,  # (B, N, D) out, input dtype: gradient wrt the raw predictions
     N,
     M,
     D,
@@ -196,16 +268,19 @@ def _info_nce_bwd_dp_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     GRAD_PRECISION: tl.constexpr,
+    GRAD_BF16: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < N
-    d_mask = offs_d < D
+    d_mask = offs_d < D if not EVEN_D else offs_d < BLOCK_D
     nd_mask = n_mask[:, None] & d_mask[None, :]
     k_base = k_ptr + pid_b * M * D
 
@@ -217,6 +292,13 @@ def _info_nce_bwd_dp_kernel(
     g = tl.load(g_ptr + pid_b * N + offs_n, mask=n_mask, other=0.0)
     crow_base = crow_ptr + pid_b * N * NUM_CENTERS
     ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
+    r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
+    r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
+    r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
+    r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
+    bound = bound_ptr + (pid_b * tl.num_programs(0) + pid_n) * 2
+    lo = tl.load(bound)
+    hi = tl.load(bound + 1)
 
     scale_log2 = scale * 1.4426950408889634
     dp = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -229,23 +311,26 @@ def _info_nce_bwd_dp_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(p, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        kept = (m_mask[None, :]) & (n_mask[:, None])
-        if HAS_EXCLUSION:
-            kept = _tile_exclusion(
-                kept, offs_n, offs_m, pos, n_mask, crow_base, ccol_base, grid_width, radius, NUM_CENTERS
-            )
-        prob = tl.where(kept, tl.exp2(s - lse_log2[:, None]), 0.0)
+        s = tl.where(m_mask[None, :] & n_mask[:, None], s - lse_log2[:, None], float("-inf"))
+        if HAS_EXCLUSION:  # noqa: SIM102 (compile-time branch around a run-time one)
+            if _tile_needs_mask(start_m, M, grid_width, radius, lo, hi, BLOCK_M):
+                removed = _removed(
+                    offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
+                    r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
+                )  # fmt: skip
+                s = tl.where(removed, float("-inf"), s)
+        prob = tl.exp2(s)
         is_pos = offs_m[None, :] == pos[:, None]
         dlogit = g[:, None] * (prob - is_pos.to(tl.float32))
-        # fp32 operands: g·(softmax − one-hot) is ~1/(B·N) under a mean, subnormal in fp16.
-        dp += tl.dot(dlogit, k.to(tl.float32), input_precision=GRAD_PRECISION)
+        if GRAD_BF16:
+            # bf16 operands: g·(softmax − one-hot) is ~1/(B·N) under a mean, and bf16 keeps
+            # fp32's exponent range (fp16 would flush it to subnormals; fp16 stays on tf32).
+            dp += tl.dot(dlogit.to(tl.bfloat16), k)
+        else:
+            dp += tl.dot(dlogit, k.to(tl.float32), input_precision=GRAD_PRECISION)
     norm = tl.load(pnorm_ptr + pid_b * N + offs_n, mask=n_mask, other=1.0)
     dp = _normalize_backward_tile(dp * scale, p.to(tl.float32), norm)
-    tl.store(
-        dp_ptr + pid_b * N * D + offs_n[:, None] * D + offs_d[None, :],
-        dp.to(dp_ptr.dtype.element_ty),
-        mask=nd_mask,
-    )
+    _store_grad(dp_ptr + pid_b * N * D, offs_n[:, None] * D + offs_d[None, :], nd_mask, dp, SATURATE)
 
 
 @triton.jit
@@ -255,10 +340,11 @@ def _info_nce_bwd_dk_kernel(
     pos_ptr,
     crow_ptr,
     ccol_ptr,
+    bound_ptr,  # (B, cdiv(N, BLOCK_N), 2) int32 per anchor tile of this kernel's loop
     lse_ptr,
     g_ptr,
     knorm_ptr,  # (B, M) fp32 norms of the raw keys, clamped at NORM_EPS
-    dk_ptr,  # (B, M, d) out, input dtype: gradient wrt the raw keys
+    dk_ptr,  # (B, M, D) out, input dtype: gradient wrt the raw keys
     N,
     M,
     D,
@@ -270,20 +356,24 @@ def _info_nce_bwd_dk_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     GRAD_PRECISION: tl.constexpr,
+    GRAD_BF16: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < M
-    d_mask = offs_d < D
+    d_mask = offs_d < D if not EVEN_D else offs_d < BLOCK_D
     md_mask = m_mask[:, None] & d_mask[None, :]
     p_base = p_ptr + pid_b * N * D
     crow_base = crow_ptr + pid_b * N * NUM_CENTERS
     ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
+    n_blocks = tl.cdiv(N, BLOCK_N)
 
     k = tl.load(k_ptr + pid_b * M * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
     if DOT_FP32:
@@ -303,22 +393,33 @@ def _info_nce_bwd_dk_kernel(
         # g = 0 on padded anchors makes their (garbage) probabilities contribute nothing.
         g = tl.load(g_ptr + pid_b * N + offs_n, mask=n_mask, other=0.0)
         s = tl.dot(p, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        kept = (m_mask[None, :]) & (n_mask[:, None])
+        s = tl.where(m_mask[None, :] & n_mask[:, None], s - lse_log2[:, None], float("-inf"))
         if HAS_EXCLUSION:
-            kept = _tile_exclusion(
-                kept, offs_n, offs_m, pos, n_mask, crow_base, ccol_base, grid_width, radius, NUM_CENTERS
-            )
-        prob = tl.where(kept, tl.exp2(s - lse_log2[:, None]), 0.0)
+            bound = bound_ptr + (pid_b * n_blocks + start_n // BLOCK_N) * 2
+            lo = tl.load(bound)
+            hi = tl.load(bound + 1)
+            if _tile_needs_mask(pid_m * BLOCK_M, M, grid_width, radius, lo, hi, BLOCK_M):
+                # Anchors change every iteration here, so their centres are loaded per tile
+                # (only for the few tiles near a centre).
+                r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
+                r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
+                r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
+                r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
+                removed = _removed(
+                    offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
+                    r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
+                )  # fmt: skip
+                s = tl.where(removed, float("-inf"), s)
+        prob = tl.exp2(s)
         is_pos = offs_m[None, :] == pos[:, None]
         dlogit = g[:, None] * (prob - is_pos.to(tl.float32))
-        dk += tl.dot(tl.trans(dlogit), p.to(tl.float32), input_precision=GRAD_PRECISION)
+        if GRAD_BF16:
+            dk += tl.dot(tl.trans(dlogit.to(tl.bfloat16)), p)
+        else:
+            dk += tl.dot(tl.trans(dlogit), p.to(tl.float32), input_precision=GRAD_PRECISION)
     norm = tl.load(knorm_ptr + pid_b * M + offs_m, mask=m_mask, other=1.0)
     dk = _normalize_backward_tile(dk * scale, k.to(tl.float32), norm)
-    tl.store(
-        dk_ptr + pid_b * M * D + offs_m[:, None] * D + offs_d[None, :],
-        dk.to(dk_ptr.dtype.element_ty),
-        mask=md_mask,
-    )
+    _store_grad(dk_ptr + pid_b * M * D, offs_m[:, None] * D + offs_d[None, :], md_mask, dk, SATURATE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +465,9 @@ def _validate(
     if tuple(pos_index.shape) != (B, N):
         raise ValueError(f"{OP}: pos_index must be (B, N) = {(B, N)}, got {tuple(pos_index.shape)}")
     tensors = {"pred": pred, "keys": keys, "pos_index": pos_index}
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if isinstance(scale, bool) or not (
+        isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+    ):
         raise ValueError(f"{OP}: scale must be a finite positive number, got {scale!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction={reduction!r} is not one of {REDUCTIONS}")
@@ -406,8 +509,18 @@ def _validate(
                 "(keys are one H x W map flattened row-major, M = H * W)"
             )
     check_same_device(OP, **tensors)
-    # Range checks read the data (a device sync on CUDA); skipped while torch.compile traces.
-    if not torch.compiler.is_compiling():
+    # Range checks read the data. On CUDA they are device-side asserts (no host sync, so CUDA-graph
+    # capture works; a bad index fails at the next synchronisation); on CPU clear ValueErrors.
+    # Skipped while torch.compile traces.
+    if torch.compiler.is_compiling():
+        return has_exclusion
+    if pred.is_cuda:
+        ok = (pos_index.min() >= 0) & (pos_index.max() < M)
+        torch._assert_async(ok, f"{OP}: pos_index values must be in [0, M={M})")
+        if exclude_centers is not None and exclude_centers.numel():
+            ok = (exclude_centers.min() >= 0) & (exclude_centers.max() < M)
+            torch._assert_async(ok, f"{OP}: exclude_centers values must be grid indices in [0, M={M})")
+    else:
         # One host transfer for all four bounds: each int(tensor) would be its own sync.
         bounds = [pos_index.min(), pos_index.max()]
         if exclude_centers is not None and exclude_centers.numel():
@@ -426,10 +539,24 @@ def _validate(
 
 
 def _normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., d) → (x̂ fp32, norm (..., 1) fp32 clamped at NORM_EPS)."""
+    """x (..., d) → (x̂ fp32, norm (..., 1) fp32 clamped at NORM_EPS).
+
+    The norm is taken of x / max|x| (then scaled back), so |x| up to fp32's maximum neither
+    overflows in the squares nor underflows: x̂ stays exact where the plain formula gives 0/inf.
+    """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return xf / norm, norm
+    peak = xf.abs().amax(-1, keepdim=True)
+    xs = xf / torch.where(peak > 0, peak, torch.ones_like(peak))
+    norm_s = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)  # in [1, sqrt(d)], or 0
+    norm = (norm_s * peak).clamp_min(NORM_EPS)
+    return torch.where(norm > NORM_EPS, xs / norm_s.clamp_min(1.0), xf / NORM_EPS), norm
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, n, d) contiguous, zero-padded to d' = the kernels' BLOCK_D (a power of two >= 16)."""
+    d = x.shape[-1]
+    width = max(16, triton.next_power_of_2(d))
+    return torch.nn.functional.pad(x, (0, width - d)).contiguous() if width != d else x.contiguous()
 
 
 def _normalize_backward(dxhat: torch.Tensor, xhat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -461,7 +588,7 @@ def _block_sizes(N: int, M: int, d: int) -> tuple[int, int, int, int, int]:
         )
     # d is small (32 in the NSE): the loop is exp-bound, so wide anchor blocks amortise key loads.
     if block_d <= 64:
-        return 128, 64, block_d, 4, 3
+        return 128, 64, block_d, 8, 3
     # Wider rows: shared memory (ptxas, sm_90, fp32 tf32x3 operands, 4 exclusion centres) is the
     # limit, 227 KB per block: d=128 at 64x64 tiles needs 228 KB with 3 stages, 194 KB with 2;
     # d=256 at 32x32 with 1 stage 128 KB; d=512 at 16x16 with 1 stage 128 KB.
@@ -495,6 +622,41 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _num_sms(device: torch.device) -> int:
+    """SMs of the device; 0 in the interpreter (no split-key launches there: each program costs
+    milliseconds) and off CUDA."""
+    if interpreter_active() or device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _key_splits(programs: int, M: int, block_m: int, num_sms: int) -> int:
+    """Key splits of the forward (flash-decoding): 1 unless the (anchor block, image) grid has
+    fewer programs than the GPU has SMs; then enough splits for ~2 programs per SM, each split
+    keeping at least 8 key tiles so the partial-LSE merge stays negligible."""
+    if programs >= num_sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, programs), M // (8 * block_m)))
+
+
+def _block_bounds(crow: torch.Tensor, block_n: int) -> torch.Tensor:
+    """(B, cdiv(N, block_n), 2) int32: lowest and highest centre row of each anchor block, for
+    the kernels' scalar test of which key tiles need the exclusion mask."""
+    B, N, _ = crow.shape
+    pad = triton.cdiv(N, block_n) * block_n - N
+    lo = torch.nn.functional.pad(crow.amin(-1), (0, pad), value=1 << 30).view(B, -1, block_n).amin(-1)
+    hi = torch.nn.functional.pad(crow.amax(-1), (0, pad), value=-(1 << 30)).view(B, -1, block_n).amax(-1)
+    return torch.stack([lo, hi], dim=-1).contiguous()
+
+
+def _launch_setup(pos_index, crow, ccol, radius, M, grid_width):
+    has_excl = crow is not None and radius > 0
+    if not has_excl:
+        crow = ccol = pos_index.new_zeros((1, 1, 1), dtype=torch.int32)  # never read
+    radius = _effective_radius(radius, M, grid_width) if has_excl else 0
+    return has_excl, crow, ccol, radius, (crow.shape[-1] if has_excl else 1)
+
+
 def info_nce_fwd(
     p_hat: torch.Tensor,
     k_hat: torch.Tensor,
@@ -504,32 +666,41 @@ def info_nce_fwd(
     scale: float,
     grid_width: int,
     radius: int,
+    splits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on normalised inputs.
 
-    p_hat: (B, N, d), k_hat: (B, M, d) contiguous, fp32/fp16/bf16; pos_index (B, N) int64;
-    crow/ccol: (B, N, C) int32 centre rows/columns or None (no exclusion).
+    p_hat: (B, N, d), k_hat: (B, M, d) contiguous, fp32/fp16/bf16 (rows padded to a power of two
+    >= 16 load as full vectors); pos_index (B, N) int64; crow/ccol: (B, N, C) int32 centre
+    rows/columns or None (no exclusion). splits: key splits (0: ``_key_splits``'s choice).
     Returns (lse, pos_logit), each (B, N) fp32.
     """
     B, N, d = p_hat.shape
     M = k_hat.shape[1]
-    has_excl = crow is not None and radius > 0
-    if not has_excl:
-        crow = ccol = pos_index  # never read; any pointer will do
-    num_centers = crow.shape[-1] if has_excl else 1
-    lse = torch.empty((B, N), dtype=torch.float32, device=p_hat.device)
-    pos_logit = torch.empty_like(lse)
+    has_excl, crow, ccol, radius, num_centers = _launch_setup(pos_index, crow, ccol, radius, M, grid_width)
     block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
-    grid = (triton.cdiv(N, block_n), B)
+    programs = triton.cdiv(N, block_n) * B
+    if B > 65535:
+        raise ValueError(f"{OP}: the kernels take B <= 65535 images per call (grid y), got B={B}")
+    splits = splits or _key_splits(programs, M, block_m, _num_sms(p_hat.device))
+    keys_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, keys_per_split)
+    bounds = _block_bounds(crow, block_n) if has_excl else crow
+    pos_logit = torch.empty((B, N), dtype=torch.float32, device=p_hat.device)
+    lse = torch.empty((B, splits, N) if splits > 1 else (B, N), dtype=torch.float32, device=p_hat.device)
+    n_kept = torch.empty((B, splits, N), dtype=torch.int32, device=p_hat.device) if splits > 1 else lse
     with _on_device(p_hat):
-        _info_nce_fwd_kernel[grid](
-            p_hat, k_hat, pos_index, crow, ccol, lse, pos_logit,
-            N, M, d, max(grid_width, 1), radius, float(scale),
-            HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers,
-            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        _info_nce_fwd_kernel[(triton.cdiv(N, block_n), B, splits)](
+            p_hat, k_hat, pos_index, crow, ccol, bounds, lse, n_kept, pos_logit,
+            N, M, d, max(grid_width, 1), radius, float(scale), keys_per_split,
+            HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers, SPLITS=splits,
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=d == block_d,
             DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype),
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
+    if splits > 1:
+        lse = torch.logsumexp(lse, dim=1)
+        pos_logit = torch.where(n_kept.amin(1) > 0, lse, pos_logit)
     return lse, pos_logit
 
 
@@ -546,8 +717,11 @@ def info_nce_bwd(
     scale: float,
     grid_width: int,
     radius: int,
+    need_dp: bool = True,
+    need_dk: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients wrt the raw inputs, (dpred (B, N, d), dkeys (B, M, d)) in p_hat's dtype.
+    """Gradients wrt the raw inputs, (dpred (B, N, d), dkeys (B, M, d)) in p_hat's dtype; a
+    gradient not asked for (need_dp / need_dk False) is not computed and comes back empty (0, d).
 
     p_norm (B, N), k_norm (B, M): fp32 norms of the raw vectors clamped at NORM_EPS (the
     normalisation's backward is fused into the kernels' epilogues); grad: (B, N) fp32, the
@@ -555,82 +729,136 @@ def info_nce_bwd(
     """
     B, N, d = p_hat.shape
     M = k_hat.shape[1]
-    has_excl = crow is not None and radius > 0
-    if not has_excl:
-        crow = ccol = pos_index
-    num_centers = crow.shape[-1] if has_excl else 1
+    has_excl, crow, ccol, radius, num_centers = _launch_setup(pos_index, crow, ccol, radius, M, grid_width)
     grad = grad.float().contiguous()
-    dp = torch.empty_like(p_hat)
-    dk = torch.empty_like(k_hat)
+    dp = torch.empty_like(p_hat) if need_dp else p_hat.new_empty((0, d))
+    dk = torch.empty_like(k_hat) if need_dk else k_hat.new_empty((0, d))
     block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
     if not interpreter_active():
-        # the backward holds a (BLOCK_N, BLOCK_D) fp32 accumulator and two tiles
+        # The backward holds a (BLOCK_N or BLOCK_M, BLOCK_D) fp32 accumulator besides two tiles:
+        # 64 anchors for d <= 64; for d = 128 32 x 32 tiles, as 64 x 64 spill (ptxas, sm_90).
         block_n = min(block_n, 64)
+        if block_d == 128:
+            block_n, block_m, stages = 32, 32, 1
+    bounds = _block_bounds(crow, block_n) if has_excl else crow
+    low = p_hat.dtype != torch.float32 and not interpreter_active()
     common = dict(
         HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers,
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=d == block_d,
         DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype),
-        GRAD_PRECISION=_grad_precision(p_hat.dtype), num_warps=warps, num_stages=stages,
+        GRAD_PRECISION=_grad_precision(p_hat.dtype), GRAD_BF16=low and p_hat.dtype == torch.bfloat16,
+        SATURATE=p_hat.dtype == torch.float16, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     args = (N, M, d, max(grid_width, 1), radius, float(scale))
     with _on_device(p_hat):
-        _info_nce_bwd_dp_kernel[(triton.cdiv(N, block_n), B)](
-            p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, dp, *args, **common
-        )
-        _info_nce_bwd_dk_kernel[(triton.cdiv(M, block_m), B)](
-            p_hat, k_hat, pos_index, crow, ccol, lse, grad, k_norm, dk, *args, **common
-        )
+        if need_dp:
+            _info_nce_bwd_dp_kernel[(triton.cdiv(N, block_n), B)](
+                p_hat, k_hat, pos_index, crow, ccol, bounds, lse, grad, p_norm, dp, *args, **common
+            )
+        if need_dk:
+            _info_nce_bwd_dk_kernel[(triton.cdiv(M, block_m), B)](
+                p_hat, k_hat, pos_index, crow, ccol, bounds, lse, grad, k_norm, dk, *args, **common
+            )
     return dp, dk
 
 
+def _cache_bytes() -> int:
+    """Data-cache bytes one core can count on: its L2, or its share of the L3 if that is larger
+    (Linux sysfs); 1 MiB when unknown. One tile of logits is sized to stay there."""
+    sizes: dict[int, int] = {}
+    for index in range(8):
+        base = f"/sys/devices/system/cpu/cpu0/cache/index{index}"
+        try:
+            with open(f"{base}/type") as f:
+                kind = f.read().strip()
+            with open(f"{base}/level") as f:
+                level = int(f.read())
+            with open(f"{base}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if kind in ("Data", "Unified") and text[:-1].isdigit():
+            sizes[level] = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    share = max(sizes.get(2, 0), sizes.get(3, 0) // max(1, os.cpu_count() or 1))
+    return share or (1 << 20)
+
+
+_CACHE_BYTES = _cache_bytes()  # read once at import (torch.compile cannot trace file reads)
+
+
 def _torch_tiles(B: int, N: int, M: int, chunk_size: int | None) -> tuple[int, int]:
+    """(chunk_n, chunk_m). Default: whole key rows (no online LSE, one logsumexp per tile) and as
+    many anchors as fit one fp32 tile in the per-core cache (_cache_bytes; at least
+    TORCH_MIN_TILE_ELEMENTS so per-op overhead stays small next to the work)."""
     if chunk_size is not None:
         return min(N, chunk_size), min(M, chunk_size)
-    chunk_m = min(M, 1024)
-    chunk_n = max(1, min(N, TORCH_TILE_ELEMENTS // (B * chunk_m)))
-    return chunk_n, chunk_m
+    budget = max(_CACHE_BYTES // 4, TORCH_MIN_TILE_ELEMENTS)
+    return max(1, min(N, budget // (B * M))), M
+
+
+def _effective_radius(radius: int, M: int, grid_width: int) -> int:
+    """The radius clamped to the grid: any radius >= max(H, W) removes the same keys as
+    max(H, W) (every key is then within it), and the clamped value fits int32 arithmetic."""
+    return min(radius, max(M // max(grid_width, 1), grid_width))
 
 
 def _torch_excluded_keys(
-    n0: int,
-    n1: int,
-    M: int,
-    pos_index: torch.Tensor,
-    crow: torch.Tensor | None,
-    ccol: torch.Tensor | None,
-    grid_width: int,
-    radius: int,
-) -> torch.Tensor | None:
-    """(B, n1-n0, C·(2r−1)²) int64: the keys each anchor removes, M where none (off the grid,
-    or the positive, which is never removed); None when nothing is removed.
-
-    Listing the few removed keys per anchor and scattering them into each tile costs far less
-    than testing every (anchor, key, centre) triple against the grid.
-    """
-    if crow is None or radius == 0:
-        return None
+    pos_index: torch.Tensor, crow: torch.Tensor, ccol: torch.Tensor, M: int, grid_width: int, radius: int
+) -> torch.Tensor:
+    """(B, N, E) int64: the keys each anchor removes, M where none (off the grid, or the positive,
+    which is never removed), E = C·(2r_h−1)·(2r_w−1) with the radius clamped to the grid height
+    r_h and width r_w. Listing the few removed keys costs far less than testing every key."""
     height = M // grid_width
-    span = torch.arange(-(radius - 1), radius, device=pos_index.device, dtype=torch.int32)
-    rows = (crow[:, n0:n1, :, None, None] + span[:, None]).expand(-1, -1, -1, span.numel(), span.numel())
-    cols = (ccol[:, n0:n1, :, None, None] + span[None, :]).expand_as(rows)
-    on_grid = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < grid_width)
-    idx = (rows.long() * grid_width + cols).flatten(2)
-    idx = torch.where(on_grid.flatten(2), idx, M)
-    return idx.masked_fill_(idx == pos_index[:, n0:n1, None], M)
+    rh, rw = min(radius, height), min(radius, grid_width)
+    span_r = torch.arange(-(rh - 1), rh, device=pos_index.device, dtype=torch.int32)
+    span_c = torch.arange(-(rw - 1), rw, device=pos_index.device, dtype=torch.int32)
+    rows = crow[..., None, None] + span_r[:, None]  # (B, N, C, 2rh-1, 1)
+    cols = ccol[..., None, None] + span_c[None, :]  # (B, N, C, 1, 2rw-1)
+    on_grid = ((rows >= 0) & (rows < height)) & ((cols >= 0) & (cols < grid_width))
+    idx = torch.where(on_grid, rows * grid_width + cols, M).flatten(2).long()
+    return idx.masked_fill_(idx == pos_index[..., None], M)
 
 
-def _torch_removed(excluded: torch.Tensor | None, m0: int, m1: int) -> torch.Tensor | None:
-    """(B, n, m1-m0) bool: keys of this tile removed for each anchor, or None when none are."""
-    if excluded is None:
-        return None
-    local = excluded - m0
-    in_tile = (local >= 0) & (local < m1 - m0)
-    if not bool(in_tile.any()):
-        return None
-    local = torch.where(in_tile, local, m1 - m0)  # spill column, dropped below
-    removed = torch.zeros((*excluded.shape[:2], m1 - m0 + 1), dtype=torch.bool, device=excluded.device)
-    removed.scatter_(2, local, True)
-    return removed[..., : m1 - m0]
+class _TileMask:
+    """Removes excluded keys from (B, n, m) tiles of logits held in a flat buffer with one spare
+    element at the end: one index_fill_ per tile, no host sync. Where the removed-key lists would
+    be longer than a quarter of the keys, a dense test on the grid coordinates is used instead."""
+
+    def __init__(self, pos_index, crow, ccol, M: int, grid_width: int, radius: int):
+        self.active = crow is not None and radius > 0
+        if not self.active:
+            return
+        radius = _effective_radius(radius, M, grid_width)
+        height = M // grid_width
+        listed = crow.shape[-1] * (2 * min(radius, height) - 1) * (2 * min(radius, grid_width) - 1)
+        self.dense = 4 * listed > M
+        self.M, self.grid_width, self.radius = M, grid_width, radius
+        self.pos, self.crow, self.ccol = pos_index, crow, ccol
+        if not self.dense:
+            self.excluded = _torch_excluded_keys(pos_index, crow, ccol, M, grid_width, radius)
+
+    def apply(self, buf: torch.Tensor, s: torch.Tensor, n0: int, m0: int) -> None:
+        """Set the removed logits of tile s = buf[:-1] view, rows n0.., keys m0.., to -inf."""
+        if not self.active:
+            return
+        B, n, m = s.shape
+        if self.dense:
+            j = torch.arange(m0, m0 + m, device=s.device, dtype=torch.int32)
+            krow, kcol = j // self.grid_width, j % self.grid_width
+            removed = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+            for c in range(self.crow.shape[-1]):
+                near_r = (krow - self.crow[:, n0 : n0 + n, c, None]).abs_() < self.radius
+                removed |= near_r & ((kcol - self.ccol[:, n0 : n0 + n, c, None]).abs_() < self.radius)
+            removed &= j != self.pos[:, n0 : n0 + n, None]
+            s.masked_fill_(removed, -math.inf)
+            return
+        local = self.excluded[:, n0 : n0 + n] - m0
+        base = torch.arange(0, B * n * m, m, device=s.device).view(B, n, 1)
+        spill = B * n * m  # the buffer's spare element
+        # "None" entries (M) fall outside every tile, as do keys of other tiles: both go to spill.
+        in_tile = (local < m) if m0 == 0 else (local >= 0) & (local < m)
+        lin = torch.where(in_tile, local + base, spill)
+        buf.index_fill_(0, lin.flatten(), -math.inf)
 
 
 def info_nce_chunked_fwd(
@@ -645,34 +873,39 @@ def info_nce_chunked_fwd(
     chunk_n: int,
     chunk_m: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch twin of ``info_nce_fwd``: online log-sum-exp over (B, chunk_n, chunk_m) tiles.
-
-    Computes in p_hat's dtype (fp32, or fp64 for gradcheck). Returns (lse, pos_logit), (B, N).
-    """
-    B, N, d = p_hat.shape
+    """PyTorch twin of ``info_nce_fwd`` over (B, chunk_n, chunk_m) tiles of logits; several key
+    tiles per anchor block are merged with logaddexp. Computes in p_hat's dtype (fp32, or fp64
+    for gradcheck). Returns (lse, pos_logit), each (B, N)."""
+    B, N, _ = p_hat.shape
     M = k_hat.shape[1]
-    acc = p_hat.dtype
-    lse = torch.empty((B, N), dtype=acc, device=p_hat.device)
+    mask = _TileMask(pos_index, crow, ccol, M, grid_width, radius)
+    p_s = p_hat * scale
+    k_t = k_hat.transpose(1, 2)
+    lse = torch.empty((B, N), dtype=p_hat.dtype, device=p_hat.device)
+    pos_logit = torch.empty_like(lse)
+    buf = torch.empty(B * chunk_n * chunk_m + 1, dtype=p_hat.dtype, device=p_hat.device)
+    tile_lse = torch.empty((B, chunk_n), dtype=p_hat.dtype, device=p_hat.device)
     for n0 in range(0, N, chunk_n):
-        n1 = min(N, n0 + chunk_n)
-        p_blk = p_hat[:, n0:n1]
-        excluded = _torch_excluded_keys(n0, n1, M, pos_index, crow, ccol, grid_width, radius)
-        run_max = torch.full((B, n1 - n0), -math.inf, dtype=acc, device=p_hat.device)
-        run_sum = torch.zeros((B, n1 - n0), dtype=acc, device=p_hat.device)
+        n = min(N, n0 + chunk_n) - n0
+        out, pos_out = lse[:, n0 : n0 + n], pos_logit[:, n0 : n0 + n]
         for m0 in range(0, M, chunk_m):
-            m1 = min(M, m0 + chunk_m)
-            s = torch.bmm(p_blk, k_hat[:, m0:m1].transpose(1, 2)).mul_(scale)
-            removed = _torch_removed(excluded, m0, m1)
-            if removed is not None:
-                s.masked_fill_(removed, -math.inf)
-            new_max = torch.maximum(run_max, s.amax(dim=-1))
-            # A row with nothing kept so far has max -inf; shift by 0 there to avoid inf - inf.
-            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            run_sum = run_sum * torch.exp(run_max - safe) + torch.exp(s.sub_(safe[..., None])).sum(-1)
-            run_max = new_max
-        lse[:, n0:n1] = run_max + torch.log(run_sum)
-    k_pos = torch.gather(k_hat, 1, pos_index[..., None].expand(-1, -1, d))
-    pos_logit = (p_hat * k_pos).sum(-1) * scale
+            m = min(M, m0 + chunk_m) - m0
+            s = buf[: B * n * m].view(B, n, m)
+            torch.bmm(p_s[:, n0 : n0 + n], k_t[:, :, m0 : m0 + m], out=s)
+            # The positive logit is read from the tile (never removed), so with every negative
+            # removed the loss is exactly logsumexp([v]) - v = 0.
+            local = pos_index[:, n0 : n0 + n] - m0
+            val = s.gather(-1, local.clamp(0, m - 1)[..., None])[..., 0]
+            if m0 == 0 and m == M:
+                pos_out.copy_(val)
+            else:
+                pos_out.copy_(torch.where((local >= 0) & (local < m), val, pos_out))
+            mask.apply(buf, s, n0, m0)
+            if m0 == 0:
+                torch.logsumexp(s, -1, out=out)
+            else:
+                torch.logsumexp(s, -1, out=tile_lse[:, :n])
+                torch.logaddexp(out, tile_lse[:, :n], out=out)
     return lse, pos_logit
 
 
@@ -690,33 +923,34 @@ def info_nce_chunked_bwd(
     chunk_n: int,
     chunk_m: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch twin of ``info_nce_bwd``: (dp̂ (B, N, d), dk̂ (B, M, d)) in p_hat's dtype."""
-    _, N, d = p_hat.shape
+    """PyTorch twin of ``info_nce_bwd``: (dp̂ (B, N, d), dk̂ (B, M, d)) in p_hat's dtype.
+
+    One pass accumulates both gradients from each recomputed tile of softmax · g."""
+    B, N, d = p_hat.shape
     M = k_hat.shape[1]
+    mask = _TileMask(pos_index, crow, ccol, M, grid_width, radius)
     g = grad.to(p_hat.dtype)
-    dp_hat = torch.zeros_like(p_hat)
-    dk_hat = torch.zeros_like(k_hat)
-    # One pass suffices here (no concurrent writers): accumulate both gradients from each tile.
-    for n0 in range(0, N, chunk_n):
-        n1 = min(N, n0 + chunk_n)
-        p_blk = p_hat[:, n0:n1]
-        lse_blk, g_blk = lse[:, n0:n1, None], g[:, n0:n1, None]
-        excluded = _torch_excluded_keys(n0, n1, M, pos_index, crow, ccol, grid_width, radius)
-        for m0 in range(0, M, chunk_m):
-            m1 = min(M, m0 + chunk_m)
-            k_blk = k_hat[:, m0:m1]
-            prob = torch.exp(torch.bmm(p_blk, k_blk.transpose(1, 2)).mul_(scale).sub_(lse_blk))
-            removed = _torch_removed(excluded, m0, m1)
-            if removed is not None:
-                prob.masked_fill_(removed, 0.0)
-            dlogit = prob.mul_(g_blk)
-            dp_hat[:, n0:n1] += torch.bmm(dlogit, k_blk)
-            dk_hat[:, m0:m1] += torch.bmm(dlogit.transpose(1, 2), p_blk)
-    # The one-hot at the positive: −g on the positive logit.
+    p_s = p_hat * scale
+    k_t = k_hat.transpose(1, 2)
+    neg_lse = (-lse).unsqueeze(-1)
+    # The one-hot at the positive: −g·scale on the positive logit.
     index = pos_index[..., None].expand(-1, -1, d)
-    dp_hat -= g[..., None] * torch.gather(k_hat, 1, index)
-    dk_hat.scatter_add_(1, index, -g[..., None] * p_hat)
-    return dp_hat.mul_(scale), dk_hat.mul_(scale)
+    g_s = (g * scale)[..., None]
+    dp_hat = torch.gather(k_hat, 1, index).mul_(-g_s)
+    dk_hat = torch.zeros_like(k_hat).scatter_add_(1, index, -g[..., None] * p_s)
+    buf = torch.empty(B * chunk_n * chunk_m + 1, dtype=p_hat.dtype, device=p_hat.device)
+    for n0 in range(0, N, chunk_n):
+        n = min(N, n0 + chunk_n) - n0
+        p_blk, ps_blk, dp_blk = p_hat[:, n0 : n0 + n], p_s[:, n0 : n0 + n], dp_hat[:, n0 : n0 + n]
+        for m0 in range(0, M, chunk_m):
+            m = min(M, m0 + chunk_m) - m0
+            s = buf[: B * n * m].view(B, n, m)
+            torch.baddbmm(neg_lse[:, n0 : n0 + n], ps_blk, k_t[:, :, m0 : m0 + m], out=s)
+            mask.apply(buf, s, n0, m0)
+            prob_g = s.exp_().mul_(g_s[:, n0 : n0 + n])  # scale · g · softmax
+            dp_blk.baddbmm_(prob_g, k_hat[:, m0 : m0 + m])
+            dk_hat[:, m0 : m0 + m].baddbmm_(prob_g.transpose(1, 2), p_blk)
+    return dp_hat, dk_hat
 
 
 # torch.library registration: the launchers become opaque ops, so torch.compile traces a model
@@ -752,10 +986,13 @@ def _triton_bwd_op(
     scale: float,
     grid_width: int,
     radius: int,
+    need_dp: bool,
+    need_dk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return info_nce_bwd(
-        p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, k_norm, scale, grid_width, radius
-    )
+        p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, k_norm, scale, grid_width, radius,
+        need_dp, need_dk,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("spsr_kernels::info_nce_chunked_fwd", mutates_args=())
@@ -809,8 +1046,12 @@ def _(p_hat, k_hat, pos_index, crow, ccol, scale, grid_width, radius, chunk_n, c
 
 
 @_triton_bwd_op.register_fake
-def _(p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, k_norm, scale, grid_width, radius):
-    return torch.empty_like(p_hat), torch.empty_like(k_hat)
+def _(p_hat, k_hat, pos_index, crow, ccol, lse, grad, p_norm, k_norm, scale, grid_width, radius, need_dp, need_dk):  # noqa: E501
+    d = p_hat.shape[-1]
+    return (
+        torch.empty_like(p_hat) if need_dp else p_hat.new_empty((0, d)),
+        torch.empty_like(k_hat) if need_dk else k_hat.new_empty((0, d)),
+    )
 
 
 @_chunked_bwd_op.register_fake
@@ -830,24 +1071,36 @@ class InfoNCEFunction(torch.autograd.Function):
     def forward(ctx, pred, keys, pos_index, crow, ccol, scale, grid_width, radius):
         p_hat, p_norm = _normalize(pred)
         k_hat, k_norm = _normalize(keys)
-        # The kernels read the normalised vectors in the input dtype (fp16/bf16 tensor-core dots).
-        p_low = p_hat.to(pred.dtype).contiguous()
-        k_low = k_hat.to(keys.dtype).contiguous()
+        # The kernels read the normalised vectors in the input dtype (fp16/bf16 tensor-core dots),
+        # rows zero-padded to the kernels' power-of-two width: full, aligned vector loads for any d.
+        p_low, k_low = _pad_rows(p_hat.to(pred.dtype)), _pad_rows(k_hat.to(keys.dtype))
         p_norm, k_norm = p_norm[..., 0].contiguous(), k_norm[..., 0].contiguous()
         pos_index = pos_index.contiguous()
         lse, pos_logit = _triton_fwd_op(p_low, k_low, pos_index, crow, ccol, scale, grid_width, radius)
         ctx.save_for_backward(p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse)
-        ctx.scale, ctx.grid_width, ctx.radius = scale, grid_width, radius
+        ctx.scale, ctx.grid_width, ctx.radius, ctx.d = scale, grid_width, radius, pred.shape[-1]
         return (lse - pos_logit).to(pred.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse = ctx.saved_tensors
+        need_dp, need_dk = ctx.needs_input_grad[:2]
         dpred, dkeys = _triton_bwd_op(
             p_low, k_low, pos_index, crow, ccol, lse, grad.float().contiguous(), p_norm, k_norm,
-            ctx.scale, ctx.grid_width, ctx.radius,
+            ctx.scale, ctx.grid_width, ctx.radius, need_dp, need_dk,
         )  # fmt: skip
+        d = ctx.d
+        dpred = dpred[..., :d] if need_dp else None
+        dkeys = dkeys[..., :d] if need_dk else None
         return dpred, dkeys, None, None, None, None, None, None
+
+
+def _to_grad_dtype(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to the input dtype; fp16 saturates at its largest finite value (the 1/eps gradient
+    into a zero vector would be inf), as the kernels do."""
+    if dtype == torch.float16:
+        grad = grad.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    return grad.to(dtype)
 
 
 class InfoNCEChunkedFunction(torch.autograd.Function):
@@ -872,8 +1125,8 @@ class InfoNCEChunkedFunction(torch.autograd.Function):
         dp_hat, dk_hat = _chunked_bwd_op(
             p_hat, k_hat, pos_index, crow, ccol, lse, grad.to(p_hat.dtype).contiguous(), *ctx.args
         )
-        dpred = _normalize_backward(dp_hat, p_hat, p_norm).to(in_dtype)
-        dkeys = _normalize_backward(dk_hat, k_hat, k_norm).to(in_dtype)
+        dpred = _to_grad_dtype(_normalize_backward(dp_hat, p_hat, p_norm), in_dtype)
+        dkeys = _to_grad_dtype(_normalize_backward(dk_hat, k_hat, k_norm), in_dtype)
         return dpred, dkeys, None, None, None, None, None, None, None, None
 
 
@@ -937,11 +1190,26 @@ def info_nce(
                 f"{OP}: the Triton kernels take float32/float16/bfloat16, got float64; use backend='torch'"
             )
         path = "torch"
-    if path == "triton" and pred.shape[-1] > MAX_KERNEL_DIM:
+    rows = max(pred.shape[1], keys.shape[1]) * max(16, triton.next_power_of_2(pred.shape[-1]))
+    if path == "triton" and rows >= 2**31:
         if backend == "triton":
             raise ValueError(
-                f"{OP}: the Triton kernels take d <= {MAX_KERNEL_DIM}, got d={pred.shape[-1]}; "
-                "use backend='torch'"
+                f"{OP}: the Triton kernels index one image's rows with int32: max(N, M) * d' = {rows} "
+                f"(d' = d padded to a power of two) must stay below 2**31; pass fewer anchors/keys per "
+                "image or use backend='torch'"
+            )
+        path = "torch"
+    if path == "triton" and pred.shape[0] > 65535:
+        if backend == "triton":
+            raise ValueError(f"{OP}: the Triton kernels take B <= 65535 images per call, got {pred.shape[0]}")
+        path = "torch"
+    # (A register-file limit of the compiled kernels: the interpreter runs any width, which keeps
+    # the kernel code tested at d = 64 on CPU.)
+    if path == "triton" and not interpreter_active() and pred.shape[-1] > MAX_KERNEL_DIM[pred.dtype]:
+        if backend == "triton":
+            raise ValueError(
+                f"{OP}: the Triton kernels take d <= {MAX_KERNEL_DIM[pred.dtype]} for {pred.dtype}, got "
+                f"d={pred.shape[-1]}; use bfloat16 inputs (up to 512) or backend='torch'"
             )
         path = "torch"
     if chunk_size is not None and (

@@ -121,7 +121,44 @@ def _resource_usage(cubin: bytes, cuobjdump: str | None) -> dict[str, int | None
     return usage
 
 
-def _install(cap: int) -> list[dict]:
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _sass_stats(cubin: bytes, cuobjdump: str | None) -> dict[str, int | None]:
+    """Counts from the SASS (``cuobjdump -sass``): instructions in all and in the main loop (the
+    longest backward-branch range), global loads and how many are 128-bit vectors (LDG.E.128, or
+    LDGSTS.E.BYPASS.128 cp.async copies), 128-bit stores, local-memory spill stores (STL)."""
+    stats: dict[str, int | None] = dict.fromkeys(
+        ("instr", "loop_instr", "ldg", "ldg128", "ldgsts", "ldgsts128", "stg128", "stl")
+    )
+    if cuobjdump is None:
+        return stats
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, timeout=120).stdout
+    instrs = [(int(m[1], 16), m[3], m[4]) for m in _SASS_LINE.finditer(out)]
+    instrs = [i for i in instrs if i[1] != "NOP"]
+    ops = [op for _, op, _ in instrs]
+    loop = 0
+    for addr, op, rest in instrs:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op.startswith("BRA") and target and int(target[1], 16) < addr:
+            loop = max(loop, sum(1 for a, _, _ in instrs if int(target[1], 16) <= a <= addr))
+    stats.update(
+        instr=len(ops),
+        loop_instr=loop,
+        ldg=sum(op.startswith("LDG.") for op in ops),
+        ldg128=sum(op.startswith("LDG.") and op.endswith(".128") for op in ops),
+        ldgsts=sum(op.startswith("LDGSTS") for op in ops),
+        ldgsts128=sum(op.startswith("LDGSTS") and op.endswith(".128") for op in ops),
+        stg128=sum(op.startswith("STG.") and op.endswith(".128") for op in ops),
+        stl=sum(op.startswith("STL") for op in ops),
+    )
+    return stats
+
+
+def _install(cap: int, sass: bool = False) -> list[dict]:
     """Install the fake driver and the compile-only _do_compile; return the list records go to."""
     GPUTarget, cuobjdump = _check_hooks()
     from triton.runtime import driver
@@ -160,6 +197,7 @@ def _install(cap: int) -> list[dict]:
             "num_stages": options.num_stages,
             "shared": kernel.metadata.shared,
             **_resource_usage(kernel.asm["cubin"], cuobjdump),
+            **(_sass_stats(kernel.asm["cubin"], cuobjdump) if sass else {}),
         }
         records.append(record)
         _emit("AOT_KERNEL", record)
@@ -194,11 +232,12 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
 
     def gm_case(dtype: torch.dtype, padding: int, layout: str) -> Callable[[], None]:
         def run() -> None:
-            x = torch.zeros(2, 3, 40, 70, dtype=dtype)
+            # W = 128 (a multiple of 16, as in training crops): the alignment vector loads need.
+            x = torch.zeros(2, 3, 40, 128, dtype=dtype)
             if layout == "channels_last":
                 x = x.to(memory_format=torch.channels_last)
             gm.gradient_map_fwd(x, padding)
-            ho, wo = gm._out_hw(40, 70, padding)
+            ho, wo = gm._out_hw(40, 128, padding)
             gm.gradient_map_bwd(x, torch.zeros(2, 3, ho, wo, dtype=dtype), padding)
 
         return run
@@ -214,8 +253,9 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
         def run() -> None:
             B, H, W, N = 2, 12, 10, 50
             M = H * W
-            p = torch.randn(B, N, d).to(dtype)
-            k = torch.randn(B, M, d).to(dtype)
+            # Rows padded as InfoNCEFunction pads them (d=24 -> 32): the shipped configuration.
+            p = nce._pad_rows(torch.randn(B, N, d).to(dtype))
+            k = nce._pad_rows(torch.randn(B, M, d).to(dtype))
             pos = torch.randint(0, M, (B, N))
             crow = ccol = None
             radius = 0
@@ -233,19 +273,26 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
     for dtype in (torch.float32, torch.bfloat16):
         for exclusion in (False, True):
             cases.append((f"info_nce {dtype} d=32 exclusion={exclusion}", nce_case(dtype, 32, exclusion)))
-    # fp32 (tf32x3) d=128 with 4 exclusion centres: the widest tiles in shared memory; 3 pipeline
-    # stages overflowed the 227 KB of an H100 block.
-    cases.append(("info_nce torch.float32 d=128 exclusion=True", nce_case(torch.float32, 128, True)))
+    # The widest rows each dtype ships (MAX_KERNEL_DIM), d not a multiple of 16 (rows padded),
+    # and fp16 (fp32 gradient operands, unlike bf16).
+    wide = [(torch.float32, 64), (torch.bfloat16, 24), (torch.bfloat16, 128), (torch.bfloat16, 256)]
+    wide += [(torch.bfloat16, 512), (torch.float16, 32), (torch.float16, 128), (torch.float16, 512)]
+    for dtype, d in wide:
+        cases.append((f"info_nce {dtype} d={d} exclusion=True", nce_case(dtype, d, True)))
     return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=90, help="compute capability to target (90: H100)")
+    parser.add_argument("--only", default="", help="compile only the cases whose name contains this")
+    parser.add_argument("--sass", action="store_true", help="add SASS counts (loads, loop) to each record")
     args = parser.parse_args(argv)
-    records = _install(args.cap)
+    records = _install(args.cap, sass=args.sass)
     errors = 0
     for name, run in _cases():
+        if args.only not in name:
+            continue
         _CURRENT_CASE[0] = name
         try:
             run()

@@ -7,6 +7,7 @@ The reference itself is checked against a loop-by-loop construction of the mask.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -14,14 +15,27 @@ import torch
 
 from spsr_kernels import InfoNCELoss, info_nce, info_nce_ref
 
+nce = importlib.import_module("spsr_kernels.info_nce")  # the module (the package re-exports names)
+
 BACKENDS = ["triton", "torch"]
 TORCH_CHUNK = 7  # small and odd: anchors and keys both span several ragged tiles
+# Where the Triton kernels run: compiled on a CUDA device, else the interpreter on CPU tensors.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_kernel_device(x):
+    return x.to(KERNEL_DEVICE) if isinstance(x, torch.Tensor) else x
 
 
 def _run(backend: str, *args, **kwargs) -> torch.Tensor:
+    """info_nce on CPU inputs; the triton backend runs on KERNEL_DEVICE (copies in and out are
+    differentiable, so gradients reach the CPU leaves)."""
     if backend == "torch":
         kwargs.setdefault("chunk_size", TORCH_CHUNK)
-    return info_nce(*args, backend=backend, **kwargs)
+        return info_nce(*args, backend=backend, **kwargs)
+    args = [_on_kernel_device(a) for a in args]
+    kwargs = {k: _on_kernel_device(v) for k, v in kwargs.items()}
+    return info_nce(*args, backend=backend, **kwargs).cpu()
 
 
 def _make(B, N, H, W, d, C=0, dtype=torch.float32, device="cpu", seed=0):
@@ -153,7 +167,7 @@ def test_all_negatives_excluded_gives_zero_loss(backend):
     centers = torch.full((B, N, 1), 4, dtype=torch.int64)  # the middle of the 3×3 map
     kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=3, reduction="none")
     loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, **kw)
-    _assert_close("loss", loss, torch.zeros(B, N), 1e-5, 0)
+    assert torch.equal(loss, torch.zeros(B, N)), loss  # exactly 0, not a rounding residue
     assert torch.isfinite(gp).all() and torch.isfinite(gk).all()
     _assert_close("dpred", gp, torch.zeros_like(gp), 1e-5, 0)
     _assert_close("dkeys", gk, torch.zeros_like(gk), 1e-5, 0)
@@ -247,7 +261,7 @@ def test_gradcheck_float64_torch_path():
 def test_float64_triton_is_rejected_and_auto_falls_back():
     pred, keys, pos, _ = _make(1, 3, 2, 2, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='torch'"):
-        info_nce(pred, keys, pos, backend="triton")
+        info_nce(*(t.to(KERNEL_DEVICE) for t in (pred, keys, pos)), backend="triton")
     got = info_nce(pred, keys, pos, backend="auto", reduction="none")
     assert got.dtype == torch.float64
     _assert_close("loss", got, info_nce_ref(pred, keys, pos, reduction="none"), 1e-12, 1e-12)
@@ -337,6 +351,7 @@ BAD = [
     (dict(exclude_centers=[[[0]]] * 2, exclude_radius=1, grid_width=3), TypeError, "int64"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(scale=-1.0), ValueError, "scale"),
+    (dict(scale=True), ValueError, "scale"),
     (dict(backend="cuda"), ValueError, "backend"),
 ]
 
@@ -351,6 +366,141 @@ def test_bad_inputs_raise_clear_errors(override, exc, match):
     for fn in (info_nce, info_nce_ref):
         with pytest.raises(exc, match=match):
             fn(pred, keys, pos, **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("radius", [600, 2**31 - 1, 2**40])
+def test_radius_beyond_the_grid(backend, radius):
+    """A radius past the map removes every negative: loss exactly 0. Near 2**31 it once wrapped
+    int32 in the kernels (exclusion silently off, loss ~ 38); on the torch path the removed-key
+    lists grew with radius² (600 on a 5×7 map: 650 MB) and are now bounded by the grid."""
+    B, N, H, W, d = 1, 6, 5, 7, 16
+    pred, keys, pos, centers = _make(B, N, H, W, d, C=2)
+    kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=radius, reduction="none")
+    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, **kw)
+    assert torch.equal(loss, torch.zeros(B, N)), loss
+    assert torch.isfinite(gp).all() and torch.isfinite(gk).all()
+    _assert_close("dpred", gp, torch.zeros_like(gp), 1e-5, 0)
+    crow, ccol = nce._centre_grid(centers, W)
+    listed = nce._torch_excluded_keys(pos, crow, ccol, H * W, W, nce._effective_radius(radius, H * W, W))
+    assert listed.shape[-1] <= 2 * (2 * H - 1) * (2 * W - 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_extreme_magnitudes_normalise_exactly(backend, magnitude):
+    """cos is scale-free: inputs whose squares overflow fp32 (|x| >~ 1e19) give the loss of the
+    unscaled inputs, and gradients scaled by 1/magnitude. (Tiny vectors are another matter: the
+    contract divides those shorter than 1e-6 by 1e-6.)"""
+    pred, keys, pos, centers = _make(2, 9, 4, 5, 16, C=2)
+    kw = dict(grid_width=5, exclude_centers=centers, exclude_radius=1, reduction="none")
+    want, wp, wk = _loss_and_grads(info_nce_ref, pred.double(), keys.double(), pos, **kw)
+    loss, gp, gk = _loss_and_grads(
+        lambda *a, **k: _run(backend, *a, **k), pred * magnitude, keys * magnitude, pos, **kw
+    )
+    _assert_close("loss", loss, want.float(), 1e-4, 1e-4)
+    _assert_close("dpred", gp.double() * magnitude, wp, 1e-4, 1e-3)
+    _assert_close("dkeys", gk.double() * magnitude, wk, 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_zero_vectors_have_finite_gradients(backend):
+    """The gradient into a zero vector is dx̂/eps (1e6 x an O(1) value): past fp16's range, so it
+    saturates at ±65504 instead of becoming inf."""
+    pred, keys, pos, _ = _make(1, 5, 3, 4, 16)
+    pred[0, 1] = 0.0
+    keys[0, 2] = 0.0
+    pos[0, 3] = 2
+    _, gp, gk = _loss_and_grads(
+        lambda *a, **k: _run(backend, *a, **k), pred.half(), keys.half(), pos, reduction="sum",
+        upstream=torch.tensor(1.0, dtype=torch.float16),
+    )  # fmt: skip
+    assert gp.dtype == torch.float16 and torch.isfinite(gp).all() and torch.isfinite(gk).all()
+    assert gp[0, 1].abs().max() > 1000  # the large gradient is there, just clamped
+
+
+@pytest.mark.parametrize("need", ["pred", "keys"])
+def test_backward_runs_only_the_kernels_asked_for(need, monkeypatch):
+    """needs_input_grad: a frozen key encoder costs no dK kernel, a frozen predictor no dP."""
+    pred, keys, pos, centers = _make(2, 20, 5, 6, 16, C=2)
+    kw = dict(grid_width=6, exclude_centers=centers, exclude_radius=2, reduction="sum")
+    skipped = "_info_nce_bwd_dk_kernel" if need == "pred" else "_info_nce_bwd_dp_kernel"
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError(f"{skipped} launched although its gradient was not asked for")
+
+    monkeypatch.setattr(nce, skipped, Forbidden())
+    leaf = (pred if need == "pred" else keys).clone().requires_grad_()
+    args = (leaf, keys, pos) if need == "pred" else (pred, leaf, pos)
+    (grad,) = torch.autograd.grad(_run("triton", *args, **kw), leaf)
+    ref_leaf = leaf.detach().clone().requires_grad_()
+    ref_args = (ref_leaf, keys, pos) if need == "pred" else (pred, ref_leaf, pos)
+    (want,) = torch.autograd.grad(info_nce_ref(*ref_args, **kw), ref_leaf)
+    _assert_close("grad", grad, want, 1e-4, 1e-4)
+
+
+def test_split_key_forward_equals_plain():
+    """Split-key forward (partial LSEs over key ranges merged, as in flash-decoding) against the
+    one-pass forward, with exclusion and an anchor whose negatives are all removed."""
+    B, N, H, W, d = 2, 10, 12, 16, 16
+    pred, keys, pos, centers = _make(B, N, H, W, d, C=3)
+    centers[0, 0] = pos[0, 0]
+    pred, keys, pos, centers = (t.to(KERNEL_DEVICE) for t in (pred, keys, pos, centers))
+    p_hat, k_hat = nce._normalize(pred)[0], nce._normalize(keys)[0]
+    crow, ccol = nce._centre_grid(centers, W)
+    plain = nce.info_nce_fwd(p_hat, k_hat, pos, crow, ccol, 64.0, W, 2, splits=1)
+    split = nce.info_nce_fwd(p_hat, k_hat, pos, crow, ccol, 64.0, W, 2, splits=3)
+    _assert_close("lse", split[0], plain[0], 1e-5, 1e-6)
+    _assert_close("pos_logit", split[1], plain[1], 0, 0)
+    every = nce.info_nce_fwd(p_hat, k_hat, pos, crow, ccol, 64.0, W, 10**6, splits=3)
+    assert torch.equal(every[0], every[1])  # all negatives removed: lse == positive exactly
+
+
+def test_split_heuristic():
+    # B=1, N=10^4: 79 anchor blocks on 132 SMs -> 4 splits; a full grid or few keys -> none.
+    assert nce._key_splits(79, 10_000, 64, 132) == 4
+    assert nce._key_splits(8, 1024, 64, 132) == 2  # 1024 keys: 16 tiles, >= 8 per split
+    assert nce._key_splits(200, 10_000, 64, 132) == 1
+    assert nce._key_splits(8, 256, 64, 132) == 1
+    assert nce._key_splits(5, 10_000, 64, 0) == 1  # interpreter / CPU
+
+
+def test_kernel_limits_raise_clear_errors():
+    # max(N, M)·d' >= 2**31 would wrap the kernels' int32 row offsets.
+    pred = torch.ones(1, 1, 1).expand(1, 2**26, 32)
+    keys = torch.ones(1, 4, 32)
+    pos = torch.zeros(1, 1, dtype=torch.int64).expand(1, 2**26)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        info_nce(pred, keys, pos, backend="triton")
+    many = torch.randn(65536, 1, 4)
+    with pytest.raises(ValueError, match="65535"):
+        info_nce(many, many, torch.zeros(65536, 1, dtype=torch.int64), backend="triton")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    """No host sync in a call (the range checks are device-side asserts): a CUDA graph captures
+    forward and backward and replays them to the eager values."""
+    pred, keys, pos, centers = _make(2, 300, 20, 20, 32, C=3, device="cuda")
+    kw = dict(grid_width=20, exclude_centers=centers, exclude_radius=3)
+    p = pred.clone().requires_grad_()
+    info_nce(p, keys, pos, **kw).backward()  # warm-up: compiles the kernels
+    want = p.grad.clone()
+    p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        info_nce(p, keys, pos, **kw).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    p.grad = None
+    with torch.cuda.graph(graph):
+        loss = info_nce(p, keys, pos, **kw)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close("dpred", p.grad, want, 1e-5, 1e-5)
 
 
 @pytest.mark.gpu

@@ -6,9 +6,11 @@ and the git revision (STYLE.md rule 6), so a number in the README can be traced 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,28 +22,44 @@ from spsr_hpc.device import device_name  # re-exported: the benchmarks import it
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-# HBM bandwidth peaks (bytes/s), by a substring of torch.cuda.get_device_name().
+# Roofline peaks, by a substring of torch.cuda.get_device_name() (first match wins, so the
+# specific names precede the generic "H100"). Sources:
+# - HBM and tensor-core figures: NVIDIA's H100 datasheet (H100 SXM5: 3.35 TB/s HBM3, dense
+#   TF32 494.7 / BF16 989.4 TFLOPS; H100 PCIe: 2.0 TB/s HBM2e, 378 / 756 TFLOPS; H100 NVL:
+#   3.9 TB/s) and H200 datasheet (4.8 TB/s HBM3e, same GH100 compute as the H100 SXM5). The
+#   datasheets print the sparse tensor figures; the dense ones are half. torch names the SXM5
+#   part "NVIDIA H100 80GB HBM3". A100 from its datasheet (SXM4 80GB 2.039 TB/s, 40GB 1.555).
+# - Special-function unit (MUFU: ex2, lg2, rsqrt): the CUDA C++ Programming Guide's
+#   arithmetic-instruction throughput table gives 16 results per clock per SM for compute
+#   capability 8.0 and 9.0 (4 per SM sub-partition, not 16 per sub-partition), times the max
+#   boost clock (nvidia-smi clocks.max.sm: 1980 MHz H100 SXM5/H200, 1755 MHz H100 PCIe, 1410 MHz
+#   A100) and the SM count (132 / 114 / 108): 4.18e12 ex2/s for the H100 SXM5. FlashAttention-3
+#   (arXiv 2407.08608, sec. 3.1) quotes 3.9e12/s, the same 16/clk/SM at the 1830 MHz clock of
+#   NVIDIA's tensor-core figures (989.4e12 = 132 SMs x 4096 flop/clk x 1.83e9).
 HBM_PEAK_BYTES_PER_S = {
     "H200": 4.8e12,
-    "H100 SXM": 3.35e12,
-    "H100 80GB HBM3": 3.35e12,
     "H100 PCIe": 2.0e12,
+    "H100 NVL": 3.9e12,
     "H100": 3.35e12,
     "A100-SXM4-80GB": 2.039e12,
     "A100 80GB": 2.0e12,
     "A100": 1.555e12,
 }
-
-# Special-function (MUFU: ex2) throughput per second, dense, by device: SMs x 16 SFU ops/clk
-# per SM sub-partition x 4 sub-partitions x boost clock.
+TENSOR_PEAK_FLOP_PER_S = {  # dense, {"bf16": .., "tf32": ..} (fp16 = bf16)
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12},
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
+    "H100": {"bf16": 989.4e12, "tf32": 494.7e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12},
+}
 SFU_PEAK_OPS_PER_S = {
-    "H200": 132 * 16 * 4 * 1.98e9,
-    "H100": 132 * 16 * 4 * 1.98e9,
-    "A100": 108 * 16 * 4 * 1.41e9,
+    "H200": 132 * 16 * 1.98e9,
+    "H100 PCIe": 114 * 16 * 1.755e9,
+    "H100": 132 * 16 * 1.98e9,
+    "A100": 108 * 16 * 1.41e9,
 }
 
 
-def _lookup(table: dict[str, float], name: str) -> float | None:
+def _lookup(table: dict, name: str):
     for key, value in table.items():
         if key in name:
             return value
@@ -54,6 +72,14 @@ def hbm_peak(device: torch.device) -> float | None:
 
 def sfu_peak(device: torch.device) -> float | None:
     return _lookup(SFU_PEAK_OPS_PER_S, device_name(device)) if device.type == "cuda" else None
+
+
+def tensor_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense tensor-core flop/s for dtype (fp32 counts as tf32), or None off CUDA / unknown GPU."""
+    if device.type != "cuda":
+        return None
+    entry = _lookup(TENSOR_PEAK_FLOP_PER_S, device_name(device))
+    return None if entry is None else entry["tf32" if dtype == torch.float32 else "bf16"]
 
 
 def git_revision() -> str:
@@ -151,22 +177,33 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
 
 
 def append_rows(csv_name: str, rows: list[dict[str, object]]) -> Path:
-    """Append rows to benchmarks/results/<csv_name>, writing the header when the file is new."""
+    """Append rows to benchmarks/results/<csv_name>, writing the header when the file is new.
+
+    Columns are the union of the file's header and the rows' keys: a row without a column gets an
+    empty cell, and a row with a new column widens the file in place (earlier rows get empty
+    cells there). Rows can so be appended one at a time as they are measured.
+    """
     if not rows:
         return RESULTS_DIR / csv_name
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / csv_name
-    fields = list(rows[0].keys())
-    new = not path.exists()
-    if not new:
-        with path.open() as f:
-            existing = next(csv.reader(f), None)
-        if existing and existing != fields:
-            # Schema changed: start a fresh file beside the old one rather than mixing columns.
-            path = path.with_name(path.stem + "_v2" + path.suffix)
-            new = not path.exists()
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            existing = next(csv.reader(f), [])
+        merged = existing + [k for k in fields if k not in existing]
+        if merged != existing:
+            with path.open(newline="") as f:
+                old_rows = list(csv.DictReader(f))
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=merged, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
+        fields, new = merged, False
+    else:
+        new = True
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)
@@ -186,3 +223,32 @@ def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+_LOAD_SCRIPT = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+@contextlib.contextmanager
+def competing_load(threads: int):
+    """Run a CPU-bound process with `threads` busy threads (matmuls) for the duration of the block.
+
+    For benchmarks that must hold up on a shared machine. Yields the load process (None for 0);
+    ends it (by its own pid) on exit, whatever happens inside.
+    """
+    if threads <= 0:
+        yield None
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "ACTIVE"}
+    proc = subprocess.Popen([sys.executable, "-c", _LOAD_SCRIPT, str(threads)], env=env)
+    try:
+        time.sleep(1.0)  # let it reach its loop before anything is timed
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

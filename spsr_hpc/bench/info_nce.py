@@ -26,9 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import math
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -82,11 +86,13 @@ def estimate_bytes(provider: str, B: int, N: int, M: int, d: int, elem: int) -> 
         return B * N * M * (4 * 4 + 2)
     vecs = B * (N + M) * d
     if provider == "chunked":
-        from spsr_kernels.info_nce import TORCH_TILE_ELEMENTS
+        from spsr_kernels.info_nce import _torch_tiles
 
+        chunk_n, chunk_m = _torch_tiles(B, N, M, None)
+        excluded = B * N * 3 * (2 * 4 - 1) ** 2 * 8  # removed-key lists, 3 centres, radius 4
         # normalised copies, their fp32 gradients and the normalisation backward's temporaries
-        # (~6 fp32 copies), plus ~3 live fp32 tiles of TORCH_TILE_ELEMENTS.
-        return vecs * 4 * 6 + 3 * 4 * TORCH_TILE_ELEMENTS
+        # (~6 fp32 copies), the removed-key lists and one fp32 tile of logits.
+        return vecs * 4 * 6 + excluded + 4 * B * chunk_n * chunk_m
     # triton: normalised copies in the input dtype (saved), fp32 norms, per-anchor LSE, positive
     # logit and upstream gradient; the kernels write dpred/dkeys directly (fused chain rule).
     return vecs * elem + B * (N + M) * 4 + B * N * 4 * 3
@@ -221,8 +227,89 @@ def bench_one(
     peak = common.sfu_peak(device)
     row["sfu_peak_per_s"] = peak
     row["sfu_fraction"] = row["exps_per_s_total"] / peak if peak else None
+    # Tensor-core work per fwd+bwd: the forward's P·Kᵀ, and in backward two recomputed P·Kᵀ (one
+    # per kernel) and the dP, dK products: 5 (B, N, M, d) matmuls of 2 flop per multiply-add.
+    tc_peak = common.tensor_peak(device, dtype)
+    flops = 5 * 2 * logits * d
+    row["tensor_peak_flop_per_s"] = tc_peak
+    row["tensor_fraction_total"] = flops / (t_q[1] * 1e-3) / tc_peak if tc_peak else None
     row["status"] = "ok"
     return row
+
+
+def load_revision(rev: str, workdir: str):
+    """kernels/info_nce.py as of git revision `rev`, imported beside the current module (for
+    before/after runs in one process). Its custom ops go to their own torch.library namespace
+    so they do not clash with the current ones; Triton needs the source in a file (workdir)."""
+    proc = subprocess.run(
+        ["git", "show", f"{rev}:kernels/info_nce.py"], cwd=common.REPO_ROOT, capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise SystemExit(f"--baseline-rev {rev}: git show failed: {proc.stderr.strip()}")
+    tag = "".join(c if c.isalnum() else "_" for c in rev)
+    path = os.path.join(workdir, f"_info_nce_at_{tag}.py")
+    with open(path, "w") as f:
+        f.write(proc.stdout.replace('"spsr_kernels::', f'"spsr_kernels_at_{tag}::'))
+    name = f"spsr_kernels._info_nce_at_{tag}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_interleaved(
+    providers: list[str], B: int, N: int, d: int, radius: int, dtype: torch.dtype, device: torch.device,
+    args, baseline=None,
+) -> list[dict[str, object]]:
+    """Forward+backward of every provider in turn, `args.interleave` rounds (the order reversed
+    every other round, so drift in machine load hits all alike); per provider the p20/p50/p80
+    time and the median over rounds of its speed-up over naive in the same round."""
+    pred, keys, pos, centres, W = make_inputs(B, N, d, radius, device, dtype)
+    pred.requires_grad_(True)
+    keys.requires_grad_(True)
+    kw = dict(scale=64.0, grid_width=W, exclude_centers=centres, exclude_radius=radius, reduction="mean")
+    fns = {}
+    for name in providers:
+        if name == "baseline":
+            fwd = (lambda p, k, q: baseline.info_nce(p, k, q, backend="torch", **kw)) if baseline else None
+            name = f"chunked@{args.baseline_rev}"
+        else:
+            fwd = _make_fn(name, kw)
+        fns[name] = fwd
+
+    def total(fwd) -> float:
+        pred.grad = keys.grad = None
+        common.sync(device)
+        t0 = time.perf_counter()
+        fwd(pred, keys, pos).backward()
+        common.sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    loads = []
+    for fwd in fns.values():
+        total(fwd)  # warm-up (and compilation)
+    for r in range(args.interleave):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+            times[name].append(total(fns[name]))
+        loads.append(os.getloadavg()[0])
+    rows = []
+    for name, t in times.items():
+        q = [statistics.quantiles(t, n=10, method="inclusive")[i] for i in (1, 4, 7)] if len(t) > 1 else t * 3
+        row: dict[str, object] = {
+            "provider": name, "B": B, "N": N, "M": N, "d": d, "radius": radius, "centres": 3,
+            "dtype": str(dtype).replace("torch.", ""), "scale": 64.0,
+            "total_ms_p20": float(q[0]), "total_ms_p50": float(q[1]), "total_ms_p80": float(q[2]),
+            "status": "ok", "mode": f"interleaved fwd+bwd, {args.interleave} rounds",
+            "rounds": args.interleave, "load_threads": args.load_threads,
+            "cpu_load_1m": statistics.median(loads),
+            "cpu_load_1m_min": min(loads), "cpu_load_1m_max": max(loads),
+        }  # fmt: skip
+        if "naive" in times:
+            row["speedup_vs_naive"] = statistics.median(n / x for n, x in zip(times["naive"], t))
+        rows.append(row)
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -244,6 +331,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="CPU intra-op threads (default 1: on a shared machine OpenMP barriers dominate small ops)",
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="time fwd+bwd of the providers in turn for ROUNDS rounds and report each one's median "
+        "speed-up over naive (needs 'naive' among --providers for the ratio); 0: the per-provider mode",
+    )
+    p.add_argument(
+        "--load-threads", type=int, default=0, help="run a competing CPU load of this many threads meanwhile"
+    )
+    p.add_argument(
+        "--baseline-rev",
+        default=None,
+        metavar="REV",
+        help="with --interleave: also time the chunked path of kernels/info_nce.py at git revision REV "
+        "(provider chunked@REV), for before/after comparisons in one run",
+    )
     p.add_argument("--no-csv", action="store_true", help="print only; do not append to the CSV")
     return p.parse_args(argv)
 
@@ -258,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or ([1] if args.quick else [1, 8, 48])
     rows = []
     prov = common.provenance(device)
+    if args.interleave:
+        return _main_interleaved(args, device, dtype, sizes, batches, prov)
     for B in batches:
         for N in sizes:
             for provider in args.providers:
@@ -271,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["cpu_load_1m"] = os.getloadavg()[0] if device.type == "cpu" else None
                 row["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
                 rows.append(row)
+                _write([row], args)  # at once: a later crash or time limit keeps this figure
                 print(
                     f"{provider:8s} B={B:<3d} N=M={N:<6d} {row.get('status')}"
                     + (f"  total p50 {row['total_ms_p50']:.1f} ms" if row.get("status") == "ok" else ""),
@@ -284,10 +392,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {prov['device']}  dtype: {args.dtype}  d={args.d}  radius={args.radius}  centres=3")
     print(common.format_table(rows, columns))
     if not args.no_csv:
-        # One schema for every row (a skipped row lacks the figures), stable across runs.
+        print(f"appended {len(rows)} rows to {common.RESULTS_DIR / CSV_NAME}")
+    return 0
+
+
+def _write(rows: list[dict[str, object]], args) -> None:
+    if not args.no_csv:
+        # FIELDS first (a skipped row lacks the figures), then any extra columns.
         fields = FIELDS + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in FIELDS]
-        path = common.append_rows(CSV_NAME, [{k: r.get(k) for k in fields} for r in rows])
-        print(f"appended {len(rows)} rows to {path}")
+        common.append_rows(CSV_NAME, [{k: r.get(k) for k in fields} for r in rows])
+
+
+def _main_interleaved(args, device, dtype, sizes, batches, prov) -> int:
+    providers = [p for p in args.providers if not (p == "triton" and device.type != "cuda")]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir, common.competing_load(args.load_threads):
+        baseline = None
+        if args.baseline_rev:
+            baseline = load_revision(args.baseline_rev, workdir)
+            providers.append("baseline")
+        for B in batches:
+            for N in sizes:
+                args_n = (B, N, args.d, args.radius, dtype, device, args, baseline)
+                done = bench_interleaved(providers, *args_n)
+                for row in done:
+                    row.update(prov)
+                    row["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
+                _write(done, args)
+                rows += done
+    columns = ["provider", "B", "N", "total_ms_p20", "total_ms_p50", "total_ms_p80", "speedup_vs_naive",
+               "cpu_load_1m", "load_threads"]  # fmt: skip
+    print(f"device: {prov['device']}  dtype: {args.dtype}  d={args.d}  radius={args.radius}  centres=3  "
+          f"threads={torch.get_num_threads()}  competing load threads={args.load_threads}")  # fmt: skip
+    print(common.format_table(rows, columns))
     return 0
 
 
