@@ -103,7 +103,7 @@ def _train(config: str, overrides: list[str], nproc: int, log_path: Path) -> Non
 GAN_OVERRIDES = [
     "optim.lr_g=1e-4",
     "optim.lr_d=2e-4",
-    "perceptual.layer=conv3_3",  # 16x16 features of a 64-px patch; conv5 sees 4x4
+    "perceptual.layer=conv2_2",  # 32x32 features of a 64-px patch; conv5 sees 4x4
     "loss.pixel_weight=1",
     "loss.image_gan_weight=5e-2",
 ]
@@ -115,7 +115,7 @@ SPSR_OVERRIDES = [
 ]
 GAN_WARMUP_FRACTION = 0.1  # SPSR-G's fusion-only warm-up, as a fraction of its steps
 RECIPE_NOTE = (
-    "pixel weight 1, perceptual L1 on conv3_3 (weight 1), RaGAN weight 5e-2 (image and gradient D), "
+    "pixel weight 1, perceptual L1 on conv2_2 (weight 1), RaGAN weight 5e-2 (image and gradient D), "
     "lr 1e-4 (G) / 2e-4 (D), SPSR-G's fusion initialised as a pass-through of the PSNR stage; the paper "
     "uses pixel 1e-2, conv5_4 and GAN 5e-3 over 400k steps. Both GAN rows are the EMA weights (decay 0.99)"
 )
@@ -222,14 +222,17 @@ def run_demo(
     psnr_export = psnr_dir / "generator.safetensors"
 
     percep_overrides, percep_note, backbone = _perceptual_choice()
+    # The GAN stages keep a global batch of `batch_size` (the recipe's), split over the processes.
+    gan_batch = max(1, batch_size // nproc)
     gan_common = [
         *common,
+        f"data.batch_size={gan_batch}",
         f"model.generator.pretrained={psnr_export}",
         f"optim.milestones=[{gan_steps * 2}]",
         *GAN_OVERRIDES,
         *percep_overrides,
     ]
-    val_every = max(1, gan_steps // 3)
+    val_every = max(1, gan_steps // 2)  # validation on the whole photos is a cost on 2 cores
     runs = {"PSNR stage": psnr_dir}
     models: dict = {}
     from spsr_hpc.models.config import GeneratorConfig
@@ -333,7 +336,8 @@ def run_demo(
         "direction, not the paper's numbers.",
         "",
         f"- PSNR stage: {psnr_steps} steps; GAN stages: {gan_steps} steps each (SPSR-G: {warmup} fusion-only "
-        f"warm-up steps); {nproc} DeepSpeed process(es), batch {batch_size} per process; "
+        f"warm-up steps); {nproc} DeepSpeed process(es); batch {batch_size} per process in the PSNR stage, "
+        f"{gan_batch} per process in the GAN stages; "
         f"wall time {minutes:.1f} min.",
         f"- Loss and validation curves: ![curves]({curves.name})",
         f"- Centre crops, labelled with LPIPS / PSNR ({columns}): ![crops]({crops.name})",
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed processes (gloo on CPU); 1 = plain python")
     p.add_argument("--psnr-steps", type=int, default=1200, help="steps of the PSNR-oriented stage")
     p.add_argument("--gan-steps", type=int, default=300, help="steps of each GAN stage (ESRGAN, SPSR-G)")
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--batch-size", type=int, default=8, help="PSNR stage: per process; GAN stages: in all (split over the processes)")
     p.add_argument("--no-esrgan", action="store_true", help="skip the ESRGAN baseline stage (saves its time)")
     a = p.parse_args(argv)
     run_demo(
