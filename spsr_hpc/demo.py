@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed processes (gloo on CPU); 1 = plain python")
     p.add_argument("--psnr-steps", type=int, default=1200, help="steps of the PSNR-oriented stage")
     p.add_argument("--gan-steps", type=int, default=300, help="steps of each GAN stage (ESRGAN, SPSR-G)")
-    p.add_argument("--batch-size", type=int, default=8, help="PSNR stage: per process; GAN stages: in all (split over the processes)")
+    p.add_argument(
+        "--batch-size", type=int, default=8,
+        help="PSNR stage: per process; GAN stages: in all (split over the processes)",
+    )
     p.add_argument("--no-esrgan", action="store_true", help="skip the ESRGAN baseline stage (saves its time)")
     a = p.parse_args(argv)
     run_demo(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import os
 import subprocess
 import sys
 import time
