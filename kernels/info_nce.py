@@ -1190,7 +1190,10 @@ def info_nce(
                 f"{OP}: the Triton kernels take float32/float16/bfloat16, got float64; use backend='torch'"
             )
         path = "torch"
-    rows = max(pred.shape[1], keys.shape[1]) * max(16, triton.next_power_of_2(pred.shape[-1]))
+    # d padded to a power of two (>= 16), as the kernels load it; plain Python so that no triton
+    # function runs on the PyTorch path (triton may be absent).
+    d_pad = max(16, 1 << (pred.shape[-1] - 1).bit_length())
+    rows = max(pred.shape[1], keys.shape[1]) * d_pad
     if path == "triton" and rows >= 2**31:
         if backend == "triton":
             raise ValueError(
