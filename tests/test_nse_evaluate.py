@@ -43,14 +43,15 @@ def test_contrastive_top1_matches_brute_force():
     with torch.no_grad():
         z = obj.nse(hr)
         b, _, h, w = z.shape
-        keys = F.normalize(z.flatten(2).transpose(1, 2), dim=-1)
+        raw = z.flatten(2).transpose(1, 2)  # the predictor sees raw vectors, as in training
+        keys = F.normalize(raw, dim=-1)
         targets, contexts = sample_anchors(b, h, w, obj.offsets["c"], 10, g)
         noise = torch.rand(b, 10, h * w, generator=g)
         want = 0
         for i in range(b):
             for n in range(10):
                 t, ctx = int(targets[i, n]), contexts[i, n].tolist()
-                p = F.normalize(obj.predictors["c"](torch.cat([keys[i, c] for c in ctx])), dim=0)
+                p = F.normalize(obj.predictors["c"](torch.cat([raw[i, c] for c in ctx])), dim=0)
                 cand = [
                     j for j in range(h * w)
                     if all(max(abs(j // w - c // w), abs(j % w - c % w)) >= obj.radius for c in [t, *ctx])
@@ -61,6 +62,42 @@ def test_contrastive_top1_matches_brute_force():
         centres = exclusion_centers(targets, contexts)
         assert (valid_negative_mask(centres, h * w, w, obj.radius).sum(-1) >= 30).all()
     assert hits == want
+
+
+@pytest.mark.parametrize("strategy", ["h", "v", "c"])
+def test_evaluation_scores_what_training_computes(strategy):
+    """The cosines the top-1 metric ranks are the logits/τ of the training loss, anchor by anchor.
+
+    Same NSE, predictor and anchors: τ·cos with the valid-negative mask (positive kept) gives
+    exactly the per-anchor InfoNCE loss that training hands to spsr_kernels.info_nce. A metric
+    that fed the predictor other context vectors (e.g. normalised ones) fails this.
+    """
+    from spsr_hpc.nse.contrastive import feature_keys
+    from spsr_hpc.nse.metrics import prediction_cosines
+    from spsr_kernels import info_nce
+
+    torch.manual_seed(0)
+    cfg = NSEConfig(width=16, out_dim=8, predictor_hidden=16)
+    obj = _objective(cfg, strategies=(strategy,)).eval()
+    with torch.no_grad():
+        keys = feature_keys(obj.nse(torch.rand(2, 3, 96, 96)))
+        assert float(keys.norm(dim=-1).mean()) > 1.5  # raw vectors: normalising them would matter
+        kw = obj.loss_inputs(keys, 24, 24, strategy)
+        targets, centres = kw["pos_index"], kw["exclude_centers"]
+        want = info_nce(kw.pop("pred"), kw.pop("keys"), kw.pop("pos_index"), reduction="none",
+                        backend="torch", **kw)
+        cos = prediction_cosines(obj, keys, centres[..., 1:], strategy)
+    keep = valid_negative_mask(centres, keys.shape[1], 24, obj.radius)
+    keep.scatter_(2, targets.unsqueeze(-1), True)
+    logits = (obj.scale * cos).masked_fill(~keep, float("-inf"))
+    got = torch.logsumexp(logits, -1) - obj.scale * cos.gather(2, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # The feeding matters: normalised contexts (the old evaluation) give other predictions.
+    with torch.no_grad():
+        ctx = centres[..., 1:]
+        as_trained = F.normalize(obj.predict(keys, ctx, strategy), dim=-1)
+        from_unit = F.normalize(obj.predict(F.normalize(keys, dim=-1), ctx, strategy), dim=-1)
+    assert not torch.allclose(as_trained, from_unit, atol=1e-3)
 
 
 def test_too_few_negatives_raises():
