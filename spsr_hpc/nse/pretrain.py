@@ -25,7 +25,7 @@ from spsr_hpc.config import load_config, save_resolved, to_dict
 from spsr_hpc.data.loader import build_train_loader, derive_seed
 from spsr_hpc.models import build_nse
 from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
-from spsr_hpc.nse.config import NSEPretrainConfig
+from spsr_hpc.nse.config import NSEPretrainConfig, resolve_epoch_length
 from spsr_hpc.nse.contrastive import ContrastiveObjective
 from spsr_hpc.nse.export import save_nse
 from spsr_hpc.nse.jigsaw import JigsawObjective
@@ -97,12 +97,14 @@ class NSEPretrainer:
     """State of one pretraining run: engine (NSE + head, Adam, scheduler), loader, step.
 
     Args:
-        cfg: the resolved config; everything goes to cfg.logging.run_dir (checkpoints under
-            checkpoint.dir relative to it). logging.image_every and checkpoint.export_every do
+        cfg: the config; data.samples_per_epoch is resolved here (resolve_epoch_length).
+            Everything goes to cfg.logging.run_dir (checkpoints under checkpoint.dir relative
+            to it). logging.image_every and checkpoint.export_every do
             not apply (no image grids; the NSE is exported with every checkpoint).
     """
 
     def __init__(self, cfg: NSEPretrainConfig) -> None:
+        cfg, self.epoch_note = resolve_epoch_length(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
         ckpt_dir = Path(cfg.checkpoint.dir)
@@ -206,6 +208,12 @@ class NSEPretrainer:
             f"NSE pretraining ({cfg.objective.method}): R={rf}px stride={stride} radius={radius}; "
             f"{self.world} rank(s), {self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
             + (f"; resumed from {resumed}" if resumed else "")
+        )
+        oc = cfg.optim
+        logger.message(
+            f"epoch = {self.epoch_note} -> {self.steps_per_epoch} steps of {cfg.data.batch_size} x "
+            f"{cfg.train.grad_accum} x {self.world}; lr x{oc.lr_gamma} every {oc.lr_step_epochs} epochs "
+            f"(every {self.steps_per_epoch * oc.lr_step_epochs} steps)"
         )
         dtype = module_dtype(self.objective)
         last_ckpt: str | None = str(resumed) if resumed else None
