@@ -13,6 +13,7 @@ TensorBoard are the SR trainer's (spsr_hpc.train.*). The run writes ``<run_dir>/
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -63,6 +64,15 @@ def build_objective(cfg: NSEPretrainConfig) -> ContrastiveObjective | JigsawObje
         nse, build_jigsaw_classifier(cfg.nse), spacing=obj.jigsaw_spacing,
         max_anchors_per_image=obj.max_anchors_per_image,
     )  # fmt: skip
+
+
+def export_metadata(cfg: NSEPretrainConfig, step: int) -> dict[str, str]:
+    """String metadata of the NSE export: method, step and, for contrastive NSEs, the strategies
+    (JSON list), so the evaluation can tell which task an NSE was pretrained on."""
+    meta = {"method": cfg.objective.method, "step": str(step)}
+    if cfg.objective.method == "contrastive":
+        meta["strategies"] = json.dumps(list(cfg.objective.strategies))
+    return meta
 
 
 def lr_milestones(steps_per_epoch: int, step_epochs: int, max_decays: int = 64) -> list[int]:
@@ -163,7 +173,7 @@ class NSEPretrainer:
         if sdist.is_main_process():
             save_nse(
                 self.objective.nse, self.cfg.nse, self.export_path,
-                extra={"method": self.cfg.objective.method, "step": str(self.step)},
+                extra=export_metadata(self.cfg, self.step),
             )  # fmt: skip
         sdist.barrier()
         return self.export_path
