@@ -25,6 +25,9 @@ import yaml
 
 T = TypeVar("T")
 
+# Generators with a gradient branch (SPSR-G's); the others are backbones without one.
+_BRANCH_GENERATORS = ("spsr",)
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -531,6 +534,21 @@ def _run_config_class() -> type:
                 raise ConfigError(
                     "data.scale",
                     f"{self.data.scale} differs from model.generator.scale={self.model.generator.scale}",
+                )
+            has_branch = self.model.generator.name in _BRANCH_GENERATORS
+            if self.loss.no_gradient_branch and has_branch:
+                raise ConfigError(
+                    "loss.no_gradient_branch",
+                    f"the ablation removes the gradient branch, but model.generator.name="
+                    f"{self.model.generator.name!r} has one (it would train unsupervised); use "
+                    "model.generator.name=rrdbnet (the SPSR trunk without branch), or edsr / srresnet",
+                )
+            if self.loss.needs_gradient_branch() and not has_branch:
+                raise ConfigError(
+                    "model.generator.name",
+                    f"{self.model.generator.name!r} has no gradient branch, but loss.method="
+                    f"{self.loss.method} trains one (branch pixel loss); use model.generator.name=spsr "
+                    "or set loss.no_gradient_branch=true",
                 )
 
     for cls in (ModelConfig, RunConfig):

@@ -125,11 +125,16 @@ def test_two_process_tiny_run(method, shards, tmp_path):
         str(REPO / "launch/pretrain_nse.py"), "--config", str(REPO / f"configs/tiny_nse_{method}.yaml"),
         f"data.shards={shards}", f"logging.run_dir={run_dir}", "train.max_steps=4", "logging.log_every=1",
         "logging.progress_bar=false", "checkpoint.every=2", "data.hr_patch_size=64", "data.batch_size=2",
+        "data.batches_per_epoch=null",  # the default epoch: the number of training images
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 rank(s)" in out.stdout + out.stderr
+    images = json.loads((shards / "manifest.json").read_text())["num_files"]
+    assert f"epoch = data.samples_per_epoch={images} samples: the number of training images" in (
+        out.stdout + out.stderr)
+    assert f"-> {-(-images // 4)} steps of 2 x 1 x 2" in out.stdout + out.stderr
     records = _metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in records)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from spsr_hpc.distributed import is_main_process
@@ -185,7 +186,13 @@ class NSEConfig:
     out_dim: int = 32
     """Feature dimension d (SPEC: 32)."""
     pretrained: str | None = None
-    """NSE weights (our export) loaded by build_nse, strictly; required for SPSR-P/-J training."""
+    """NSE weights (our export) loaded by build_nse, strictly; SPSR-P/-J training needs them
+    (or random_init)."""
+    random_init: bool = False
+    """SPSR-R (paper Table VI): no weights file; a randomly initialised NSE seeded by
+    random_seed, then frozen like a pretrained one. Excludes `pretrained`."""
+    random_seed: int = 0
+    """Seed of the random_init NSE (independent of the global RNG; recorded in the run config)."""
     predictor_hidden: int = 256
     """ContextPredictor hidden width."""
     predictor_layers: int = 3
@@ -206,10 +213,30 @@ class NSEConfig:
             "jigsaw_classes",
         ):
             _positive_int("nse", name, getattr(self, name))
+        if self.random_init and self.pretrained:
+            raise ValueError(
+                f"nse.random_init=true (SPSR-R) and nse.pretrained={self.pretrained!r} exclude each other; "
+                "set nse.pretrained=null for a random NSE or nse.random_init=false to load the file"
+            )
+        seed = self.random_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"nse.random_seed must be an int >= 0, got {self.random_seed!r}")
 
 
 def build_nse(cfg: NSEConfig) -> NSE:
-    """Instantiate the NSE (and load `cfg.pretrained` strictly, logging the report on rank 0)."""
+    """Instantiate the NSE (and load `cfg.pretrained` strictly, logging the report on rank 0).
+
+    With cfg.random_init the weights are drawn from a generator seeded by cfg.random_seed
+    alone (the global RNG is neither used nor advanced): every rank and every rerun gets the
+    same random NSE.
+    """
+    if cfg.random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.random_seed)
+            nse = NSE(in_ch=cfg.in_ch, width=cfg.width, out_dim=cfg.out_dim)
+        if is_main_process():
+            log.info("nse: random init (SPSR-R), seed %d", cfg.random_seed)
+        return nse
     nse = NSE(in_ch=cfg.in_ch, width=cfg.width, out_dim=cfg.out_dim)
     if cfg.pretrained:
         report = load_pretrained(nse, cfg.pretrained, strict=True)

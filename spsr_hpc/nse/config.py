@@ -1,5 +1,10 @@
 """Typed config of NSE pretraining (configs/nse_*.yaml), loaded by spsr_hpc.config.load_config.
 
+An NSE "epoch" is ``data.samples_per_epoch`` random crops over all ranks, by default as many
+as there are training images (the source images behind the shards, from their manifest), so
+that the paper's "decay every 20 epochs" counts passes over the 800 DIV2K images, not over the
+~32k sub-images a 480/240 cropping makes (our reading; `resolve_epoch_length`).
+
 Sections: ``nse`` (architecture and head sizes, spsr_hpc.models.NSEConfig), ``objective``
 (method and sampling geometry), ``data`` (spsr_hpc.data DataConfig, HR-only crops), ``train``,
 ``optim``, ``deepspeed``, ``checkpoint``, ``logging`` (the last three shared with the SR
@@ -9,7 +14,9 @@ sets the jigsaw ones.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from spsr_hpc.config import CheckpointConfig, ConfigError, DeepSpeedConfig, LoggingConfig
@@ -24,9 +31,11 @@ class ObjectiveConfig:
 
     method: Literal["contrastive", "jigsaw"] = "contrastive"
     """contrastive (NSE-P, InfoNCE over all positions) or jigsaw (NSE-J, 24-way permutation)."""
-    strategies: list[str] = field(default_factory=lambda: ["h", "v", "c"])
-    """Contrastive context strategies trained together, one predictor each, losses averaged:
-    h (two horizontal neighbours), v (two vertical), c (four ends of a cross)."""
+    strategies: list[str] = field(default_factory=lambda: ["h"])
+    """Contrastive context strategy: h (two horizontal neighbours; the paper's SPSR-P NSE),
+    v (two vertical) or c (four ends of a cross); the paper trains one NSE per strategy.
+    Several (e.g. [h, v, c]) train one NSE with one predictor each and the losses averaged:
+    an option of ours, not the paper's."""
     context_distance: int | None = None
     """Grid steps from the target to each context; null = ceil(R/stride), the closest placement
     that does not overlap the target. Smaller values are refused."""
@@ -61,7 +70,8 @@ class PretrainTrainConfig:
     """Length and batch structure of a pretraining run."""
 
     epochs: int = 60
-    """Epochs of data.batches_per_epoch (or one pass over the shards) each."""
+    """Epochs of data.samples_per_epoch samples each (default: the number of training images;
+    see resolve_epoch_length)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs; for smoke runs)."""
     global_batch: int | None = 48
@@ -138,4 +148,62 @@ class NSEPretrainConfig:
             )
         if self.train.bf16 and self.train.device == "cpu":
             raise ConfigError("train.bf16", "bf16 engines need a GPU; set train.bf16=false on CPU")
+        if self.nse.random_init:
+            raise ConfigError(
+                "nse.random_init",
+                "is for SPSR-R training runs (a frozen random NSE); pretraining starts from a random "
+                "NSE anyway (seeded by train.seed): set nse.random_init=false",
+            )
 
+
+
+def training_images(shards: str | list[str]) -> tuple[int, str] | None:
+    """(number of source images, manifest path) behind make_shards output, or None when unknown.
+
+    Known when ``shards`` is a make_shards output directory, or a list/pattern naming exactly
+    the shards of one such directory: the manifest's ``num_files`` minus its skipped files.
+    """
+    from spsr_hpc.data.loader import resolve_shards
+    from spsr_hpc.data.shards import MANIFEST_NAME, read_manifest
+
+    if isinstance(shards, str) and Path(shards).is_dir():
+        folder = Path(shards)
+    else:
+        parents = {Path(p).resolve().parent for p in resolve_shards(shards)}
+        if len(parents) != 1:
+            return None
+        folder = parents.pop()
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    manifest = read_manifest(folder)
+    listed = {Path(p).resolve().name for p in resolve_shards(shards)}
+    if listed != {s["name"] for s in manifest["shards"]}:
+        return None  # a subset of the shards: the image count of the whole set does not apply
+    return int(manifest["num_files"]) - int(manifest.get("skipped_count", 0)), str(folder / MANIFEST_NAME)
+
+
+def resolve_epoch_length(cfg: NSEPretrainConfig) -> tuple[NSEPretrainConfig, str]:
+    """cfg with data.samples_per_epoch filled in (unless batches_per_epoch is set), and a
+    sentence saying where the epoch length came from (printed at the start of a run).
+
+    Raises ValueError when neither is set and the number of training images is unknown.
+    """
+    d = cfg.data
+    if d.batches_per_epoch is not None:
+        return cfg, f"data.batches_per_epoch={d.batches_per_epoch} batches per rank"
+    if d.samples_per_epoch is not None:
+        return cfg, f"data.samples_per_epoch={d.samples_per_epoch} samples"
+    found = training_images(d.shards)
+    if found is None:
+        raise ConfigError(
+            "data.samples_per_epoch",
+            f"null means 'the number of training images', but data.shards={d.shards!r} is not a "
+            "complete make_shards output with a manifest: set data.samples_per_epoch (800 for DIV2K) "
+            "or data.batches_per_epoch",
+        )
+    n, manifest = found
+    resolved = dataclasses.replace(cfg, data=dataclasses.replace(d, samples_per_epoch=n))
+    return resolved, (
+        f"data.samples_per_epoch={n} samples: the number of training images in {manifest} "
+        "(default; our reading of the paper's epoch)"
+    )

@@ -97,6 +97,46 @@ class ContrastiveObjective(nn.Module):
         self.loss_backend = loss_backend
         self._anchor_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def anchors(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        strategy: str,
+        max_anchors: int | None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets (B, N) and contexts (B, N, C) int64 flat indices on `device`.
+
+        max_anchors None: every valid anchor (the same index set every call, cached on the
+        device); an int: that many random anchors per image drawn with `generator`.
+        """
+        if max_anchors is None:
+            cache_key = (strategy, height, width, torch.device(device))
+            if cache_key not in self._anchor_cache:
+                t, c = enumerate_anchors(height, width, self.offsets[strategy])
+                self._anchor_cache[cache_key] = (t.to(device), c.to(device))
+            t, c = self._anchor_cache[cache_key]
+            return t.expand(batch, -1), c.expand(batch, -1, -1)
+        targets, contexts = sample_anchors(
+            batch, height, width, self.offsets[strategy], max_anchors, generator
+        )
+        return targets.to(device), contexts.to(device)
+
+    def predict(self, keys: torch.Tensor, contexts: torch.Tensor, strategy: str) -> torch.Tensor:
+        """The predictor's output for each anchor, fed exactly as training feeds it.
+
+        Args:
+            keys: (B, H*W, d) float, the NSE map flattened row-major, *not* normalised (the
+                raw NSE vectors are what the predictor sees; cosines are taken afterwards).
+            contexts: (B, N, C) int64 flat indices.
+
+        Returns:
+            (B, N, d) predictions p (unnormalised).
+        """
+        return self.predictors[strategy](gather_positions(keys, contexts).flatten(-2))
+
     def loss_inputs(
         self,
         keys: torch.Tensor,
@@ -114,24 +154,11 @@ class ContrastiveObjective(nn.Module):
             dict with pred (B, N, d), keys, pos_index (B, N), exclude_centers (B, N, 1 + C),
             exclude_radius, grid_width, scale.
         """
-        b = keys.shape[0]
-        if self.max_anchors_per_image is None:
-            # All anchors: the same index set every step; keep it on the device.
-            cache_key = (strategy, height, width, keys.device)
-            if cache_key not in self._anchor_cache:
-                t, c = enumerate_anchors(height, width, self.offsets[strategy])
-                self._anchor_cache[cache_key] = (t.to(keys.device), c.to(keys.device))
-            t, c = self._anchor_cache[cache_key]
-            targets, contexts = t.expand(b, -1), c.expand(b, -1, -1)
-        else:
-            targets, contexts = sample_anchors(
-                b, height, width, self.offsets[strategy], self.max_anchors_per_image, generator
-            )
-            targets, contexts = targets.to(keys.device), contexts.to(keys.device)
-        ctx = gather_positions(keys, contexts)  # (B, N, C, d)
-        pred = self.predictors[strategy](ctx.flatten(-2))
+        targets, contexts = self.anchors(
+            keys.shape[0], height, width, strategy, self.max_anchors_per_image, generator, keys.device
+        )
         return {
-            "pred": pred,
+            "pred": self.predict(keys, contexts, strategy),
             "keys": keys,
             "pos_index": targets.contiguous(),
             "exclude_centers": exclusion_centers(targets, contexts),

@@ -1,23 +1,34 @@
-"""NSE evaluation (SHARED SPEC §6, paper 5.2 / B.2): frozen NSE, fresh heads, held-out accuracy.
+"""NSE evaluation, the paper's protocol (docs/method.md §6; paper 5.2, Appendix B.2, Fig. 14/15).
 
-For each NSE (every given ``nse.safetensors`` and a randomly initialised NSE as the baseline):
+For each NSE (every given ``nse.safetensors`` and a randomly initialised NSE as the baseline row):
 
-1. freeze it; fit a fresh context predictor per strategy (InfoNCE, as in pretraining) and a fresh
-   jigsaw classifier on random HR crops of the training shards, for the same number of steps
-   with the same data order for every NSE;
-2. on held-out images, draw random crops and random anchors; report contrastive top-1 accuracy
-   (the positive beats `num_negatives` valid negatives drawn per anchor, see
-   spsr_hpc.nse.metrics) and jigsaw accuracy, as mean and standard deviation over `repeats`
-   independent draws.
+1. freeze it; fit a fresh context predictor per strategy (h, v, c; InfoNCE as in pretraining)
+   and a fresh jigsaw classifier on random HR crops of the *training* shards, for the same
+   number of steps with the same data order for every NSE. Every NSE is thus scored on both
+   tasks: a contrastive NSE's jigsaw accuracy and a jigsaw NSE's top-1 are the paper's
+   cross-validation;
+2. cut every held-out image of every dataset folder into dense, non-overlapping
+   ``patch``×``patch`` patches; on each, draw random anchors and report contrastive top-1
+   accuracy (the prediction's cosine to the positive beats ``num_negatives`` (~2,000) valid
+   negatives drawn per anchor; spsr_hpc.nse.metrics) and jigsaw accuracy, as mean ± standard
+   deviation over ``repeats`` (10) independent draws of anchors, negatives and permutations.
+
+Output: one table per dataset folder (rows: NSEs; columns: top-1 per strategy and jigsaw), as
+Markdown (``report.md``), ``report.csv`` (one row per NSE × dataset × metric) and
+``report.json`` (everything, with per-repeat values and the heads' fitting losses).
 
     python launch/evaluate_nse.py --nse runs/nse_contrastive/nse.safetensors \
-        --train-shards data/div2k_shards --heldout data/bsd100/HR --out runs/nse_eval.json
+        --nse runs/nse_jigsaw/nse.safetensors --train-shards data/div2k_shards \
+        --heldout Set14=data/benchmark/Set14/HR --heldout BSD100=data/benchmark/BSD100/HR \
+        --out runs/nse_eval
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -39,9 +50,10 @@ from spsr_hpc.nse.contrastive import ContrastiveObjective
 from spsr_hpc.nse.export import load_nse, read_nse_metadata
 from spsr_hpc.nse.jigsaw import JigsawObjective
 from spsr_hpc.nse.metrics import contrastive_top1, jigsaw_accuracy
-from spsr_hpc.nse.sampling import num_contexts
+from spsr_hpc.nse.sampling import STRATEGY_DIRECTIONS, num_contexts
 
 RANDOM_NAME = "random-init"
+JIGSAW = "jigsaw"
 
 
 @dataclass
@@ -49,34 +61,44 @@ class EvalSettings:
     """How the heads are fitted and the held-out accuracies drawn (CLI flags of evaluate_nse)."""
 
     strategies: list[str] = field(default_factory=lambda: ["h", "v", "c"])
+    """Contrastive strategies scored (one fresh predictor each)."""
     patch: int = 256
-    """HR crop side for fitting and evaluation (multiple of 4; 256 -> 64×64 maps)."""
+    """Side of the fitting crops and of the dense held-out patches (multiple of 4; 256 -> 64×64
+    maps, enough keys for 2,000 negatives per anchor)."""
     fit_steps: int = 300
     fit_batch: int = 16
+    """Crops per fitting step; also the held-out patches scored per forward."""
     fit_lr: float = 1e-3
     fit_max_anchors: int | None = 256
-    """Anchors (jigsaw grids) per image per fitting step; null = all."""
+    """Anchors (jigsaw grids) per crop per fitting step; None = all."""
     num_negatives: int = 2000
-    """Negatives drawn per held-out anchor among its valid ones (SPEC: ~2,000)."""
-    anchors_per_image: int = 256
-    """Random held-out anchors (jigsaw grids) per crop."""
-    crops_per_image: int = 4
-    """Random held-out crops per image and repeat."""
-    repeats: int = 5
+    """Negatives drawn per held-out anchor among its valid ones (paper: ~2,000)."""
+    anchors_per_patch: int = 256
+    """Random held-out anchors (jigsaw grids) per dense patch and repeat (all when larger)."""
+    max_patches_per_image: int | None = None
+    """Cap on the dense patches per held-out image (evenly spaced subset); None = all."""
+    repeats: int = 10
+    """Independent draws of anchors, negatives and permutations (paper: 10)."""
     jigsaw: bool = True
     loss_backend: str = "auto"
     """InfoNCE path while fitting the predictors (auto, triton, torch)."""
     seed: int = 0
+    """Seeds the heads, the fitting data order and the draws; also the random NSE's random_seed."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.patch % 4:
-            raise ValueError(f"patch={self.patch} must be a multiple of the NSE stride 4")
-        for name in ("fit_batch", "num_negatives", "anchors_per_image", "crops_per_image", "repeats"):
+        if self.patch % 4 or self.patch < 4:
+            raise ValueError(f"patch={self.patch} must be a positive multiple of the NSE stride 4")
+        bad = [st for st in self.strategies if st not in STRATEGY_DIRECTIONS]
+        if bad or not self.strategies:
+            raise ValueError(f"strategies={self.strategies}: use one or more of h, v, c")
+        for name in ("fit_batch", "num_negatives", "anchors_per_patch", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fit_steps < 0:
             raise ValueError(f"fit_steps must be >= 0, got {self.fit_steps}")
+        if self.max_patches_per_image is not None and self.max_patches_per_image < 1:
+            raise ValueError(f"max_patches_per_image must be >= 1 or None, got {self.max_patches_per_image}")
 
 
 def _device(choice: str) -> torch.device:
@@ -85,34 +107,84 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_heldout(folder: str | Path, patch: int) -> list[torch.Tensor]:
-    """Every image of a folder as (3, H, W) float in [0, 1]; images smaller than patch raise."""
+# ---------------------------------------------------------------------------------- held-out data
+
+
+def dense_patches(img: torch.Tensor, patch: int, max_patches: int | None = None) -> torch.Tensor:
+    """Non-overlapping patch×patch tiles of one image on a grid from its top-left corner.
+
+    Args:
+        img: (3, H, W) float. Rows/columns beyond the last whole tile are not used.
+        max_patches: keep this many, evenly spaced in raster order (None: all).
+
+    Returns:
+        (n, 3, patch, patch), n = floor(H/patch)·floor(W/patch) (0 when the image is smaller).
+    """
+    _, h, w = img.shape
+    rows, cols = h // patch, w // patch
+    if rows == 0 or cols == 0:
+        return img.new_zeros((0, img.shape[0], patch, patch))
+    tiles = img[:, : rows * patch, : cols * patch].unfold(1, patch, patch).unfold(2, patch, patch)
+    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(rows * cols, img.shape[0], patch, patch)
+    if max_patches is not None and tiles.shape[0] > max_patches:
+        tiles = tiles[torch.linspace(0, tiles.shape[0] - 1, max_patches).round().long()]
+    return tiles.contiguous()
+
+
+@dataclass
+class HeldoutSet:
+    """The dense patches of one held-out dataset folder."""
+
+    name: str
+    folder: str
+    patches: torch.Tensor
+    """(n, 3, patch, patch) float in [0, 1]."""
+    images: int
+    skipped: list[str]
+    """Images smaller than the patch (not scored)."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"folder": self.folder, "images": self.images, "patches": int(self.patches.shape[0]),
+                "skipped_smaller_than_patch": self.skipped}  # fmt: skip
+
+
+def load_heldout(folder: str | Path, s: EvalSettings, name: str | None = None) -> HeldoutSet:
+    """Every image of a folder cut into dense patches. ValueError when no image holds one."""
     files = list_images(folder)
     if not files:
         raise ValueError(f"no images in held-out folder {folder}")
-    images = []
+    tiles, skipped = [], []
     for f in files:
         arr, _ = read_rgb(f)
-        if min(arr.shape[:2]) < patch:
-            raise ValueError(
-                f"held-out image {f} is {arr.shape[1]}x{arr.shape[0]}, smaller than --patch {patch}"
-            )
-        images.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0)
-    return images
+        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+        t = dense_patches(img, s.patch, s.max_patches_per_image)
+        if t.shape[0] == 0:
+            skipped.append(f.name)
+        tiles.append(t)
+    patches = torch.cat(tiles)
+    if patches.shape[0] == 0:
+        raise ValueError(
+            f"every image of {folder} is smaller than --patch {s.patch}: use a smaller --patch "
+            "(and then fewer --num-negatives: a P×P patch has (P/4)² keys)"
+        )
+    return HeldoutSet(name or dataset_name(folder), str(folder), patches, len(files), skipped)
 
 
-def heldout_crops(
-    images: list[torch.Tensor], patch: int, per_image: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Random patch×patch crops: (len(images)·per_image, 3, patch, patch) float in [0, 1]."""
-    crops = []
-    for img in images:
-        _, h, w = img.shape
-        for _ in range(per_image):
-            y = int(torch.randint(h - patch + 1, (1,), generator=generator))
-            x = int(torch.randint(w - patch + 1, (1,), generator=generator))
-            crops.append(img[:, y : y + patch, x : x + patch])
-    return torch.stack(crops)
+def dataset_name(folder: str | Path) -> str:
+    """Name of a dataset folder: its own name, or its parent's for .../<set>/HR."""
+    p = Path(folder).resolve()
+    return p.parent.name if p.name.lower() in ("hr", "gt", "original") else p.name
+
+
+def _split_spec(spec: str) -> tuple[str | None, str]:
+    """"NAME=PATH" -> (NAME, PATH); a plain path -> (None, PATH)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    return None, spec
+
+
+# ------------------------------------------------------------------------------------ fitting
 
 
 def _train_batches(shards: str, s: EvalSettings, device: torch.device) -> Iterator[torch.Tensor]:
@@ -152,157 +224,260 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 def _repeated_accuracy(
     score: Callable[[torch.Tensor, torch.Generator], tuple[int, int]],
-    heldout: list[torch.Tensor],
+    patches: torch.Tensor,
     s: EvalSettings,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Mean/std over `s.repeats` draws of held-out crops and anchors of `score(batch, g) -> (hits, n)`."""
+    """Mean/std over `s.repeats` draws of `score(batch, g) -> (hits, n)` over all the patches."""
     accs = []
     for r in range(s.repeats):
         g = torch.Generator().manual_seed(s.seed * 7919 + r)
-        crops = heldout_crops(heldout, s.patch, s.crops_per_image, g).to(device)
         hits = total = 0
-        for i in range(0, crops.shape[0], s.fit_batch):
-            c, n = score(crops[i : i + s.fit_batch], g)
+        for i in range(0, patches.shape[0], s.fit_batch):
+            c, n = score(patches[i : i + s.fit_batch].to(device), g)
             hits, total = hits + c, total + n
         accs.append(hits / total)
     return _mean_std(accs)
 
 
 def evaluate_one(
-    nse: nn.Module, nse_cfg: NSEConfig, train_shards: str, heldout: list[torch.Tensor], s: EvalSettings
+    nse: nn.Module, nse_cfg: NSEConfig, train_shards: str, heldout: list[HeldoutSet], s: EvalSettings
 ) -> dict[str, Any]:
-    """Fit fresh heads on a frozen NSE and measure held-out accuracies. Returns a JSON-able dict."""
+    """Fit fresh heads on a frozen NSE and score every held-out set. Returns a JSON-able dict
+    with ``scores[dataset][metric]`` = {mean, std, runs} for metric top1_<strategy> and jigsaw."""
     device = _device(s.device)
     nse = nse.to(device).eval().requires_grad_(False)
     torch.manual_seed(s.seed)
     out: dict[str, Any] = {"receptive_field": int(nse.receptive_field()), "stride": int(nse.stride)}
+    scores: dict[str, dict[str, Any]] = {h.name: {} for h in heldout}
+    t0 = time.perf_counter()
     predictors = {st: build_context_predictor(nse_cfg, num_contexts(st)) for st in s.strategies}
     contrastive = ContrastiveObjective(
         nse, predictors, max_anchors_per_image=s.fit_max_anchors, loss_backend=s.loss_backend
     ).to(device)
     out["radius"] = contrastive.radius
-    t0 = time.perf_counter()
     losses = fit_head(contrastive, contrastive.predictors, _train_batches(train_shards, s, device), s)
     out["contrastive_fit_loss"] = _first_last(losses)
     contrastive.eval()
-    for st in s.strategies:
-        out[f"top1_{st}"] = _repeated_accuracy(
-            lambda batch, g, st=st: contrastive_top1(
-                contrastive, batch, st, num_negatives=s.num_negatives,
-                anchors_per_image=s.anchors_per_image, generator=g,
-            ),
-            heldout, s, device,
-        )  # fmt: skip
+    for h in heldout:
+        for st in s.strategies:
+            scores[h.name][f"top1_{st}"] = _repeated_accuracy(
+                lambda batch, g, st=st: contrastive_top1(
+                    contrastive, batch, st, num_negatives=s.num_negatives,
+                    anchors_per_image=s.anchors_per_patch, generator=g,
+                ),
+                h.patches, s, device,
+            )  # fmt: skip
     if s.jigsaw:
         torch.manual_seed(s.seed + 1)
-        clf = build_jigsaw_classifier(nse_cfg)
-        jig = JigsawObjective(nse, clf, max_anchors_per_image=s.fit_max_anchors).to(device)
+        jig = JigsawObjective(nse, build_jigsaw_classifier(nse_cfg), max_anchors_per_image=s.fit_max_anchors)
+        jig = jig.to(device)
         losses = fit_head(jig, jig.classifier, _train_batches(train_shards, s, device), s)
         out["jigsaw_fit_loss"] = _first_last(losses)
         jig.eval()
-        out["jigsaw_acc"] = _repeated_accuracy(
-            lambda batch, g: jigsaw_accuracy(jig, batch, tiles_per_image=s.anchors_per_image, generator=g),
-            heldout, s, device,
-        )  # fmt: skip
+        for h in heldout:
+            scores[h.name][JIGSAW] = _repeated_accuracy(
+                lambda batch, g: jigsaw_accuracy(
+                    jig, batch, tiles_per_image=s.anchors_per_patch, generator=g
+                ),
+                h.patches, s, device,
+            )  # fmt: skip
+    out["scores"] = scores
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
+# ------------------------------------------------------------------------------------ the report
+
+
+def _own_metrics(method: str | None, strategies: list[str] | None) -> list[str]:
+    """Metrics of the task an NSE was pretrained on (bold in the table)."""
+    if method == "contrastive":
+        return [f"top1_{st}" for st in (strategies or [])]
+    if method == "jigsaw":
+        return [JIGSAW]
+    return []
+
+
+def _nse_label(spec: str, path: str, meta: dict[str, str]) -> str:
+    name, _ = _split_spec(spec)
+    if name:
+        return name
+    p = Path(path)
+    return p.parent.name if p.name == "nse.safetensors" and p.parent.name else p.stem
+
+
 def evaluate(
-    nse_paths: list[str],
+    nse_specs: list[str],
     train_shards: str,
-    heldout_dir: str,
+    heldout_specs: list[str],
     s: EvalSettings,
     *,
     random_baseline: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate each NSE export (and a random-init NSE of the same architecture)."""
-    heldout = load_heldout(heldout_dir, s.patch)
-    results: dict[str, Any] = {}
+    """Evaluate each NSE export (``PATH`` or ``LABEL=PATH``) and a random-init NSE on every
+    held-out folder (``PATH`` or ``NAME=PATH``). Returns the report (see `write_report`)."""
+    heldout = [load_heldout(p, s, n) for n, p in map(_split_spec, heldout_specs)]
+    names = [h.name for h in heldout]
+    if len(set(names)) != len(names):
+        raise ValueError(f"held-out sets need distinct names, got {names}: use --heldout NAME=PATH")
+    nses: dict[str, Any] = {}
     cfg0 = NSEConfig()
-    for path in nse_paths:
+    for spec in nse_specs:
+        path = _split_spec(spec)[1]
+        nse = load_nse(path)  # checks the file and its format first
         meta = read_nse_metadata(path)
-        cfg = NSEConfig(**json.loads(meta["nse_config"])) if "nse_config" in meta else NSEConfig()
+        cfg = NSEConfig(**json.loads(meta["nse_config"]))
         cfg0 = cfg
-        results[str(path)] = {
-            "method": meta.get("method"), "pretrain_step": meta.get("step"),
-            **evaluate_one(load_nse(path), cfg, train_shards, heldout, s),
+        label = _nse_label(spec, path, meta)
+        if label in nses:
+            raise ValueError(f"two NSEs are labelled {label!r}: use --nse LABEL=PATH")
+        strategies = json.loads(meta["strategies"]) if "strategies" in meta else None
+        nses[label] = {
+            "path": str(path), "method": meta.get("method"), "strategies": strategies,
+            "pretrain_step": meta.get("step"), "own": _own_metrics(meta.get("method"), strategies),
+            **evaluate_one(nse, cfg, train_shards, heldout, s),
         }  # fmt: skip
     if random_baseline:
-        torch.manual_seed(s.seed + 12345)
-        fresh = build_nse(cfg0)
-        results[RANDOM_NAME] = {"method": None, **evaluate_one(fresh, cfg0, train_shards, heldout, s)}
-    device = _device(s.device)
+        # The SPSR-R NSE of the same architecture: build_nse with random_init and this seed.
+        rcfg = dataclasses.replace(cfg0, random_init=True, random_seed=s.seed)
+        nses[RANDOM_NAME] = {
+            "path": None, "method": None, "strategies": None, "random_seed": s.seed, "own": [],
+            **evaluate_one(build_nse(rcfg), rcfg, train_shards, heldout, s),
+        }  # fmt: skip
     return {
         "settings": dataclasses.asdict(s),
-        "device": device_name(device),
+        "device": device_name(_device(s.device)),
         "train_shards": train_shards,
-        "heldout_dir": str(heldout_dir),
-        "heldout_images": len(heldout),
-        "chance": {"top1": 1.0 / (s.num_negatives + 1), "jigsaw": 1.0 / 24},
-        "results": results,
+        "datasets": {h.name: h.summary() for h in heldout},
+        "chance": {"top1": 1.0 / (s.num_negatives + 1), JIGSAW: 1.0 / 24},
+        "nses": nses,
     }
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """Rows: NSEs; columns: top-1 per strategy and jigsaw accuracy, mean ± std in percent."""
-    strategies = report["settings"]["strategies"]
-    cols = [f"top1 {st}" for st in strategies] + (["jigsaw"] if report["settings"]["jigsaw"] else [])
-    keys = [f"top1_{st}" for st in strategies] + (["jigsaw_acc"] if report["settings"]["jigsaw"] else [])
-    rows = []
-    for name, res in report["results"].items():
-        cells = [f"{100 * res[k]['mean']:.1f} ± {100 * res[k]['std']:.1f}" for k in keys]
-        rows.append([name if len(name) < 48 else "…" + name[-47:], *cells])
-    header = ["NSE", *cols]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+def _metrics(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, column title) of the scored metrics, in table order."""
     s = report["settings"]
+    cols = [(f"top1_{st}", f"top-1 {st}") for st in s["strategies"]]
+    return cols + ([(JIGSAW, "jigsaw")] if s["jigsaw"] else [])
+
+
+def _pretrained_by(res: dict[str, Any]) -> str:
+    if res["method"] == "contrastive":
+        return f"contrastive ({', '.join(res['strategies'])})" if res["strategies"] else "contrastive"
+    if res["method"]:
+        return res["method"]
+    return f"none (random init, seed {res.get('random_seed')})" if res["path"] is None else "?"
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """One Fig. 14/15-style table per dataset: rows NSEs, cells mean ± std in percent."""
+    s, metrics = report["settings"], _metrics(report)
+    lines = []
+    for ds, info in report["datasets"].items():
+        skipped = len(info["skipped_smaller_than_patch"])
+        lines += [
+            f"### {ds}: {info['images']} images, {info['patches']} dense {s['patch']}×{s['patch']} patches"
+            + (f" ({skipped} images smaller than a patch)" if skipped else ""),
+            "",
+            "| NSE | pretrained by | " + " | ".join(title for _, title in metrics) + " |",
+            "|---|---|" + "---|" * len(metrics),
+        ]
+        for label, res in report["nses"].items():
+            cells = []
+            for key, _ in metrics:
+                v = res["scores"][ds][key]
+                cell = f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}"
+                cells.append(f"**{cell}**" if key in res["own"] else cell)
+            lines.append(f"| {label} | {_pretrained_by(res)} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines.append(
-        f"(% over {s['repeats']} repeats of {s['crops_per_image']} crops/image × {s['anchors_per_image']} "
-        f"anchors; {s['num_negatives']} negatives per anchor, chance {100 * report['chance']['top1']:.2f}% "
-        f"top-1, {100 / 24:.1f}% jigsaw; {report['device']})"
+        f"Accuracy in % (mean ± std over {s['repeats']} draws of {s['anchors_per_patch']} anchors per patch; "
+        f"top-1 against {s['num_negatives']} negatives per anchor, "
+        f"chance {100 * report['chance']['top1']:.3f} %; "
+        f"jigsaw chance {100 / 24:.2f} %). Bold: the task the NSE was pretrained on; the other cells "
+        f"are cross-evaluations with a fresh head on the frozen NSE. Heads fitted {s['fit_steps']} steps "
+        f"× {s['fit_batch']} crops on {report['train_shards']}; {report['device']}."
     )
     return "\n".join(lines)
+
+
+def format_csv(report: dict[str, Any]) -> str:
+    """One row per NSE × dataset × metric."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["nse", "pretrained_by", "dataset", "metric", "mean", "std", "repeats", "chance", "own_task"])
+    for label, res in report["nses"].items():
+        for ds in report["datasets"]:
+            for key, _ in _metrics(report):
+                v = res["scores"][ds][key]
+                chance = report["chance"][JIGSAW if key == JIGSAW else "top1"]
+                w.writerow([label, _pretrained_by(res), ds, key, f"{v['mean']:.6f}", f"{v['std']:.6f}",
+                            len(v["runs"]), f"{chance:.6f}", key in res["own"]])  # fmt: skip
+    return buf.getvalue()
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
+    """report.json, report.md and report.csv in out_dir (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(format_markdown(report) + "\n")
+    (out / "report.csv").write_text(format_csv(report))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of launch/evaluate_nse.py."""
     d = EvalSettings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nse", action="append", default=[], help="nse.safetensors to evaluate (repeatable)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--nse", action="append", default=[],
+                   help="nse.safetensors to evaluate, PATH or LABEL=PATH (repeatable)")  # fmt: skip
     p.add_argument("--train-shards", required=True, help="shards the fresh heads are fitted on")
-    p.add_argument("--heldout", required=True, help="folder of held-out HR images")
-    p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
+    p.add_argument("--heldout", action="append", required=True,
+                   help="held-out HR image folder, PATH or NAME=PATH (repeatable: a table each)")  # fmt: skip
+    p.add_argument("--out", default=None, help="folder for report.md, report.csv and report.json")
+    p.add_argument("--no-random", action="store_true", help="skip the random-init baseline row")
     p.add_argument("--strategies", nargs="+", default=d.strategies, choices=["h", "v", "c"])
-    p.add_argument("--no-jigsaw", action="store_true")
-    for name in ("patch", "fit_steps", "fit_batch", "num_negatives", "anchors_per_image", "crops_per_image",
-                 "repeats", "seed"):
+    p.add_argument("--no-jigsaw", action="store_true", help="skip the jigsaw head and column")
+    for name in ("patch", "fit_steps", "fit_batch", "num_negatives", "anchors_per_patch", "repeats", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--max-patches-per-image", type=int, default=0, help="0 = every dense patch")
     p.add_argument("--fit-max-anchors", type=int, default=d.fit_max_anchors, help="0 = all anchors")
     p.add_argument("--fit-lr", type=float, default=d.fit_lr)
     p.add_argument("--device", default=d.device)
     p.add_argument("--loss-backend", default=d.loss_backend, choices=["auto", "triton", "torch"])
     a = p.parse_args(argv)
-    s = EvalSettings(
-        strategies=a.strategies, patch=a.patch, fit_steps=a.fit_steps, fit_batch=a.fit_batch, fit_lr=a.fit_lr,
-        fit_max_anchors=a.fit_max_anchors or None, num_negatives=a.num_negatives,
-        anchors_per_image=a.anchors_per_image, crops_per_image=a.crops_per_image, repeats=a.repeats,
-        jigsaw=not a.no_jigsaw, loss_backend=a.loss_backend, seed=a.seed, device=a.device,
-    )  # fmt: skip
     if not a.nse and a.no_random:
         p.error("nothing to evaluate: give --nse and/or drop --no-random")
+    try:
+        s = EvalSettings(
+            strategies=a.strategies, patch=a.patch, fit_steps=a.fit_steps, fit_batch=a.fit_batch,
+            fit_lr=a.fit_lr, fit_max_anchors=a.fit_max_anchors or None, num_negatives=a.num_negatives,
+            anchors_per_patch=a.anchors_per_patch, max_patches_per_image=a.max_patches_per_image or None,
+            repeats=a.repeats, jigsaw=not a.no_jigsaw, loss_backend=a.loss_backend, seed=a.seed,
+            device=a.device,
+        )  # fmt: skip
+    except ValueError as e:
+        p.error(str(e))
     report = evaluate(a.nse, a.train_shards, a.heldout, s, random_baseline=not a.no_random)
-    print(format_table(report))
+    print(format_markdown(report))
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"report: {out}")
+        print(f"report: {write_report(report, a.out)}/report.{{md,csv,json}}")
     return 0
 
 
-__all__ = ["EvalSettings", "evaluate", "evaluate_one", "format_table", "main"]
-
+__all__ = [
+    "EvalSettings",
+    "HeldoutSet",
+    "dense_patches",
+    "evaluate",
+    "evaluate_one",
+    "format_csv",
+    "format_markdown",
+    "load_heldout",
+    "main",
+    "write_report",
+]

@@ -1,6 +1,7 @@
 """Held-out accuracies of a frozen NSE with a fitted head (SHARED SPEC §6, "NSE evaluation").
 
-- Contrastive top-1: for a random anchor, the prediction from its contexts must have a higher
+- Contrastive top-1: for a random anchor, the prediction from its contexts (computed by the
+  call training makes, `ContrastiveObjective.predict`: raw NSE vectors in) must have a higher
   cosine with the target vector than with each of `num_negatives` vectors drawn uniformly
   (without replacement) from the anchor's valid negatives: positions of the same map whose
   receptive fields overlap neither the target nor any context. Ties count as failures.
@@ -12,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spsr_hpc.nse.contrastive import ContrastiveObjective, feature_keys, gather_positions
+from spsr_hpc.nse.contrastive import ContrastiveObjective, feature_keys
 from spsr_hpc.nse.jigsaw import JigsawObjective
-from spsr_hpc.nse.sampling import exclusion_centers, sample_anchors
+from spsr_hpc.nse.sampling import exclusion_centers
 
 
 def valid_negative_mask(
@@ -26,6 +27,26 @@ def valid_negative_mask(
     crow, ccol = exclude_centers // grid_width, exclude_centers % grid_width
     near = ((rows - crow[..., None]).abs() < radius) & ((cols - ccol[..., None]).abs() < radius)
     return ~near.any(dim=2)
+
+
+def prediction_cosines(
+    objective: ContrastiveObjective, keys: torch.Tensor, contexts: torch.Tensor, strategy: str
+) -> torch.Tensor:
+    """cos(p_n, z_j) of every anchor's prediction with every key of its map, as training scores it.
+
+    The prediction comes from `ContrastiveObjective.predict`, the same call `loss_inputs` makes
+    for `info_nce` (raw context vectors in, no normalisation before the predictor); training's
+    logits are ``objective.scale`` times these cosines.
+
+    Args:
+        keys: (B, M, d) float, raw NSE vectors (`feature_keys(nse(x))`).
+        contexts: (B, N, C) int64 flat indices.
+
+    Returns:
+        (B, N, M) float32.
+    """
+    pred = F.normalize(objective.predict(keys, contexts, strategy).float(), dim=-1)
+    return torch.einsum("bnd,bmd->bnm", pred, F.normalize(keys.float(), dim=-1))
 
 
 @torch.no_grad()
@@ -45,33 +66,31 @@ def contrastive_top1(
         hr: (B, 3, P, P) float in [0, 1].
         num_negatives: negatives drawn per anchor from its valid ones (ValueError when an
             anchor has fewer: use larger crops or fewer negatives).
-        anchors_per_image: random anchors per image.
+        anchors_per_image: random anchors per image (all valid ones when larger).
 
     Returns:
         (correct, total) anchor counts.
     """
     z = objective.nse(hr)
     b, _, height, width = z.shape
-    keys = F.normalize(feature_keys(z).float(), dim=-1)
-    targets, contexts = sample_anchors(
-        b, height, width, objective.offsets[strategy], anchors_per_image, generator
+    keys = feature_keys(z)
+    targets, contexts = objective.anchors(
+        b, height, width, strategy, anchors_per_image, generator, keys.device
     )
-    targets, contexts = targets.to(keys.device), contexts.to(keys.device)
-    pred = objective.predictors[strategy](gather_positions(keys, contexts).flatten(-2))
-    pred = F.normalize(pred.float(), dim=-1)
+    cos = prediction_cosines(objective, keys, contexts, strategy)  # (B, N, M)
     valid = valid_negative_mask(exclusion_centers(targets, contexts), keys.shape[1], width, objective.radius)
     fewest = int(valid.sum(-1).min())
     if fewest < num_negatives:
         raise ValueError(
             f"num_negatives={num_negatives} but an anchor of a {height}x{width} map has only {fewest} "
-            "valid negatives: use larger evaluation crops or fewer negatives"
+            "valid negatives: use larger evaluation patches or fewer negatives"
         )
     n = targets.shape[1]
     # Uniform sample without replacement among the valid keys: the smallest random keys win.
     noise = torch.rand(valid.shape, generator=generator).to(keys.device)
     neg = torch.topk(noise.masked_fill(~valid, 2.0), num_negatives, dim=-1, largest=False).indices
-    pos_sim = (pred * gather_positions(keys, targets)).sum(-1)  # (B, N)
-    neg_sim = torch.einsum("bnd,bnkd->bnk", pred, gather_positions(keys, neg))
+    pos_sim = cos.gather(2, targets.unsqueeze(-1)).squeeze(-1)  # (B, N)
+    neg_sim = cos.gather(2, neg)  # (B, N, K)
     correct = (pos_sim > neg_sim.amax(-1)).sum()
     return int(correct), b * n
 

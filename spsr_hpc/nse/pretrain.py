@@ -13,6 +13,7 @@ TensorBoard are the SR trainer's (spsr_hpc.train.*). The run writes ``<run_dir>/
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -26,7 +27,7 @@ from spsr_hpc.config import load_config, save_resolved, to_dict
 from spsr_hpc.data.loader import build_train_loader, derive_seed
 from spsr_hpc.models import build_nse
 from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
-from spsr_hpc.nse.config import NSEPretrainConfig
+from spsr_hpc.nse.config import NSEPretrainConfig, resolve_epoch_length
 from spsr_hpc.nse.contrastive import ContrastiveObjective
 from spsr_hpc.nse.export import save_nse
 from spsr_hpc.nse.jigsaw import JigsawObjective
@@ -66,6 +67,15 @@ def build_objective(cfg: NSEPretrainConfig) -> ContrastiveObjective | JigsawObje
     )  # fmt: skip
 
 
+def export_metadata(cfg: NSEPretrainConfig, step: int) -> dict[str, str]:
+    """String metadata of the NSE export: method, step and, for contrastive NSEs, the strategies
+    (JSON list), so the evaluation can tell which task an NSE was pretrained on."""
+    meta = {"method": cfg.objective.method, "step": str(step)}
+    if cfg.objective.method == "contrastive":
+        meta["strategies"] = json.dumps(list(cfg.objective.strategies))
+    return meta
+
+
 def lr_milestones(steps_per_epoch: int, step_epochs: int, max_decays: int = 64) -> list[int]:
     """Optimizer steps at which the lr decays: every `step_epochs` epochs.
 
@@ -98,12 +108,14 @@ class NSEPretrainer:
     """State of one pretraining run: engine (NSE + head, Adam, scheduler), loader, step.
 
     Args:
-        cfg: the resolved config; everything goes to cfg.logging.run_dir (checkpoints under
-            checkpoint.dir relative to it). logging.image_every and checkpoint.export_every do
+        cfg: the config; data.samples_per_epoch is resolved here (resolve_epoch_length).
+            Everything goes to cfg.logging.run_dir (checkpoints under checkpoint.dir relative
+            to it). logging.image_every and checkpoint.export_every do
             not apply (no image grids; the NSE is exported with every checkpoint).
     """
 
     def __init__(self, cfg: NSEPretrainConfig) -> None:
+        cfg, self.epoch_note = resolve_epoch_length(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
         ckpt_dir = Path(cfg.checkpoint.dir)
@@ -162,7 +174,7 @@ class NSEPretrainer:
         if sdist.is_main_process():
             save_nse(
                 self.objective.nse, self.cfg.nse, self.export_path,
-                extra={"method": self.cfg.objective.method, "step": str(self.step)},
+                extra=export_metadata(self.cfg, self.step),
             )  # fmt: skip
         sdist.barrier()
         return self.export_path
@@ -208,6 +220,12 @@ class NSEPretrainer:
             f"NSE pretraining ({cfg.objective.method}): R={rf}px stride={stride} radius={radius}; "
             f"{self.world} rank(s), {self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
             + (f"; resumed from {resumed}" if resumed else "")
+        )
+        oc = cfg.optim
+        logger.message(
+            f"epoch = {self.epoch_note} -> {self.steps_per_epoch} steps of {cfg.data.batch_size} x "
+            f"{cfg.train.grad_accum} x {self.world}; lr x{oc.lr_gamma} every {oc.lr_step_epochs} epochs "
+            f"(every {self.steps_per_epoch * oc.lr_step_epochs} steps)"
         )
         dtype = module_dtype(self.objective)
         last_ckpt: str | None = str(resumed) if resumed else None

@@ -121,11 +121,11 @@ class Trainer:
         generator = build_generator(cfg.model.generator)
         nse = None
         if cfg.loss.needs_nse():
-            if not cfg.model.nse.pretrained:
+            if not (cfg.model.nse.pretrained or cfg.model.nse.random_init):
                 raise ValueError(
                     f"{source}: loss.method={cfg.loss.method} uses structure losses and needs a pretrained "
-                    "NSE: set model.nse.pretrained (launch/pretrain_nse.py writes one) or "
-                    "loss.no_structure_loss=true"
+                    "NSE: set model.nse.pretrained (launch/pretrain_nse.py writes one), "
+                    "model.nse.random_init=true (SPSR-R) or loss.no_structure_loss=true"
                 )
             nse = build_nse(cfg.model.nse)
         perceptual = None
