@@ -146,12 +146,21 @@ class Trainer:
             "weight_decay": o.weight_decay,
             "milestones": o.milestones,
             "gamma": o.gamma,
+            "fused": o.fused,
         }
+        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.g_engine = build_engine(generator, ds, lr=o.lr_g, **opt_kw)
         self.d_engines: dict[str, Any] = {}
         for name in self.objective.discriminator_names:
             d = build_discriminator(cfg.model.discriminator(name))
             self.d_engines[name] = build_engine(d, ds, lr=o.lr_d, **opt_kw)
+        if tc.channels_last:
+            # After deepspeed.initialize (its parameter broadcast needs contiguous tensors); the
+            # Parameter objects stay the same, so the optimizers keep them.
+            for engine in (self.g_engine, *self.d_engines.values()):
+                engine.module.to(memory_format=torch.channels_last)
+        if tc.compile:
+            self._compile_networks(tc.compile_mode)
         self.engines = {GENERATOR: self.g_engine, **{f"d_{n}": e for n, e in self.d_engines.items()}}
         self.ema = EMA(self.g_engine.module, tc.ema_decay) if tc.ema_decay else None
         self.fusion_params = [
@@ -268,6 +277,13 @@ class Trainer:
             self._iter = iter(self.loader)  # the loader moves on to its next epoch by itself
             return next(self._iter)
 
+    def _compile_networks(self, mode: str) -> None:
+        """``torch.compile`` every network in place (``nn.Module.compile``: same object, same
+        state-dict keys, so engines, checkpoints and exports do not change). The fused gradient
+        map is a registered custom op, so it stays one opaque node in the graph."""
+        for engine in (self.g_engine, *self.d_engines.values()):
+            engine.module.compile(mode=mode)
+
     def _d_call(self, d: Any) -> Any:
         dtype = self.dtype
         return lambda x: d(x.to(dtype)).float()
@@ -301,8 +317,9 @@ class Trainer:
     def _micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         from spsr_hpc.models import SROutput
 
-        lr = batch["lr"].to(self.device, non_blocking=True).float()
-        hr = batch["hr"].to(self.device, non_blocking=True).float()
+        fmt = self.memory_format
+        lr = batch["lr"].to(self.device, non_blocking=True).float().contiguous(memory_format=fmt)
+        hr = batch["hr"].to(self.device, non_blocking=True).float().contiguous(memory_format=fmt)
         metrics: dict[str, float] = {}
 
         for d in self.d_engines.values():
@@ -310,7 +327,8 @@ class Trainer:
         raw = self.g_engine(lr.to(self.dtype))
         out = SROutput(*[t.float() if t is not None else None for t in raw])
         d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
-        g_total, g_terms = self.objective.generator_loss(out, hr, d_fns)
+        d_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused by the D steps
+        g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs)
         vals, ok = self._check({"g_total": g_total, **{f"g/{k}": v for k, v in g_terms.items()}}, "generator")
         metrics.update({f"loss/{k}": v for k, v in vals.items()})
         if ok:
@@ -322,7 +340,9 @@ class Trainer:
         fake = SROutput(*[t.detach() if t is not None else None for t in out])
         all_ok = ok
         for name, d in self.d_engines.items():
-            d_total, d_terms = self.objective.discriminator_loss(name, fake, hr, self._d_call(d))
+            d_total, d_terms = self.objective.discriminator_loss(
+                name, fake, hr, self._d_call(d), inputs=d_inputs.get(name)
+            )
             vals, d_ok = self._check({f"d_{name}/{k}": v for k, v in d_terms.items()}, f"d_{name}")
             metrics.update({f"loss/{k}": v for k, v in vals.items()})
             if d_ok:
