@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -122,6 +123,8 @@ def run_vs_reference(
         for name in order:
             times[name].append(one(name))
         loads.append(_load())
+        print(f"[bench] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+              + f" (load {loads[-1]})", file=sys.stderr, flush=True)
     rounds_s = time.perf_counter() - t_rounds
     trainer.close()
     destroy_distributed()

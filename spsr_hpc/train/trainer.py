@@ -12,7 +12,8 @@ One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
   1. G: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module`` so no
      DeepSpeed bookkeeping or gradient of theirs is touched; one backward on the weighted sum.
   2. each D ("image", then "gradient" or "structure"): on the detached SR of step 1, real and
-     fake terms summed into one loss, one backward.
+     fake terms summed into one loss, one backward. Its inputs (padded gradient maps, NSE
+     features) are the detached tensors step 1 computed, not recomputed.
 The NSE of SPSR-P/-J is frozen inside the objective (eval mode, no grads). Every network has
 its own DeepSpeed engine (torch Adam + MultiStepLR, SPEC §5).
 """
