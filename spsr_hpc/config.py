@@ -318,6 +318,16 @@ class TrainConfig:
     unusable (corrupt tar, bad image, ...), naming the shards; null: never stop (still reported)."""
     skip_rate_min_samples: int = 1000
     """The skip rate is judged once this many samples were read (skipped + used, all ranks)."""
+    compile: bool = False
+    """``torch.compile`` the generator and discriminators (same maths). Off by default: on the
+    2-core CPU it measured slower than eager and compiles for minutes (docs/training.md)."""
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
+    """torch.compile mode with train.compile; "reduce-overhead" adds CUDA graphs (GPU only)."""
+    channels_last: bool = False
+    """Generator, discriminators and batches in channels_last memory format (same maths; ZeRO 0
+    only). Off by default: not faster on the 2-core CPU (docs/training.md)."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
@@ -336,6 +346,8 @@ class TrainConfig:
             raise ConfigError("fusion_warmup_steps", f"must be >= 0, got {self.fusion_warmup_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError("compile_mode", f"{self.compile_mode!r} needs train.compile=true")
 
 
 @dataclasses.dataclass
@@ -349,6 +361,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     milestones: list[int] = dataclasses.field(default_factory=lambda: [50_000, 100_000, 200_000, 300_000])
     gamma: float = 0.5
+    fused: bool = True
+    """Fused Adam (``torch.optim.Adam(fused=True)``, CPU and CUDA): the same update in one
+    kernel per parameter group instead of the default per-tensor loop (docs/training.md)."""
 
     def validate(self) -> None:
         if self.lr_g <= 0 or self.lr_d <= 0:
@@ -530,6 +545,12 @@ def _run_config_class() -> type:
         def validate(self) -> None:
             if self.train.bf16 and self.train.device == "cpu":
                 raise ConfigError("train.bf16", "bf16 engines need a GPU; set train.bf16=false on CPU")
+            if self.train.channels_last and self.deepspeed.zero_stage != 0:
+                raise ConfigError(
+                    "train.channels_last",
+                    f"needs deepspeed.zero_stage=0 (ZeRO's flat buffers assume contiguous parameters), "
+                    f"got stage {self.deepspeed.zero_stage}; set train.channels_last=false",
+                )
             if self.model.generator.scale != self.data.scale:
                 raise ConfigError(
                     "data.scale",

@@ -174,7 +174,21 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads-per-proc", type=int, default=None, help="default: cores // procs on CPU")
-    p.add_argument("--no-write", action="store_true", help="print only; do not append to train.csv")
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to the CSV")
+    p.add_argument(
+        "--vs-reference",
+        action="store_true",
+        help="time our SPSR-G step against a plain eager step with the public code's structure, "
+        "interleaved in this process (default config: configs/spsr_g.yaml at the paper's size, batch 2); "
+        "rows go to benchmarks/results/train_vs_reference.csv",
+    )
+    p.add_argument("--rounds", type=int, default=7, help="--vs-reference: timed rounds (median)")
+    p.add_argument(
+        "--public-code",
+        default=None,
+        help="--vs-reference: path to a checkout of the authors' SPSR repository (github.com/Maclory/SPSR); "
+        "also times their SPSRModel (nothing of it is copied here)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -184,6 +198,22 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.worker:
         _worker(args)
         return None
+    if args.vs_reference:
+        from spsr_hpc.bench.train_vs_reference import PAPER_CONFIG, print_rows, run_vs_reference
+
+        if args.threads_per_proc:
+            torch.set_num_threads(args.threads_per_proc)
+        config = args.config if args.config != str(DEFAULT_CONFIG) else str(PAPER_CONFIG)
+        rows = run_vs_reference(
+            config,
+            args.overrides,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            public_code=args.public_code,
+            write=not args.no_write,
+        )
+        print_rows(rows)
+        return rows
     rows = run(
         args.config,
         args.procs,

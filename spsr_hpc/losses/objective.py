@@ -243,7 +243,12 @@ class SRObjective(nn.Module):
 
     # -- losses --------------------------------------------------------------------------
     def generator_loss(
-        self, out: SROutput, hr: torch.Tensor, discriminators: Mapping[str, DiscriminatorFn] | None = None
+        self,
+        out: SROutput,
+        hr: torch.Tensor,
+        discriminators: Mapping[str, DiscriminatorFn] | None = None,
+        *,
+        d_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the active generator terms.
 
@@ -251,6 +256,9 @@ class SRObjective(nn.Module):
         hr: (B, 3, H, W) float in [0, 1].
         discriminators: name -> callable returning logits, for every name in
             `discriminator_names` (frozen: the caller sets requires_grad_(False)).
+        d_inputs: optional dict, filled with name -> (real input, detached fake input) of every
+            discriminator evaluated here (e.g. the padded gradient maps), for
+            ``discriminator_loss(..., inputs=d_inputs[name])`` to reuse instead of recomputing.
         Returns (total 0-dim fp32 tensor with graph, {term: detached weighted value}).
         """
         self._check_pair(out, hr)
@@ -269,6 +277,8 @@ class SRObjective(nn.Module):
             terms["perceptual"] = w["perceptual"] * self.perceptual(sr, hr)
         if "image_gan" in w:
             terms["image_gan"] = w["image_gan"] * self._gan_g(discriminators["image"], hr, sr)
+            if d_inputs is not None:
+                d_inputs["image"] = (hr.detach(), sr.detach())
         if "gradient_pixel" in w or "gradient_gan" in w:
             sr_grad = padded_gradient(sr)
             with torch.no_grad():
@@ -281,6 +291,8 @@ class SRObjective(nn.Module):
                 terms["gradient_gan"] = w["gradient_gan"] * self._gan_g(
                     discriminators["gradient"], hr_grad, sr_grad
                 )
+                if d_inputs is not None:
+                    d_inputs["gradient"] = (hr_grad, sr_grad.detach())
         if "branch_pixel" in w:
             if out.grad_sr is None:
                 raise ValueError(
@@ -301,15 +313,25 @@ class SRObjective(nn.Module):
                 terms["structure_gan"] = w["structure_gan"] * self._gan_g(
                     discriminators["structure"], hr_feat, sr_feat
                 )
+                if d_inputs is not None:
+                    d_inputs["structure"] = (hr_feat, sr_feat.detach())
         total = torch.stack([t.float() for t in terms.values()]).sum()
         return total, {k: v.detach().float() for k, v in terms.items()}
 
     def discriminator_loss(
-        self, name: str, out: SROutput, hr: torch.Tensor, d: DiscriminatorFn
+        self,
+        name: str,
+        out: SROutput,
+        hr: torch.Tensor,
+        d: DiscriminatorFn,
+        *,
+        inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of discriminator `name` ("image", "gradient" or "structure") on detached SR.
 
         Real and fake terms are combined into one scalar (one backward per D per step).
+        inputs: (real input, fake input) that `generator_loss(d_inputs=...)` recorded for the
+        same out and hr; None computes them from out.sr and hr.
         Returns (loss with graph into D only, {"d_loss", "d_real", "d_fake"}) where d_real /
         d_fake are the mean logits.
         """
@@ -319,9 +341,11 @@ class SRObjective(nn.Module):
                 f"with these switches; active discriminators: {self.discriminator_names}"
             )
         self._check_pair(out, hr)
-        sr = out.sr.detach()
-        with torch.no_grad():
-            real_in, fake_in = self._d_inputs(name, sr, hr)
+        if inputs is not None:
+            real_in, fake_in = (t.detach() for t in inputs)
+        else:
+            with torch.no_grad():
+                real_in, fake_in = self._d_inputs(name, out.sr.detach(), hr)
         real, fake = d(real_in), d(fake_in)
         loss = self._d_loss(real, fake)
         return loss, {

@@ -158,20 +158,41 @@ def build_engine(
     milestones: Iterable[int] = (50_000, 100_000, 200_000, 300_000),
     gamma: float = 0.5,
     params: Iterable[nn.Parameter] | None = None,
+    fused: bool = False,
 ) -> Any:
     """``deepspeed.initialize`` with torch Adam + MultiStepLR; returns the engine.
 
     The scheduler is stepped by the engine at each optimizer step (after accumulation), so its
     milestones count optimizer steps. ``params`` defaults to all parameters of ``module``; pass
-    every parameter that will ever train (freeze later with :func:`set_trainable`).
+    every parameter that will ever train (freeze later with :func:`set_trainable`). ``fused``
+    selects torch's fused Adam kernel (CPU and CUDA; the same update as the per-tensor loop).
+    With one process and ZeRO 0 the engine skips its gradient all-reduce
+    (:func:`skip_single_rank_allreduce`).
     """
     import deepspeed
 
     plist = list(params) if params is not None else list(module.parameters())
-    opt = torch.optim.Adam(plist, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    opt = torch.optim.Adam(
+        plist, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True if fused else None
+    )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    skip_single_rank_allreduce(engine)
     return engine
+
+
+def skip_single_rank_allreduce(engine: Any) -> bool:
+    """Turn off an engine's post-backward gradient all-reduce when it has nothing to reduce.
+
+    With one process an all-reduce is the identity, but DeepSpeed still flattens every gradient
+    into buckets, calls the backend and copies the result back (~0.07 s per SPSR-G step on the
+    2-core CPU). Only under ZeRO 0: ZeRO 1/2 move gradients into their partitioned buffers in
+    that same call. Returns True when the all-reduce was turned off.
+    """
+    if sdist.get_world_size() != 1 or engine.zero_optimization_stage() != 0:
+        return False
+    engine.enable_backward_allreduce = False
+    return True
 
 
 def set_trainable(module: nn.Module, predicate: Callable[[str], bool] | bool) -> int:

@@ -12,7 +12,8 @@ One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
   1. G forward: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module``
      so no DeepSpeed bookkeeping or gradient of theirs is touched.
   2. each D forward ("image", then "gradient" or "structure"): on the detached SR of step 1, real
-     and fake terms summed into one loss.
+     and fake terms summed into one loss. Its inputs (padded gradient maps, NSE features) are the
+     detached tensors step 1 computed, not recomputed.
   3. one all-reduce of every term and the stop flag: global-batch values for the log, and every
      rank agrees on a stop or a non-finite skip (of the whole accumulation window) before
      anything is applied.
@@ -20,7 +21,7 @@ One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
 RaGAN's relativistic mean and the discriminators' BatchNorm (``sync_bn``) use the global batch,
 so N ranks x b train like one process with N·b. The NSE of SPSR-P/-J is frozen inside the
 objective (eval mode, no grads). Every network has its own DeepSpeed engine (torch Adam +
-MultiStepLR, SPEC §5).
+MultiStepLR, docs/method.md §5).
 """
 
 from __future__ import annotations
@@ -156,12 +157,21 @@ class Trainer:
             "weight_decay": o.weight_decay,
             "milestones": o.milestones,
             "gamma": o.gamma,
+            "fused": o.fused,
         }
+        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.g_engine = build_engine(generator, ds, lr=o.lr_g, **opt_kw)
         self.d_engines: dict[str, Any] = {}
         for name in self.objective.discriminator_names:
             d = build_discriminator(cfg.model.discriminator(name))
             self.d_engines[name] = build_engine(d, ds, lr=o.lr_d, **opt_kw)
+        if tc.channels_last:
+            # After deepspeed.initialize (its parameter broadcast needs contiguous tensors); the
+            # Parameter objects stay the same, so the optimizers keep them.
+            for engine in (self.g_engine, *self.d_engines.values()):
+                engine.module.to(memory_format=torch.channels_last)
+        if tc.compile:
+            self._compile_networks(tc.compile_mode)
         self.engines = {GENERATOR: self.g_engine, **{f"d_{n}": e for n, e in self.d_engines.items()}}
         self.ema = EMA(self.g_engine.module, tc.ema_decay) if tc.ema_decay else None
         self.fusion_params = [
@@ -309,6 +319,13 @@ class Trainer:
             self._iter = iter(self.loader)  # the loader moves on to its next epoch by itself
             return next(self._iter)
 
+    def _compile_networks(self, mode: str) -> None:
+        """``torch.compile`` every network in place (``nn.Module.compile``: same object, same
+        state-dict keys, so engines, checkpoints and exports do not change). The fused gradient
+        map is a registered custom op, so it stays one opaque node in the graph."""
+        for engine in (self.g_engine, *self.d_engines.values()):
+            engine.module.compile(mode=mode)
+
     def _d_call(self, d: Any) -> Any:
         dtype = self.dtype
         return lambda x: d(x.to(dtype)).float()
@@ -354,22 +371,26 @@ class Trainer:
         """
         from spsr_hpc.models import SROutput
 
-        lr = batch["lr"].to(self.device, non_blocking=True).float()
-        hr = batch["hr"].to(self.device, non_blocking=True).float()
+        fmt = self.memory_format
+        lr = batch["lr"].to(self.device, non_blocking=True).float().contiguous(memory_format=fmt)
+        hr = batch["hr"].to(self.device, non_blocking=True).float().contiguous(memory_format=fmt)
 
         for d in self.d_engines.values():
             set_trainable(d.module, False)
         raw = self.g_engine(lr.to(self.dtype))
         out = SROutput(*[t.float() if t is not None else None for t in raw])
         d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
-        g_total, g_terms = self.objective.generator_loss(out, hr, d_fns)
+        d_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused by the D forwards
+        g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs)
         for d in self.d_engines.values():
             set_trainable(d.module, True)
         fake = SROutput(*[t.detach() if t is not None else None for t in out])
         terms = {"g_total": g_total, **{f"g/{k}": v for k, v in g_terms.items()}}
         d_totals = {}
         for name, d in self.d_engines.items():
-            d_totals[name], d_terms = self.objective.discriminator_loss(name, fake, hr, self._d_call(d))
+            d_totals[name], d_terms = self.objective.discriminator_loss(
+                name, fake, hr, self._d_call(d), inputs=d_inputs.get(name)
+            )
             terms.update({f"d_{name}/{k}": v for k, v in d_terms.items()})
         vals, bad = self._check(terms)
         if bad is None:

@@ -1,0 +1,175 @@
+"""Our SPSR-G training step vs a plain eager step with the public code's structure.
+
+    python launch/bench_train.py --vs-reference                       # paper size, 7 rounds
+    python launch/bench_train.py --vs-reference --public-code ~/SPSR  # + the authors' SPSRModel
+
+Both sides run in this one process on the same synthetic batches and the same initial weights
+(the reference, spsr_hpc/bench/train_reference.py, copies our networks before any step):
+the paper's architecture (nf 64, nb 23, two VGG discriminators, VGG19 perceptual with random
+weights: the same FLOPs as ImageNet weights, which nothing here may download), LR 32 -> HR 128,
+batch 2, fp32. After warm-up steps, each round times one step of every side, in alternating
+order; the result is the median over rounds of the per-round ratio, which cancels most of the
+drift of a shared machine. Rows (one per compared side) go to
+benchmarks/results/train_vs_reference.csv with the device, versions, git revision, threads and
+the 1-minute load average before and after.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spsr_hpc.bench.common import REPO_ROOT, append_rows, format_table, provenance
+
+PAPER_CONFIG = REPO_ROOT / "configs" / "spsr_g.yaml"
+_PAPER = [
+    "model.generator.pretrained=null",
+    "perceptual.random_weights=true",
+    "data.batch_size=2",
+    "train.fusion_warmup_steps=0",
+    "train.ema_decay=null",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.image_every=0",
+    "val.dir=null",
+    "checkpoint.every=0",
+    "checkpoint.resume=none",
+]
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
+def _batches(trainer: Any, n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    from spsr_hpc.bench.train import SyntheticBatches
+
+    cfg = trainer.cfg.data
+    return SyntheticBatches(cfg.batch_size, cfg.patch_size, cfg.scale, n=n, seed=seed).batches
+
+
+def run_vs_reference(
+    config: str | Path = PAPER_CONFIG,
+    overrides: list[str] | None = None,
+    *,
+    rounds: int = 7,
+    warmup: int = 2,
+    public_code: str | Path | None = None,
+    write: bool = True,
+) -> list[dict[str, Any]]:
+    """Time our step, the reference step (and the authors' SPSRModel) interleaved; CSV rows."""
+    from spsr_hpc.bench.train_reference import ReferenceSPSRStep
+    from spsr_hpc.config import load_config
+    from spsr_hpc.train.engines import destroy_distributed
+    from spsr_hpc.train.trainer import Trainer
+
+    if rounds < 1 or warmup < 1:
+        raise ValueError(f"rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}")
+    overrides = list(overrides or [])
+    run_dir = tempfile.mkdtemp(prefix="bench_vs_ref_")
+    cfg = load_config(config, [*_PAPER, *overrides, f"logging.run_dir={run_dir}"])
+    batches: list[dict[str, torch.Tensor]] = []
+
+    class _Cycle:
+        def __iter__(self):
+            while True:
+                yield from batches
+
+    load_start = _load()
+    t_build = time.perf_counter()
+    trainer = Trainer(cfg, source=str(config), loader=_Cycle())
+    batches.extend(_batches(trainer))
+    ref = ReferenceSPSRStep.from_trainer(trainer)
+    sides: dict[str, Callable[[dict[str, torch.Tensor]], object]] = {
+        "spsr-hpc": lambda _b: trainer.train_step(),
+        "reference (public-code structure, eager)": lambda b: ref.step(b["lr"].to(trainer.device),
+                                                                     b["hr"].to(trainer.device)),
+    }
+    if public_code is not None:
+        from spsr_hpc.bench.public_spsr import PublicSPSRStep
+
+        public = PublicSPSRStep(public_code, trainer)
+        sides["public SPSRModel (authors' code)"] = public.step
+    build_s = time.perf_counter() - t_build
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    counters = {k: 0 for k in sides}
+
+    def one(name: str) -> float:
+        batch = batches[counters[name] % len(batches)]
+        counters[name] += 1
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sides[name](batch)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for name in sides:
+            one(name)
+    loads = []
+    t_rounds = time.perf_counter()
+    for r in range(rounds):
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for name in order:
+            times[name].append(one(name))
+        loads.append(_load())
+        print(f"[bench] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+              + f" (load {loads[-1]})", file=sys.stderr, flush=True)
+    rounds_s = time.perf_counter() - t_rounds
+    trainer.close()
+    destroy_distributed()
+
+    base = "reference (public-code structure, eager)"
+    prov = provenance(trainer.device)
+    rows = []
+    for name, ts in times.items():
+        ratios = [b / t for b, t in zip(times[base], ts)]  # > 1: this side is faster than the reference
+        rows.append(
+            {
+                **prov,
+                "side": name,
+                "config": Path(config).name,
+                "overrides": " ".join(overrides),
+                "threads": torch.get_num_threads(),
+                "batch": cfg.data.batch_size,
+                "hr_patch": cfg.data.patch_size * cfg.data.scale,
+                "rounds": rounds,
+                "warmup": warmup,
+                "median_s": statistics.median(ts),
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "speedup_vs_reference_median": statistics.median(ratios),
+                "speedup_min": min(ratios),
+                "speedup_max": max(ratios),
+                "loadavg_1m_start": load_start,
+                "loadavg_1m_median": statistics.median(loads),
+                "loadavg_1m_max": max(loads),
+                "wall_s": round(build_s + rounds_s, 1),
+            }
+        )
+    if write:
+        append_rows("train_vs_reference.csv", rows)
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(
+        format_table(
+            rows,
+            ["device", "side", "threads", "median_s", "speedup_vs_reference_median", "speedup_min",
+             "speedup_max", "loadavg_1m_median", "git"],
+        )
+    )
+
+
+__all__ = ["PAPER_CONFIG", "print_rows", "run_vs_reference"]

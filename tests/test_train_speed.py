@@ -1,0 +1,174 @@
+"""The faster training step keeps the maths: trainer vs a plain eager re-implementation.
+
+The re-implementation is the benchmark baseline (spsr_hpc/bench/train_reference.py): torch
+Adam without fused kernels, per-channel convolution gradient maps, no DeepSpeed, separate G and
+D forwards, no reuse. Our step (fused Adam, no single-rank all-reduce, D inputs reused from the
+G step, optionally channels_last) must give the same losses, parameters and BatchNorm
+statistics after a few steps, within fp32 tolerance. Tiny nets, HR 64 patches (batch 4, so that
+the discriminators' BatchNorm over their 2x2 final maps does not amplify rounding), one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from spsr_hpc.bench.train_reference import PerChannelGradient, ReferenceSPSRStep
+from spsr_hpc.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def _batches(n: int = STEPS, per_rank: int = 4, lr_size: int = 16, seed: int = 7) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        hr = torch.rand(per_rank, 3, lr_size * 4, lr_size * 4, generator=g)
+        out.append({"lr": torch.nn.functional.avg_pool2d(hr, 4), "hr": hr})
+    return out
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(
+        REPO / "configs" / "tiny_spsr_g.yaml",
+        [
+            f"logging.run_dir={tmp_path}",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            "logging.image_every=0",
+            "checkpoint.every=0",
+            "checkpoint.resume=none",
+            "train.fusion_warmup_steps=0",
+            "train.ema_decay=null",
+            "train.device=cpu",
+            # Non-constant SR at the start: the image D (BatchNorm) would amplify rounding noise of
+            # a constant image into different logits.
+            "model.generator.init_scale=1.0",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    yield
+    from spsr_hpc.train.engines import destroy_distributed
+
+    destroy_distributed()
+
+
+def _named_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (BatchNorm running statistics included), except the LR stencils."""
+    state = dict(module.named_parameters())
+    state.update({k: v for k, v in module.named_buffers() if "get_g_nopadding" not in k})
+    return state
+
+
+def _compare(tmp_path: Path, *extra: str) -> None:
+    from spsr_hpc.train.trainer import Trainer
+
+    batches = _batches()
+    trainer = Trainer(_config(tmp_path, *extra), loader=list(batches))
+    ref = ReferenceSPSRStep.from_trainer(trainer)
+    for i, batch in enumerate(batches):
+        ours = trainer.train_step()
+        theirs = ref.step(batch["lr"], batch["hr"])
+        # First step: the same maths on the same weights. Later steps: Adam's normalised update
+        # (about lr per weight whatever the gradient's size) turns fp32 rounding of tiny
+        # gradients into small weight differences, so the losses drift apart slightly.
+        rel = 2e-5 if i == 0 else 1e-3
+        for key, value in theirs.items():
+            assert ours[f"loss/{key}"] == pytest.approx(value, rel=rel, abs=1e-9), (i, key)
+    pairs = [
+        ("generator", trainer.g_engine.module, ref.net_g),
+        ("d_image", trainer.d_engines["image"].module, ref.net_d),
+        ("d_gradient", trainer.d_engines["gradient"].module, ref.net_d_grad),
+    ]
+    for name, a, b in pairs:
+        sa, sb = _named_state(a), _named_state(b)
+        assert sa.keys() == sb.keys(), name
+        # Adam moves each weight by ~lr = 1e-4 per step whatever its gradient's size: a wrong
+        # update differs by that much on most weights. fp32 rounding of the gradients gives far
+        # less (measured: mean ~1e-6 at most), except where a gradient is ~0 and its sign flips
+        # (a few weights, at most 2 lr per step).
+        diff = torch.cat([(sa[k].detach().float() - sb[k].detach().float()).abs().flatten() for k in sa])
+        assert float(diff.mean()) <= 5e-6, (name, float(diff.mean()))
+        assert float((diff > 1e-5).float().mean()) <= 0.01, (name, float((diff > 1e-5).float().mean()))
+        assert float(diff.max()) <= 2.5e-4 * STEPS, (name, float(diff.max()))
+    # The speed-ups are really on.
+    assert not trainer.g_engine.enable_backward_allreduce
+    assert trainer.g_engine.optimizer.defaults["fused"] is True
+    trainer.close()
+
+
+def test_step_equals_public_structure_reference(tmp_path):
+    _compare(tmp_path)
+
+
+def test_channels_last_step_equals_reference(tmp_path):
+    _compare(tmp_path, "train.channels_last=true")
+
+
+def test_per_channel_gradient_matches_fused_map():
+    import spsr_kernels
+
+    x = torch.rand(2, 3, 11, 13, dtype=torch.float64, requires_grad=True)
+    for padding in (1, 2):
+        ref = spsr_kernels.gradient_map_ref(x, padding=padding)
+        got = PerChannelGradient(padding).double()(x)
+        torch.testing.assert_close(got, ref)
+        g = torch.randn_like(ref)
+        (ga,) = torch.autograd.grad(got, x, g)
+        (gb,) = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(ga, gb)
+
+
+def test_discriminator_inputs_reused_from_generator_step():
+    """discriminator_loss(inputs=<recorded by generator_loss>) equals recomputing them."""
+    from spsr_hpc.losses import LossConfig, PerceptualLoss, SRObjective
+    from spsr_hpc.models import SROutput
+    from spsr_hpc.models.discriminators import VGGDiscriminator
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        perceptual = PerceptualLoss(random_weights=True, end=4)
+    obj = SRObjective(LossConfig(method="spsr_g"), perceptual=perceptual)
+    ds = {"image": VGGDiscriminator(nf=4, input_size=32), "gradient": VGGDiscriminator(nf=4, input_size=34)}
+    for d in ds.values():
+        d.eval()  # no BatchNorm statistics updates: repeated calls see identical weights
+    sr = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = SROutput(sr=sr, grad_sr=torch.rand(2, 3, 32, 32))
+    hr = torch.rand(2, 3, 32, 32)
+    recorded: dict = {}
+    obj.generator_loss(out, hr, ds, d_inputs=recorded)
+    assert set(recorded) == {"image", "gradient"}
+    assert recorded["gradient"][1].shape == (2, 3, 34, 34) and not recorded["gradient"][1].requires_grad
+    for name, d in ds.items():
+        fresh, fresh_terms = obj.discriminator_loss(name, out, hr, d)
+        reused, reused_terms = obj.discriminator_loss(name, out, hr, d, inputs=recorded[name])
+        torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+        for k in fresh_terms:
+            torch.testing.assert_close(reused_terms[k], fresh_terms[k], rtol=0, atol=0)
+
+
+def test_allreduce_kept_under_zero1(tmp_path):
+    from spsr_hpc.train.trainer import Trainer
+
+    trainer = Trainer(_config(tmp_path, "deepspeed.zero_stage=1"), loader=_batches(1))
+    assert trainer.g_engine.enable_backward_allreduce  # ZeRO 1 moves gradients in that call
+    trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.compile_mode=reduce-overhead"], "train.compile_mode"),
+        (["train.channels_last=true", "deepspeed.zero_stage=2"], "train.channels_last"),
+        (["train.compile=maybe"], "train.compile"),
+    ],
+)
+def test_speed_config_errors(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _config(tmp_path, *overrides)
