@@ -1,4 +1,4 @@
-"""Fused gradient map (SHARED SPEC §1): M = sqrt(v² + h² + 1e-6) of per-channel central differences.
+"""Fused gradient map (docs/method.md §1): M = sqrt(v² + h² + 1e-6) of per-channel central differences.
 
 For x (B, C, H, W), per channel, zero padding outside the image:
 
@@ -8,7 +8,7 @@ For x (B, C, H, W), per channel, zero padding outside the image:
 padding=1 gives the same-size map (B, C, H, W); padding=2 gives (B, C, H+2, W+2), whose output
 (i, j) is centred on input (i-1, j-1) and whose outer ring sees the zero padding.
 
-Layout (STYLE.md recipe): Triton kernels → launchers (registered ``torch.library.custom_op``s with
+Layout (the same for every op): Triton kernels → launchers (registered ``torch.library.custom_op``s with
 fake implementations, so ``torch.compile`` can trace models that use them) → ``GradientMapFunction``
 → ``gradient_map`` → ``GradientMap`` → ``gradient_map_ref`` (the conv2d formulation of the public SPSR code).
 
@@ -394,7 +394,7 @@ def _gradient_map_torch(x: torch.Tensor, padding: int) -> torch.Tensor:
 
 
 def gradient_map(x: torch.Tensor, padding: int = 1, *, backend: str = "auto") -> torch.Tensor:
-    """Gradient-magnitude map of SHARED SPEC §1, per channel, differentiable.
+    """Gradient-magnitude map of docs/method.md §1, per channel, differentiable.
 
     Args:
         x: (B, C, H, W) float32, float16 or bfloat16 (float64 for gradcheck); any strides

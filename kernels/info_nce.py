@@ -1,4 +1,4 @@
-"""Fused InfoNCE over every position of a feature map (SHARED SPEC §6, DESIGN contract 2).
+"""Fused InfoNCE over every position of a feature map (docs/method.md §6; API: docs/kernels_info_nce.md).
 
 For each image b, anchors' predictions P (N, d) meet every key K (M, d) of the same feature map:
 
@@ -1165,7 +1165,7 @@ def info_nce(
         keys: (B, M, d) same dtype, every position of the image's feature map, flattened
             row-major from an (M / grid_width, grid_width) grid. L2-normalised inside.
         pos_index: (B, N) int64 in [0, M): the positive key of each anchor.
-        scale: τ; logits are scale · cos(pred, key). Default 64 (SPEC §6).
+        scale: τ; logits are scale · cos(pred, key). Default 64 (docs/method.md §6).
         grid_width: columns of the feature grid; required when exclusion is used.
         exclude_centers: (B, N, C) int64 grid indices in [0, M), or None. Key j is removed from
             anchor n's softmax when max(|row_j − row_c|, |col_j − col_c|) < exclude_radius for

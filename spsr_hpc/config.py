@@ -297,12 +297,12 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro batches (of data.batch_size per rank) accumulated per optimizer step."""
     global_batch: int | None = None
-    """Optional check: data.batch_size x grad_accum x world size must equal it (SPEC §5: 30)."""
+    """Optional check: data.batch_size x grad_accum x world size must equal it (docs/method.md §5: 30)."""
     seed: int = 0
     """Seeds model initialisation (same on every rank) and the per-rank RNG streams."""
     fusion_warmup_steps: int = 5000
     """For the first N steps only parameters whose name starts with ``fusion_prefix`` train
-    (SPEC §5); 0 disables. Ignored for generators without such parameters."""
+    (docs/method.md §5); 0 disables. Ignored for generators without such parameters."""
     fusion_prefix: str = "f_"
     ema_decay: float | None = None
     """EMA of the generator weights (e.g. 0.999); None disables it."""
@@ -352,7 +352,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Adam + MultiStepLR for every network (SPEC §5 defaults)."""
+    """Adam + MultiStepLR for every network (docs/method.md §5 defaults)."""
 
     lr_g: float = 1e-4
     lr_d: float = 1e-4

@@ -1,4 +1,4 @@
-"""The one place that knows about ranks (STYLE.md rule 4).
+"""The one place that knows about ranks.
 
 Works with every launcher: `deepspeed`, `torchrun` (both set RANK/WORLD_SIZE/LOCAL_RANK),
 SLURM's `srun` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, used when the launcher variables are

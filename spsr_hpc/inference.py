@@ -1,6 +1,6 @@
 """Super-resolution of images of any size: overlapping tiles, blended without seams; exports.
 
-The public SPSR code ran out of memory on a 550×700 LR input (24 GB GPU, SPEC §10): the whole
+The public SPSR code ran out of memory on a 550×700 LR input (24 GB GPU, docs/method.md §10): the whole
 image went through the 24.8M-parameter generator at once. :func:`sr_tiled` runs the model on
 fixed-size LR tiles, so memory is bounded by the tile size, and blends the tiles' outputs with
 a weight window:

@@ -1,4 +1,4 @@
-"""spsr_kernels.gradient_map against the conv2d reference of the public SPSR code (SPEC §1).
+"""spsr_kernels.gradient_map against the conv2d reference of the public SPSR code (docs/method.md §1).
 
 On machines without CUDA the Triton path runs in the interpreter (conftest sets
 TRITON_INTERPRET=1); both backends are checked against the same reference, output and input

@@ -507,7 +507,7 @@ def test_cuda_graph_capture():
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_large_matches_chunked(dtype, reduction):
-    """On a GPU: SPEC-like sizes (100×100 map, radius 4, 3 centres), kernel vs chunked fp32 path.
+    """On a GPU: paper-like sizes (100×100 map, radius 4, 3 centres), kernel vs chunked fp32 path.
     The mean makes every upstream gradient ~1/(B·N), subnormal in fp16."""
     pred, keys, pos, centers = _make(2, 2000, 100, 100, 32, C=3, device="cuda")
     kw = dict(grid_width=100, exclude_centers=centers, exclude_radius=4, reduction=reduction)

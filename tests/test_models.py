@@ -36,7 +36,7 @@ TINY = {"nf": 8, "nb": 4, "gc": 4, "taps": (0, 1, 2, 3)}
 
 
 # ------------------------------------------------------------------------------------------
-# An independent, handwritten description of the official SPSR checkpoint (SHARED SPEC §2).
+# An independent, handwritten description of the official SPSR checkpoint (docs/method.md §2).
 # ------------------------------------------------------------------------------------------
 def _conv(shapes: dict, name: str, cin: int, cout: int, k: int = 3) -> None:
     shapes[f"{name}.weight"] = (cout, cin, k, k)
@@ -50,7 +50,7 @@ def _rrdb(shapes: dict, prefix: str, nc: int, gc: int) -> None:
 
 
 def official_spsr_shapes(nf=64, nb=23, gc=32, n_taps=4, in_ch=3, out_ch=3) -> dict[str, tuple]:
-    """Key -> shape of the public SPSR ×4 checkpoint, written from the SPEC's key list."""
+    """Key -> shape of the public SPSR ×4 checkpoint, written from the key list of docs/method.md §2."""
     s: dict[str, tuple] = {}
     _conv(s, "model.0", in_ch, nf)
     for i in range(nb):

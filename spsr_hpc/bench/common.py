@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: timing quantiles, device peaks, provenance, CSV rows.
 
 Every row a benchmark writes carries the device name, the peak figures used, library versions
-and the git revision (STYLE.md rule 6), so a number in the README can be traced back.
+and the git revision, so a number in the README can be traced back.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Providers: ``triton`` (the fused kernels; CUDA only), ``chunked`` (the PyTorch tile path the
 CPU uses), ``naive`` (info_nce_ref, materialises the (B, N, M) logits) and ``compile``
-(torch.compile of the naive reference). Sizes follow NSE contrastive pretraining (SPEC §6):
+(torch.compile of the naive reference). Sizes follow NSE contrastive pretraining (docs/method.md §6):
 all N = M positions of an H×W feature map are anchors, d = 32, τ = 64, and each anchor excludes
 keys within Chebyshev radius 4 (receptive field ~16 px at stride 4) of its target and of its two
 horizontal context positions (C = 3 centres).
@@ -316,7 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spsr_hpc.bench.info_nce", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--sizes", nargs="+", type=int, default=None, help="N = M values (default: SPEC grid)")
+    p.add_argument("--sizes", nargs="+", type=int, default=None, help="N = M values (default: paper's grid)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="B values (default 1 8 48)")
     p.add_argument("--d", type=int, default=32)
     p.add_argument("--radius", type=int, default=4, help="exclusion radius, ceil(RF 16 px / stride 4)")

@@ -17,7 +17,7 @@ class FolderDataset(Dataset):
     """Benchmark-set reader (Set5, Set14, BSD100, General100, Urban100, DIV2K val, ...).
 
     Each item is ``{"name": str, "lr": (3, h, w) float32 in [0, 1], "hr": ...}`` where HR is
-    mod-cropped to the scale and is ``(H, W, 3) uint8`` (the metrics' input, SHARED SPEC §8) or,
+    mod-cropped to the scale and is ``(H, W, 3) uint8`` (the metrics' input, docs/method.md §8) or,
     with ``hr_float=True``, ``(3, H, W) float32 in [0, 1]``; ``H = scale·h``, ``W = scale·w``.
 
     Without ``lr_dir`` the LR is ``to_uint8(imresize(modcrop(HR) / 255, 1 / scale)) / 255``:

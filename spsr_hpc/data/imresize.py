@@ -1,4 +1,4 @@
-"""MATLAB-compatible bicubic resize (DESIGN contract 4), mod-crop and uint8 conversion.
+"""MATLAB-compatible bicubic resize (the contract in docs/data.md), mod-crop and uint8 conversion.
 
 The benchmark LR sets (Set5, Set14, BSD100, General100, Urban100) and DIV2K's official LR
 images were made with MATLAB's ``imresize(img, 1/4, 'bicubic')``. Its behaviour, reproduced here:

@@ -1,4 +1,4 @@
-"""Adversarial losses on logits (SHARED SPEC §4): relativistic average (RaGAN) and vanilla.
+"""Adversarial losses on logits (docs/method.md §4): relativistic average (RaGAN) and vanilla.
 
 All take logits of any shape ((B, 1) from our discriminators), compute in fp32 with
 BCE-with-logits and return a 0-dim tensor.

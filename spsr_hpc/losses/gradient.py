@@ -1,4 +1,4 @@
-"""Gradient-space losses of SPSR-G (SHARED SPEC §4) on the fused gradient-map kernel.
+"""Gradient-space losses of SPSR-G (docs/method.md §4) on the fused gradient-map kernel.
 
 * gradient pixel: MSE between the *padded* maps (padding 2, (H+2)×(W+2)) of SR and HR.
 * branch pixel: L1 between the gradient branch's HR output and the *same-size* map of HR.
@@ -14,12 +14,12 @@ import spsr_kernels
 
 
 def padded_gradient(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H+2, W+2) gradient map (SPEC §1 padded variant), differentiable."""
+    """(B, C, H, W) -> (B, C, H+2, W+2) gradient map (docs/method.md §1 padded variant), differentiable."""
     return spsr_kernels.gradient_map(x, padding=2)
 
 
 def same_gradient(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W) gradient map (SPEC §1 same-size variant), differentiable."""
+    """(B, C, H, W) -> (B, C, H, W) gradient map (docs/method.md §1 same-size variant), differentiable."""
     return spsr_kernels.gradient_map(x, padding=1)
 
 

@@ -1,4 +1,4 @@
-"""The composite training objective of every method and ablation (SHARED SPEC §4).
+"""The composite training objective of every method and ablation (docs/method.md §4).
 
     obj = SRObjective(LossConfig(method="spsr_g"), perceptual=PerceptualLoss(...), nse=None)
     total, terms = obj.generator_loss(out, hr, {"image": d_img, "gradient": d_grad})
@@ -62,12 +62,12 @@ _GAN_TERM_D = {"image_gan": "image", "gradient_gan": "gradient", "structure_gan"
 
 @dataclass
 class LossConfig:
-    """Loss section (`loss` in a run config). Weights default to SHARED SPEC §4."""
+    """Loss section (`loss` in a run config). Weights default to docs/method.md §4."""
 
     method: str = "spsr_g"
     """"psnr" (PSNR-oriented RRDB), "esrgan", "spsr_g", "spsr_p" or "spsr_j"."""
     pixel_criterion: str = "l1"
-    """Image pixel loss: "l1" (SPEC) or "l2"."""
+    """Image pixel loss: "l1" (the paper) or "l2"."""
     gan_type: str = "ragan"
     """"ragan" (relativistic average, what the public code runs) or "vanilla"."""
     structure_distance: str = "l1"

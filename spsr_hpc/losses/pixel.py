@@ -1,4 +1,4 @@
-"""Pixel losses (SHARED SPEC §4, image pixel term: L1)."""
+"""Pixel losses (docs/method.md §4, image pixel term: L1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Structure losses of SPSR-P/-J (SHARED SPEC §4): distances on frozen NSE features.
+"""Structure losses of SPSR-P/-J (docs/method.md §4): distances on frozen NSE features.
 
 The NSE is frozen (no parameter receives a gradient) but differentiable: gradients flow
 through it into SR. The structure GAN lives in the objective (it needs the structure D).

@@ -105,7 +105,7 @@ class LPIPSMetric(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a, b: (B, 3, H, W) float RGB in [0, 1]. Returns (B,) float32 LPIPS distances.
 
-        The images are scaled to [-1, 1] as LPIPS expects; no crop (SPEC §8).
+        The images are scaled to [-1, 1] as LPIPS expects; no crop (docs/method.md §8).
         """
         if a.shape != b.shape or a.ndim != 4 or a.shape[1] != 3:
             raise ValueError(f"LPIPS needs two (B, 3, H, W) tensors of equal shape, got {tuple(a.shape)} "

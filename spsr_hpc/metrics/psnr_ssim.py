@@ -1,4 +1,4 @@
-"""PSNR and SSIM exactly as the paper's numbers are measured (SHARED SPEC §8).
+"""PSNR and SSIM exactly as the paper's numbers are measured (docs/method.md §8).
 
 The protocol, step by step, for a super-resolved image and its ground truth (both uint8 RGB):
 
@@ -14,7 +14,7 @@ The protocol, step by step, for a super-resolved image and its ground truth (bot
 
 Why this matters: the public SPSR code's own Python metrics work on RGB and its SSIM has a
 channel bug, so its numbers cannot be compared with Table I; people trying to reproduce the
-paper with them failed (SPEC §10).
+paper with them failed (docs/method.md §10).
 
 RGB variants (``y_channel=False``) exist for users who ask for them explicitly: PSNR then uses
 the mean squared error over all three channels jointly, SSIM is the mean of the three
@@ -100,7 +100,7 @@ def _prepare(
 
 
 def psnr(a: np.ndarray, b: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
-    """Peak signal-to-noise ratio in dB (peak 255), SHARED SPEC §8.
+    """Peak signal-to-noise ratio in dB (peak 255), docs/method.md §8.
 
     a, b: (H, W, 3) uint8 RGB of the same shape (mod-crop the ground truth first).
     crop_border: pixels shaved from each border (the scale for the paper's protocol).
@@ -174,7 +174,7 @@ def _ssim_matlab(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
-    """Structural similarity as Wang's reference ssim.m computes it, SHARED SPEC §8.
+    """Structural similarity as Wang's reference ssim.m computes it, docs/method.md §8.
 
     a, b: (H, W, 3) uint8 RGB of the same shape (mod-crop the ground truth first).
     crop_border: pixels shaved from each border before SSIM (the scale for the protocol).

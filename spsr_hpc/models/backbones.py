@@ -1,4 +1,4 @@
-"""Generators without a gradient branch (SHARED SPEC §2 last bullet): RRDBNet, EDSR, SRResNet.
+"""Generators without a gradient branch (docs/method.md §2 last bullet): RRDBNet, EDSR, SRResNet.
 
 Each returns SROutput(sr, None, None), so the gradient and structure losses (computed on the SR
 image) train them exactly like SPSR's trunk (EDSR-G/-P, SRResNet-G/-P in the paper's appendix).

@@ -1,7 +1,7 @@
 """Building blocks shared by the generators: RRDB, upsamplers, initialisation, counting.
 
 Attribute names follow the public ESRGAN/SPSR code (``RDB1.conv1.0``, ``sub``) because the
-state-dict keys of the official checkpoints are made of them (SHARED SPEC §2).
+state-dict keys of the official checkpoints are made of them (docs/method.md §2).
 """
 
 from __future__ import annotations

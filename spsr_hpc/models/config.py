@@ -2,7 +2,7 @@
 
 Plain dataclasses (ints, floats, strs, bools, lists, Optional) so the run config can nest
 them and load them from YAML; ``__post_init__`` validates and raises ValueError naming the
-field. Defaults are SHARED SPEC values.
+field. Defaults are docs/method.md values.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class NSEConfig:
     width: int = 64
     """Channels of the stride-2 stage."""
     out_dim: int = 32
-    """Feature dimension d (SPEC: 32)."""
+    """Feature dimension d (paper: 32)."""
     pretrained: str | None = None
     """NSE weights (our export) loaded by build_nse, strictly; SPSR-P/-J training needs them
     (or random_init)."""

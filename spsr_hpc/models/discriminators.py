@@ -1,4 +1,4 @@
-"""Discriminators: the VGG-style image/gradient D (SHARED SPEC §3) and the structure D (ours).
+"""Discriminators: the VGG-style image/gradient D (docs/method.md §3) and the structure D (ours).
 
 Both output one logit per sample, (B, 1). Their final feature map must be exactly the size the
 classifier was built for; any other input size raises ValueError naming the sizes that work.
@@ -161,7 +161,7 @@ class VGGDiscriminator(_PairedConvDiscriminator):
 
 
 class StructureDiscriminator(_PairedConvDiscriminator):
-    """Structure D on NSE feature maps (SHARED SPEC §3, ours in detail).
+    """Structure D on NSE feature maps (docs/method.md §3, ours in detail).
 
     Input: (B, 32, 32, 32) NSE features of a 128 patch (stride 4). The same VGG recipe as the
     image D with three stride-2 stages instead of five, because the map is already 4× smaller:

@@ -1,6 +1,6 @@
 """Loading pretrained generators: public SPSR, ESRGAN (old/new keys) and our own exports.
 
-SHARED SPEC §10: checkpoints of other formats must not load "successfully" while loading
+docs/method.md §10: checkpoints of other formats must not load "successfully" while loading
 nothing. Every load here either accounts for every key (what matched, what was left fresh by
 design, what was dropped by design) or raises with the first mismatches listed.
 """

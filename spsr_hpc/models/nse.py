@@ -1,4 +1,4 @@
-"""Neural structure extractor (NSE) and its pretraining heads (SHARED SPEC §6; layer list ours).
+"""Neural structure extractor (NSE) and its pretraining heads (docs/method.md §6; layer list ours).
 
 The NSE (default widths):
 

@@ -1,4 +1,4 @@
-"""The SPSR-G generator (SHARED SPEC §2), laid out so its state dict is the official one."""
+"""The SPSR-G generator (docs/method.md §2), laid out so its state dict is the official one."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ GRADIENT_KERNEL_H = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 
 
 
 class GradientMapNoPadding(nn.Module):
-    """Same-size gradient map (SPEC §1, padding 1) through ``spsr_kernels.gradient_map``.
+    """Same-size gradient map (docs/method.md §1, padding 1) through ``spsr_kernels.gradient_map``.
 
     Holds the two fixed 3×3 stencils as persistent buffers only so that the state dict carries
     ``get_g_nopadding.weight_{h,v}`` like the official checkpoint; they are not trainable and
@@ -44,7 +44,7 @@ class GradientMapNoPadding(nn.Module):
 
 
 class SPSRGenerator(nn.Module):
-    """SPSR-G: ESRGAN RRDB trunk + gradient branch + fusion (SHARED SPEC §2, public code layout).
+    """SPSR-G: ESRGAN RRDB trunk + gradient branch + fusion (docs/method.md §2, public code layout).
 
     Args:
         in_ch, out_ch: image channels (3).

@@ -8,7 +8,7 @@ that the paper's "decay every 20 epochs" counts passes over the 800 DIV2K images
 Sections: ``nse`` (architecture and head sizes, spsr_hpc.models.NSEConfig), ``objective``
 (method and sampling geometry), ``data`` (spsr_hpc.data DataConfig, HR-only crops), ``train``,
 ``optim``, ``deepspeed``, ``checkpoint``, ``logging`` (the last three shared with the SR
-trainer). Defaults are the SPEC §6 values for contrastive prediction; configs/nse_jigsaw.yaml
+trainer). Defaults are the docs/method.md §6 values for contrastive prediction; configs/nse_jigsaw.yaml
 sets the jigsaw ones.
 """
 
@@ -40,7 +40,7 @@ class ObjectiveConfig:
     """Grid steps from the target to each context; null = ceil(R/stride), the closest placement
     that does not overlap the target. Smaller values are refused."""
     scale: float = 64.0
-    """τ in the logits τ·cos(p, z) (SPEC: 64)."""
+    """τ in the logits τ·cos(p, z) (paper: 64)."""
     max_anchors_per_image: int | None = None
     """null = every valid anchor of every image (contrastive: targets whose contexts lie in the
     map; jigsaw: every placement of the 2×2 grid); an int caps it with a random subset."""
@@ -75,7 +75,7 @@ class PretrainTrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs; for smoke runs)."""
     global_batch: int | None = 48
-    """Check: data.batch_size (per rank) × grad_accum × world size must equal it (SPEC: 48);
+    """Check: data.batch_size (per rank) × grad_accum × world size must equal it (paper: 48);
     null disables the check. On 8 GPUs use data.batch_size=6."""
     grad_accum: int = 1
     """Micro batches accumulated per optimizer step."""
@@ -100,14 +100,14 @@ class PretrainOptimConfig:
     """Adam with a step decay every `lr_step_epochs` epochs."""
 
     lr: float = 1e-3
-    """SPEC: 1e-3 for contrastive prediction, 1e-4 for jigsaw."""
+    """paper: 1e-3 for contrastive prediction, 1e-4 for jigsaw."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     lr_step_epochs: int = 20
-    """Multiply the lr by lr_gamma every this many epochs (SPEC: 20 contrastive, 30 jigsaw)."""
+    """Multiply the lr by lr_gamma every this many epochs (paper: 20 contrastive, 30 jigsaw)."""
     lr_gamma: float = 0.2
-    """SPEC: 0.2 for contrastive; the paper gives no factor for jigsaw (ours: 0.1)."""
+    """paper: 0.2 for contrastive; the paper gives no factor for jigsaw (ours: 0.1)."""
 
     def validate(self) -> None:
         if not self.lr > 0:

@@ -1,4 +1,4 @@
-"""Contrastive prediction objective of NSE pretraining (NSE-P, SHARED SPEC §6).
+"""Contrastive prediction objective of NSE pretraining (NSE-P, docs/method.md §6).
 
 For every valid anchor of every image (or a capped random subset): the predictor of a strategy
 maps the concatenated NSE vectors at the context positions to a prediction p; the positive is
@@ -63,7 +63,7 @@ class ContrastiveObjective(nn.Module):
             C = number of contexts of the strategy.
         context_distance: grid steps from target to each context; None uses the overlap
             radius (the closest non-overlapping placement). Smaller values raise ValueError.
-        scale: τ of the logits τ·cos (SPEC: 64).
+        scale: τ of the logits τ·cos (paper: 64).
         max_anchors_per_image: None (default) uses every valid anchor; an int caps it with a
             fresh random subset per image and step.
         loss_backend: "auto" / "triton" / "torch" (the fused op's paths) or "naive"

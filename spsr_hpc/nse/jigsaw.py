@@ -1,4 +1,4 @@
-"""Jigsaw objective of NSE pretraining (NSE-J, SHARED SPEC §6).
+"""Jigsaw objective of NSE pretraining (NSE-J, docs/method.md §6).
 
 Four NSE vectors on a 2×2 grid whose neighbours are `spacing` ≥ ceil(R/stride) grid steps
 apart (so no two receptive fields overlap and the task cannot be solved from shared pixels)

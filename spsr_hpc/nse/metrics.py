@@ -1,4 +1,4 @@
-"""Held-out accuracies of a frozen NSE with a fitted head (SHARED SPEC §6, "NSE evaluation").
+"""Held-out accuracies of a frozen NSE with a fitted head (docs/method.md §6, "NSE evaluation").
 
 - Contrastive top-1: for a random anchor, the prediction from its contexts (computed by the
   call training makes, `ContrastiveObjective.predict`: raw NSE vectors in) must have a higher

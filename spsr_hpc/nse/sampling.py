@@ -3,7 +3,7 @@
 Everything here works in feature-grid units of an NSE map of shape (H, W), flattened row-major
 (index = row * W + col), the layout `spsr_kernels.info_nce` expects with ``grid_width=W``.
 
-Two feature positions overlap when their receptive fields intersect (SHARED SPEC §6). A
+Two feature positions overlap when their receptive fields intersect (docs/method.md §6). A
 position's field is an R×R pixel box that moves by `stride` pixels per grid step, so positions
 at Chebyshev grid distance d overlap iff d·stride < R, i.e. iff d < ceil(R / stride).
 That threshold is the exclusion radius of the InfoNCE kernel and the minimum spacing of any

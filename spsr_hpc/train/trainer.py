@@ -300,7 +300,7 @@ class Trainer:
     # one step
     # ---------------------------------------------------------------------------------------
     def _apply_fusion_warmup(self) -> None:
-        """Before train.fusion_warmup_steps only the fusion (``f_``) parameters train (SPEC §5)."""
+        """Before train.fusion_warmup_steps only the fusion (``f_``) parameters train (docs/method.md §5)."""
         warm = bool(self.fusion_params) and self.step < self.cfg.train.fusion_warmup_steps
         if warm == self.fusion_active:
             return
