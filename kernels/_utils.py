@@ -1,7 +1,7 @@
 """Dispatch and validation helpers shared by the spsr_kernels ops.
 
-Backend rule (docs/kernels_gradient_map.md, docs/kernels_info_nce.md): CUDA tensors run the Triton kernels; CPU tensors
-run the PyTorch path, except under ``TRITON_INTERPRET=1`` where CPU tensors go through the
+Backend rule (docs/kernels_*.md): CUDA tensors run the Triton kernels; CPU tensors run the
+PyTorch path, except under ``TRITON_INTERPRET=1`` where CPU tensors go through the
 Triton kernels in the interpreter (that is how CI tests the kernels without a GPU).
 """
 

@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks: Triton vs PyTorch eager vs torch.compile (docs/kernels_gradient_map.md, docs/kernels_info_nce.md).
+"""Kernel microbenchmarks: Triton vs PyTorch eager vs torch.compile (docs/kernels_*.md).
 
     python launch/bench_kernels.py                       # every op, full shapes
     python launch/bench_kernels.py --op gradient_map --quick --no-csv
