@@ -61,10 +61,13 @@ def weight_problems(cfg: Any) -> list[str]:
     if model is not None:
         problems.append(_file_problem("model.generator.pretrained", model.generator.pretrained))
     if loss is not None and loss.needs_nse():
-        if not model.nse.pretrained:
+        if model.nse.random_init:
+            pass  # SPSR-R: a seeded random NSE, no file
+        elif not model.nse.pretrained:
             problems.append(
                 f"loss.method={loss.method} uses structure losses and needs a pretrained NSE: set "
-                "model.nse.pretrained (launch/pretrain_nse.py writes one) or loss.no_structure_loss=true"
+                "model.nse.pretrained (launch/pretrain_nse.py writes one), model.nse.random_init=true "
+                "(SPSR-R) or loss.no_structure_loss=true"
             )
         else:
             problems.append(_file_problem("model.nse.pretrained", model.nse.pretrained))

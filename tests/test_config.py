@@ -315,13 +315,28 @@ def _is_nse_pretraining(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
-def test_every_config_validates_with_its_cli(path, capsys):
-    """`python launch/train.py --config X --validate` (launch/pretrain_nse.py for NSE configs)."""
+def test_every_config_validates_with_its_cli(path, capsys, bundled_shards, tmp_path):
+    """`python launch/train.py --config X --validate` (launch/pretrain_nse.py for NSE configs).
+
+    --validate also checks the files a run opens at start, so the files a config names (shards,
+    pretrained G / NSE, VGG weights) are pointed at stand-ins that exist."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    stand_in = tmp_path / "weights.pth"
+    stand_in.write_bytes(b"")
+    overrides = [f"data.shards={bundled_shards}"]
     if _is_nse_pretraining(path):
         from spsr_hpc.nse.pretrain import main
     else:
         from spsr_hpc.train.trainer import main
-    assert main(["--config", str(path), "--validate"]) == 0, capsys.readouterr().err
+
+        model = raw.get("model", {})
+        if (model.get("generator") or {}).get("pretrained"):
+            overrides.append(f"model.generator.pretrained={stand_in}")
+        if (model.get("nse") or {}).get("pretrained"):
+            overrides.append(f"model.nse.pretrained={stand_in}")
+        if not (raw.get("perceptual") or {}).get("random_weights"):
+            overrides.append(f"perceptual.weights={stand_in}")
+    assert main(["--config", str(path), "--validate", *overrides]) == 0, capsys.readouterr().err
 
 
 def test_every_config_is_listed():
