@@ -130,10 +130,9 @@ def _perceptual_choice() -> tuple[list[str], str, str | None]:
         except MissingWeightsError:
             continue
         what = (
-            "VGG19 conv5_4 (the paper's)"
+            "VGG19 (the paper's backbone)"
             if backbone == "vgg19"
-            else "VGG16 conv5_3, a substitute for the paper's VGG19 conv5_4 (torchvision's VGG19 file is "
-            "not on this machine)"
+            else "VGG16, a substitute for the paper's VGG19 (torchvision's VGG19 file is not on this machine)"
         )
         return (
             [f"perceptual.backbone={backbone}", "perceptual.random_weights=false"],

@@ -156,7 +156,7 @@ def comparison_figure(
                 tiles.append(sr[y : y + crop, x : x + crop])
                 r = rows[(d, m, name)]
                 lp = f"{float(r['lpips']):.3f}" if r.get("lpips") else "n/a"
-                labels.append(f"{m}  {lp} / {float(r['psnr']):.2f}")
+                labels.append(f"{m} {lp}/{float(r['psnr']):.2f}")
             if hr_dirs and d in hr_dirs:
                 hr_path = next(iter(sorted(Path(hr_dirs[d]).glob(f"{name}.*"))), None)
                 if hr_path is not None:
