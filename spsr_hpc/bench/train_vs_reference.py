@@ -28,20 +28,16 @@ from typing import Any
 import torch
 
 from spsr_hpc.bench.common import REPO_ROOT, append_rows, format_table, provenance
+from spsr_hpc.bench.train import _FIXED
 
 PAPER_CONFIG = REPO_ROOT / "configs" / "spsr_g.yaml"
+# The paper's networks with nothing that reads files or writes output (the benchmark's own settings).
 _PAPER = [
     "model.generator.pretrained=null",
     "perceptual.random_weights=true",
     "data.batch_size=2",
-    "train.fusion_warmup_steps=0",
     "train.ema_decay=null",
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "logging.image_every=0",
-    "val.dir=null",
-    "checkpoint.every=0",
-    "checkpoint.resume=none",
+    *_FIXED,
 ]
 
 
