@@ -74,6 +74,11 @@ def _train(config: str, overrides: list[str], nproc: int, log_path: Path) -> Non
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
     env.setdefault("SPSR_TORCH_THREADS", env["OMP_NUM_THREADS"])
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if nproc <= 1:
+        # One plain process: its own rendezvous, whatever launcher variables the caller has.
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            env.pop(k, None)
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
