@@ -41,19 +41,24 @@ REDUCTIONS = ("none", "mean", "sum")
 # Smallest default PyTorch tile (B · chunk_n · chunk_m logits): below this, per-op overhead
 # (dispatch, OpenMP fork/join, which a busy machine stretches) outweighs the cache benefit.
 TORCH_MIN_TILE_ELEMENTS = 1 << 16
-# Widest d the kernels take, by input dtype: the widest rows whose every kernel compiles for sm_90
-# without register spills (launch/bench_kernels.py --static). fp32 runs its dots as tf32x3 (three
-# MMAs on split operands): its dK backward spills at d = 64 (8 B per thread) and at d = 128
-# (48-136 B even at 32 x 32 tiles). 16-bit inputs compile spill-free up to 512; wider fp32
-# (tf32x3) tiles would also overflow the 227 KB of shared memory per block. "auto" sends wider
-# inputs to the PyTorch tile path.
-MAX_KERNEL_DIM = {torch.float32: 32, torch.float16: 512, torch.bfloat16: 512}
+# Widest d the kernels take, by input dtype (launch/bench_kernels.py --static: every kernel compiles
+# for sm_90 without register spills up to these). fp32 runs its dots as tf32x3 (three MMAs on split
+# operands): d = 64 needs 32 x 64 backward tiles; d = 128 compiles spill-free only at 16 x 16
+# backward tiles, too small to be worth shipping untimed, and wider fp32 tiles would also overflow
+# the 227 KB of shared memory per block. 16-bit inputs compile spill-free up to 512. "auto" sends
+# wider inputs to the PyTorch tile path.
+MAX_KERNEL_DIM = {torch.float32: 64, torch.float16: 512, torch.bfloat16: 512}
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
+
+# Size arguments the JIT would otherwise specialise (value 1, divisibility by 16): one compiled
+# kernel serves every N, M and grid. D stays specialised (rows are padded to a power of two, and
+# its divisibility is what makes the row loads 128-bit vectors).
+_SIZE_ARGS = ["N", "M", "grid_width", "radius", "NW"]
 
 # Grid rows/columns of padded anchors and missing centres: far from every key, and far enough
 # from int32's ends that the unsigned near-tests below cannot wrap.
@@ -117,6 +122,79 @@ def _tile_needs_mask(start_m, M, grid_width, radius, lo, hi, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _removed_from_words(words_row, n_mask, NW, start, BLOCK_M: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) bool, keys [start, start + BLOCK_M): bit j % 32 of word j // 32 of each
+    anchor's row of the exclusion bitmap (``_exclusion_words_kernel``). words_row: (BLOCK_N,)
+    pointers to the anchors' rows of NW words; start is a multiple of min(BLOCK_M, 32).
+
+    Per logit this is one AND with a loop-invariant one-hot column bit and one select: the
+    per-centre geometry was paid once, in the pre-pass, not in every masked tile of every pass."""
+    lane = tl.arange(0, BLOCK_M)
+    q = start // 32
+    w = tl.load(words_row + q, mask=n_mask, other=0)[:, None]
+    if BLOCK_M >= 32:
+        for k in tl.static_range(1, BLOCK_M // 32):
+            wk = tl.load(words_row + q + k, mask=n_mask & (q + k < NW), other=0)
+            w = tl.where((lane >= 32 * k)[None, :], wk[:, None], w)
+        bit = 1 << (lane % 32)
+    else:
+        bit = 1 << ((start % 32) + lane)
+    return (w & bit[None, :]) != 0
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS)
+def _exclusion_words_kernel(
+    pos_ptr,  # (B, N) int64
+    crow_ptr,  # (B, N, C) int32 centre rows
+    ccol_ptr,  # (B, N, C) int32 centre columns
+    bound_ptr,  # (B, cdiv(N, BLOCK_N), 2) int32: min, max centre row of each anchor block
+    words_ptr,  # (B, N, NW) int32 out: bit t of word q set when key 32q + t is removed
+    N,
+    M,
+    NW,
+    grid_width,
+    radius,
+    NUM_CENTERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WORDS: tl.constexpr,
+):
+    """The exclusion mask as a bitmap, one bit per (anchor, key): the geometry (Chebyshev squares
+    around up to NUM_CENTERS centres, the positive kept) is evaluated once per call here, and the
+    loss kernels' masked tiles only test bits. Blocks far from every centre store zeros."""
+    pid_n = tl.program_id(0)
+    q0 = tl.program_id(1) * WORDS
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_q = q0 + tl.arange(0, WORDS)
+    out = words_ptr + (pid_b * N + offs_n[:, None]) * NW + offs_q[None, :]
+    out_mask = n_mask[:, None] & (offs_q < NW)[None, :]
+    bound = bound_ptr + (pid_b * tl.num_programs(0) + pid_n) * 2
+    lo = tl.load(bound)
+    hi = tl.load(bound + 1)
+    if _tile_needs_mask(q0 * 32, M, grid_width, radius, lo, hi, WORDS * 32):
+        pos = tl.load(pos_ptr + pid_b * N + offs_n, mask=n_mask, other=-1)
+        crow_base = crow_ptr + pid_b * N * NUM_CENTERS
+        ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
+        r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
+        r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
+        r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
+        r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
+        offs_m = q0 * 32 + tl.arange(0, WORDS * 32)
+        removed = _removed(
+            offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
+            r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
+        )  # fmt: skip
+        removed = removed & (offs_m < M)[None, :]
+        lane = tl.arange(0, WORDS * 32) % 32
+        bits = tl.where(removed, 1 << lane[None, :], 0)
+        words = tl.reduce_or(tl.reshape(bits, (BLOCK_N, WORDS, 32)), axis=2)
+        tl.store(out, words, mask=out_mask)
+    else:
+        tl.store(out, tl.zeros((BLOCK_N, WORDS), dtype=tl.int32), mask=out_mask)
+
+
+@triton.jit
 def _normalize_backward_tile(dxhat, xhat, norm):
     """Chain rule through x̂ = x / max(|x|, eps) for whole rows: (dx̂ − x̂ (x̂·dx̂)) / |x|, or
     dx̂ / eps where the norm was clamped. Rows are complete (BLOCK_D covers d), so it fuses."""
@@ -135,13 +213,12 @@ def _store_grad(ptr, offs, mask, grad, SATURATE: tl.constexpr):
     tl.store(ptr + offs, grad.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _info_nce_fwd_kernel(
     p_ptr,  # (B, N, D) normalised predictions
     k_ptr,  # (B, M, D) normalised keys
     pos_ptr,  # (B, N) int64
-    crow_ptr,  # (B, N, C) int32 centre rows (unused without exclusion)
-    ccol_ptr,  # (B, N, C) int32 centre columns
+    words_ptr,  # (B, N, NW) int32 exclusion bitmap (unused without exclusion)
     bound_ptr,  # (B, cdiv(N, BLOCK_N), 2) int32: min, max centre row of each anchor block
     lse_ptr,  # (B, N) fp32 out: natural-log LSE over kept keys (split: (B, SPLITS, N) partials)
     nkept_ptr,  # split only: (B, SPLITS, N) int32 out, 1 where the split keeps at most the positive
@@ -151,10 +228,10 @@ def _info_nce_fwd_kernel(
     D,
     grid_width,
     radius,
+    NW,
     scale,
     keys_per_split,  # keys each program of a split-key launch covers (M without a split)
     HAS_EXCLUSION: tl.constexpr,
-    NUM_CENTERS: tl.constexpr,
     SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -179,12 +256,7 @@ def _info_nce_fwd_kernel(
     if DOT_FP32:
         p = p.to(tl.float32)
     pos = tl.load(pos_ptr + pid_b * N + offs_n, mask=n_mask, other=0)
-    crow_base = crow_ptr + pid_b * N * NUM_CENTERS
-    ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
-    r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
-    r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
-    r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
-    r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
+    words_row = words_ptr + (pid_b * N + offs_n) * NW
     bound = bound_ptr + (pid_b * tl.num_programs(0) + pid_n) * 2
     lo = tl.load(bound)
     hi = tl.load(bound + 1)
@@ -216,11 +288,7 @@ def _info_nce_fwd_kernel(
             masked = _tile_needs_mask(start_m, m_end, grid_width, radius, lo, hi, BLOCK_M)
         # Only the logits leave the branch (a yielded 2-D mask would take a register per logit).
         if masked:
-            removed = _removed(
-                offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
-                r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
-            )  # fmt: skip
-            s = tl.where(removed, float("-inf"), s)
+            s = tl.where(_removed_from_words(words_row, n_mask, NW, start_m, BLOCK_M), float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -245,13 +313,12 @@ def _info_nce_fwd_kernel(
         tl.store(posl_ptr + pid_b * N + offs_n, pos_logit, mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _info_nce_bwd_dp_kernel(
     p_ptr,
     k_ptr,
     pos_ptr,
-    crow_ptr,
-    ccol_ptr,
+    words_ptr,  # (B, N, NW) int32 exclusion bitmap
     bound_ptr,
     lse_ptr,
     g_ptr,  # (B, N) fp32 upstream gradient of the per-anchor loss
@@ -262,9 +329,9 @@ def _info_nce_bwd_dp_kernel(
     D,
     grid_width,
     radius,
+    NW,
     scale,
     HAS_EXCLUSION: tl.constexpr,
-    NUM_CENTERS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -290,12 +357,7 @@ def _info_nce_bwd_dp_kernel(
     pos = tl.load(pos_ptr + pid_b * N + offs_n, mask=n_mask, other=-1)
     lse_log2 = tl.load(lse_ptr + pid_b * N + offs_n, mask=n_mask, other=0.0) * 1.4426950408889634
     g = tl.load(g_ptr + pid_b * N + offs_n, mask=n_mask, other=0.0)
-    crow_base = crow_ptr + pid_b * N * NUM_CENTERS
-    ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
-    r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
-    r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
-    r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
-    r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
+    words_row = words_ptr + (pid_b * N + offs_n) * NW
     bound = bound_ptr + (pid_b * tl.num_programs(0) + pid_n) * 2
     lo = tl.load(bound)
     hi = tl.load(bound + 1)
@@ -314,10 +376,7 @@ def _info_nce_bwd_dp_kernel(
         s = tl.where(m_mask[None, :] & n_mask[:, None], s - lse_log2[:, None], float("-inf"))
         if HAS_EXCLUSION:  # noqa: SIM102 (compile-time branch around a run-time one)
             if _tile_needs_mask(start_m, M, grid_width, radius, lo, hi, BLOCK_M):
-                removed = _removed(
-                    offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
-                    r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
-                )  # fmt: skip
+                removed = _removed_from_words(words_row, n_mask, NW, start_m, BLOCK_M)
                 s = tl.where(removed, float("-inf"), s)
         prob = tl.exp2(s)
         is_pos = offs_m[None, :] == pos[:, None]
@@ -333,13 +392,12 @@ def _info_nce_bwd_dp_kernel(
     _store_grad(dp_ptr + pid_b * N * D, offs_n[:, None] * D + offs_d[None, :], nd_mask, dp, SATURATE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _info_nce_bwd_dk_kernel(
     p_ptr,
     k_ptr,
     pos_ptr,
-    crow_ptr,
-    ccol_ptr,
+    words_ptr,  # (B, N, NW) int32 exclusion bitmap
     bound_ptr,  # (B, cdiv(N, BLOCK_N), 2) int32 per anchor tile of this kernel's loop
     lse_ptr,
     g_ptr,
@@ -350,9 +408,9 @@ def _info_nce_bwd_dk_kernel(
     D,
     grid_width,
     radius,
+    NW,
     scale,
     HAS_EXCLUSION: tl.constexpr,
-    NUM_CENTERS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -371,8 +429,6 @@ def _info_nce_bwd_dk_kernel(
     d_mask = offs_d < D if not EVEN_D else offs_d < BLOCK_D
     md_mask = m_mask[:, None] & d_mask[None, :]
     p_base = p_ptr + pid_b * N * D
-    crow_base = crow_ptr + pid_b * N * NUM_CENTERS
-    ccol_base = ccol_ptr + pid_b * N * NUM_CENTERS
     n_blocks = tl.cdiv(N, BLOCK_N)
 
     k = tl.load(k_ptr + pid_b * M * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
@@ -399,16 +455,8 @@ def _info_nce_bwd_dk_kernel(
             lo = tl.load(bound)
             hi = tl.load(bound + 1)
             if _tile_needs_mask(pid_m * BLOCK_M, M, grid_width, radius, lo, hi, BLOCK_M):
-                # Anchors change every iteration here, so their centres are loaded per tile
-                # (only for the few tiles near a centre).
-                r0, c0 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 0, NUM_CENTERS)
-                r1, c1 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 1, NUM_CENTERS)
-                r2, c2 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 2, NUM_CENTERS)
-                r3, c3 = _centre_corner(crow_base, ccol_base, offs_n, n_mask, radius, 3, NUM_CENTERS)
-                removed = _removed(
-                    offs_m, pos, offs_n, n_mask, crow_base, ccol_base, grid_width, radius,
-                    r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
-                )  # fmt: skip
+                words_row = words_ptr + (pid_b * N + offs_n) * NW
+                removed = _removed_from_words(words_row, n_mask, NW, pid_m * BLOCK_M, BLOCK_M)
                 s = tl.where(removed, float("-inf"), s)
         prob = tl.exp2(s)
         is_pos = offs_m[None, :] == pos[:, None]
@@ -598,6 +646,26 @@ def _block_sizes(N: int, M: int, d: int) -> tuple[int, int, int, int, int]:
     return tile, tile, block_d, 4, 1
 
 
+def _bwd_block_sizes(N: int, M: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """The backward kernels' (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages): each holds a
+    (BLOCK_N or BLOCK_M, BLOCK_D) fp32 accumulator besides two operand tiles."""
+    block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
+    if interpreter_active():
+        return block_n, block_m, block_d, warps, stages
+    # Spill-free on sm_90 (ptxas of triton 3.8, launch/bench_kernels.py --static): 64 anchors for
+    # 16-bit d <= 64; 16-bit d = 128 at 32 x 32 (64 x 64 spills). fp32 runs its dots as tf32x3
+    # (split operands, about twice the registers): d = 64 at 32 x 64 with 2 stages (64 x 64
+    # spills 16-584 B per thread, 64 x 32 32 B), d = 128 at 16 x 16 (32 x 32 spills 48-88 B).
+    block_n = min(block_n, 64)
+    if dtype == torch.float32 and block_d == 64:
+        block_n, block_m, stages = 32, 64, 2
+    elif dtype == torch.float32 and block_d == 128:
+        block_n, block_m, warps, stages = 16, 16, 4, 1
+    elif block_d == 128:
+        block_n, block_m, stages = 32, 32, 1
+    return block_n, block_m, block_d, warps, stages
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32: plain tf32 would put ~1e-3 relative error into cos (×64 in the logits); tf32x3 keeps
     # near-fp32 accuracy on tensor cores. fp16/bf16 ignore the setting.
@@ -654,7 +722,37 @@ def _launch_setup(pos_index, crow, ccol, radius, M, grid_width):
     if not has_excl:
         crow = ccol = pos_index.new_zeros((1, 1, 1), dtype=torch.int32)  # never read
     radius = _effective_radius(radius, M, grid_width) if has_excl else 0
-    return has_excl, crow, ccol, radius, (crow.shape[-1] if has_excl else 1)
+    return has_excl, crow, ccol, radius
+
+
+def _words_config() -> tuple[int, int, int]:
+    """(BLOCK_N, WORDS, num_warps) of the bitmap pre-pass: 16 anchors x 4 words (128 keys) per
+    program on a GPU (sm_90: 68-176 registers for 1-8 centres, no spills; 32 x 4 spills with 3
+    centres, 16 x 8 with 5 or more); in the interpreter few, large programs."""
+    if interpreter_active():
+        return 64, 32, 4
+    return 16, 4, 4
+
+
+def exclusion_words(
+    pos_index: torch.Tensor, crow: torch.Tensor, ccol: torch.Tensor, M: int, grid_width: int, radius: int
+) -> torch.Tensor:
+    """(B, N, cdiv(M, 32)) int32 bitmap of removed keys: bit t of word q of anchor n is set when
+    key 32q + t is removed for it (within Chebyshev distance < radius of one of its centres, not
+    the positive). One bit per logit: N·M/8 bytes per image (12.5 MB at N = M = 10⁴, 1/32 of one
+    fp32 logit matrix), built by one launch and freed when the caller returns. radius is the
+    clamped (``_effective_radius``) value; crow/ccol as ``_centre_grid`` returns them."""
+    B, N, num_centers = crow.shape
+    nw = triton.cdiv(M, 32)
+    block_n, words, warps = _words_config()
+    bounds = _block_bounds(crow, block_n)
+    out = torch.empty((B, N, nw), dtype=torch.int32, device=crow.device)
+    with _on_device(crow):
+        _exclusion_words_kernel[(triton.cdiv(N, block_n), triton.cdiv(nw, words), B)](
+            pos_index, crow, ccol, bounds, out, N, M, nw, max(grid_width, 1), radius,
+            NUM_CENTERS=num_centers, BLOCK_N=block_n, WORDS=words, num_warps=warps,
+        )  # fmt: skip
+    return out
 
 
 def info_nce_fwd(
@@ -677,7 +775,7 @@ def info_nce_fwd(
     """
     B, N, d = p_hat.shape
     M = k_hat.shape[1]
-    has_excl, crow, ccol, radius, num_centers = _launch_setup(pos_index, crow, ccol, radius, M, grid_width)
+    has_excl, crow, ccol, radius = _launch_setup(pos_index, crow, ccol, radius, M, grid_width)
     block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
     programs = triton.cdiv(N, block_n) * B
     if B > 65535:
@@ -686,14 +784,15 @@ def info_nce_fwd(
     keys_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, keys_per_split)
     bounds = _block_bounds(crow, block_n) if has_excl else crow
+    words = exclusion_words(pos_index, crow, ccol, M, grid_width, radius) if has_excl else crow
     pos_logit = torch.empty((B, N), dtype=torch.float32, device=p_hat.device)
     lse = torch.empty((B, splits, N) if splits > 1 else (B, N), dtype=torch.float32, device=p_hat.device)
     n_kept = torch.empty((B, splits, N), dtype=torch.int32, device=p_hat.device) if splits > 1 else lse
     with _on_device(p_hat):
         _info_nce_fwd_kernel[(triton.cdiv(N, block_n), B, splits)](
-            p_hat, k_hat, pos_index, crow, ccol, bounds, lse, n_kept, pos_logit,
-            N, M, d, max(grid_width, 1), radius, float(scale), keys_per_split,
-            HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers, SPLITS=splits,
+            p_hat, k_hat, pos_index, words, bounds, lse, n_kept, pos_logit,
+            N, M, d, max(grid_width, 1), radius, words.shape[-1], float(scale), keys_per_split,
+            HAS_EXCLUSION=has_excl, SPLITS=splits,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=d == block_d,
             DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype),
             num_warps=warps, num_stages=stages,
@@ -729,35 +828,33 @@ def info_nce_bwd(
     """
     B, N, d = p_hat.shape
     M = k_hat.shape[1]
-    has_excl, crow, ccol, radius, num_centers = _launch_setup(pos_index, crow, ccol, radius, M, grid_width)
+    has_excl, crow, ccol, radius = _launch_setup(pos_index, crow, ccol, radius, M, grid_width)
     grad = grad.float().contiguous()
     dp = torch.empty_like(p_hat) if need_dp else p_hat.new_empty((0, d))
     dk = torch.empty_like(k_hat) if need_dk else k_hat.new_empty((0, d))
-    block_n, block_m, block_d, warps, stages = _block_sizes(N, M, d)
-    if not interpreter_active():
-        # The backward holds a (BLOCK_N or BLOCK_M, BLOCK_D) fp32 accumulator besides two tiles:
-        # 64 anchors for d <= 64; for d = 128 32 x 32 tiles, as 64 x 64 spill (ptxas, sm_90).
-        block_n = min(block_n, 64)
-        if block_d == 128:
-            block_n, block_m, stages = 32, 32, 1
+    block_n, block_m, block_d, warps, stages = _bwd_block_sizes(N, M, d, p_hat.dtype)
     bounds = _block_bounds(crow, block_n) if has_excl else crow
+    # Built once for both kernels (the forward built its own: recomputing costs one pass over the
+    # few (anchor block, key block) pairs near a centre; keeping it would hold N·M/8 bytes per
+    # image from the forward to the backward).
+    words = exclusion_words(pos_index, crow, ccol, M, grid_width, radius) if has_excl else crow
     low = p_hat.dtype != torch.float32 and not interpreter_active()
     common = dict(
-        HAS_EXCLUSION=has_excl, NUM_CENTERS=num_centers,
+        HAS_EXCLUSION=has_excl,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=d == block_d,
         DOT_PRECISION=_dot_precision(p_hat.dtype), DOT_FP32=_dot_fp32(p_hat.dtype),
         GRAD_PRECISION=_grad_precision(p_hat.dtype), GRAD_BF16=low and p_hat.dtype == torch.bfloat16,
         SATURATE=p_hat.dtype == torch.float16, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    args = (N, M, d, max(grid_width, 1), radius, float(scale))
+    args = (N, M, d, max(grid_width, 1), radius, words.shape[-1], float(scale))
     with _on_device(p_hat):
         if need_dp:
             _info_nce_bwd_dp_kernel[(triton.cdiv(N, block_n), B)](
-                p_hat, k_hat, pos_index, crow, ccol, bounds, lse, grad, p_norm, dp, *args, **common
+                p_hat, k_hat, pos_index, words, bounds, lse, grad, p_norm, dp, *args, **common
             )
         if need_dk:
             _info_nce_bwd_dk_kernel[(triton.cdiv(M, block_m), B)](
-                p_hat, k_hat, pos_index, crow, ccol, bounds, lse, grad, k_norm, dk, *args, **common
+                p_hat, k_hat, pos_index, words, bounds, lse, grad, k_norm, dk, *args, **common
             )
     return dp, dk
 

@@ -28,6 +28,7 @@ Usage: ``python tests/aot_compile_kernels.py [--cap 90]``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import inspect
 import json
@@ -192,6 +193,9 @@ def _install(cap: int, sass: bool = False) -> list[dict]:
         record = {
             "case": _CURRENT_CASE[0],
             "kernel": self.fn.__name__,
+            # The JIT's cache key (argument specialisations, constexprs, options): launches with
+            # equal keys share one compiled kernel.
+            "spec_key": hashlib.sha1(str(key).encode()).hexdigest()[:16],
             "constexprs": {self.arg_names[k[0]]: v for k, v in constexprs.items()},
             "num_warps": options.num_warps,
             "num_stages": options.num_stages,
@@ -275,10 +279,41 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
             cases.append((f"info_nce {dtype} d=32 exclusion={exclusion}", nce_case(dtype, 32, exclusion)))
     # The widest rows each dtype ships (MAX_KERNEL_DIM), d not a multiple of 16 (rows padded),
     # and fp16 (fp32 gradient operands, unlike bf16).
-    wide = [(torch.float32, 64), (torch.bfloat16, 24), (torch.bfloat16, 128), (torch.bfloat16, 256)]
+    wide = [(torch.float32, 64), (torch.float32, 128), (torch.bfloat16, 24), (torch.bfloat16, 128)]
+    wide += [(torch.bfloat16, 256)]
     wide += [(torch.bfloat16, 512), (torch.float16, 32), (torch.float16, 128), (torch.float16, 512)]
     for dtype, d in wide:
         cases.append((f"info_nce {dtype} d={d} exclusion=True", nce_case(dtype, d, True)))
+
+    def nce_size_case(N: int, H: int, W: int) -> Callable[[], None]:
+        def run() -> None:
+            M = H * W
+            p = nce._pad_rows(torch.randn(1, N, 32).to(torch.bfloat16))
+            k = nce._pad_rows(torch.randn(1, M, 32).to(torch.bfloat16))
+            pos = torch.randint(0, M, (1, N))
+            crow, ccol = nce._centre_grid(torch.randint(0, M, (1, N, 3)), W)
+            lse, _ = nce.info_nce_fwd(p, k, pos, crow, ccol, 64.0, W, 4)
+            nce.info_nce_bwd(
+                p, k, pos, crow, ccol, lse, torch.ones(1, N), torch.ones(1, N), torch.ones(1, M),
+                64.0, W, 4,
+            )  # fmt: skip
+
+        return run
+
+    def words_case(C: int) -> Callable[[], None]:
+        def run() -> None:
+            pos = torch.randint(0, 120, (1, 50))
+            crow, ccol = nce._centre_grid(torch.randint(0, 120, (1, 50, C)), 10)
+            nce.exclusion_words(pos, crow, ccol, 120, 10, 4)
+
+        return run
+
+    # The bitmap pre-pass unrolls one test per centre: register use varies with C.
+    for C in (1, 2, 3, 5, 8):
+        cases.append((f"info_nce exclusion bitmap C={C}", words_case(C)))
+    # Sizes that differ in every specialisation class (1, multiples of 16, others): one kernel.
+    for N, H, W in ((50, 12, 10), (64, 16, 16), (1, 1, 1), (100, 9, 48)):
+        cases.append((f"info_nce sizes N={N} H={H} W={W}", nce_size_case(N, H, W)))
     return cases
 
 

@@ -524,3 +524,50 @@ def test_cuda_large_matches_chunked(dtype, reduction):
         err_torch = (l.float() - r).abs().max().item()
         floor = 1e-3 * r.abs().max().item()
         assert err_ours <= 2 * err_torch + floor, f"{name}: ours {err_ours:.3g} vs PyTorch {err_torch:.3g}"
+
+
+def _dense_removed(pos, centers, M, W, radius):
+    """(B, N, M) bool built key by key from the contract: within Chebyshev distance < radius of a
+    centre, the positive excepted."""
+    j = torch.arange(M)
+    krow, kcol = j // W, j % W
+    crow, ccol = centers // W, centers % W  # (B, N, C)
+    near = ((krow - crow[..., None]).abs() < radius) & ((kcol - ccol[..., None]).abs() < radius)
+    return near.any(2) & (j != pos[..., None])
+
+
+@pytest.mark.parametrize(
+    ("N", "H", "W", "C", "radius"),
+    [(70, 9, 11, 4, 3), (5, 3, 7, 6, 2), (33, 12, 12, 1, 1), (9, 5, 40, 2, 10**6), (3, 1, 1, 1, 1)],
+    ids=["M99-C4", "M21-C6", "M144-r1", "M200-r-huge", "M1"],
+)
+def test_exclusion_bitmap_matches_dense_mask(N, H, W, C, radius):
+    """The kernels' one-bit-per-logit pre-pass against the mask built key by key: every bit, the
+    positive kept, more centres than the four held in registers, no bits past the last key."""
+    B, M = 2, H * W
+    _, _, pos, centers = _make(B, N, H, W, 8, C, seed=3)
+    pos, centers = pos.to(KERNEL_DEVICE), centers.to(KERNEL_DEVICE)
+    crow, ccol = nce._centre_grid(centers, W)
+    words = nce.exclusion_words(pos, crow, ccol, M, W, nce._effective_radius(radius, M, W)).cpu()
+    assert words.shape == (B, N, -(-M // 32)) and words.dtype == torch.int32
+    bits = (words[..., None] >> torch.arange(32)) & 1  # (B, N, NW, 32)
+    bits = bits.flatten(2).bool()
+    want = _dense_removed(pos.cpu(), centers.cpu(), M, W, radius)
+    assert torch.equal(bits[..., :M], want)
+    assert not bits[..., M:].any()
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_kernel_key_tiles_read_the_bitmap(block_m, monkeypatch):
+    """Key tiles of 16, 32 and 64 keys (half a bitmap word, one, two) over a map whose exclusion
+    zones cross tile and word boundaries: loss and both gradients against the reference."""
+    B, N, H, W, d = 2, 24, 10, 13, 16
+    pred, keys, pos, centers = _make(B, N, H, W, d, C=3, seed=5)
+    sizes = nce._block_sizes
+    monkeypatch.setattr(nce, "_block_sizes", lambda n, m, dd: (16, block_m, *sizes(n, m, dd)[2:]))
+    kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=3, reduction="none")
+    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run("triton", *a, **k), pred, keys, pos, **kw)
+    ref, rp, rk = _loss_and_grads(info_nce_ref, pred, keys, pos, **kw)
+    _assert_close("loss", loss, ref, 1e-4, 1e-4)
+    _assert_close("dpred", gp, rp, 1e-4, 1e-4)
+    _assert_close("dkeys", gk, rk, 1e-4, 1e-4)

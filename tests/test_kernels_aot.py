@@ -9,18 +9,20 @@ real launchers with a fake driver reporting an sm_90 target and compiles each ke
 with the ptxas bundled in the triton wheel, without launching. Set (52 kernels, ~1 min of CPU):
 
 - gradient_map fwd + bwd: fp32 and bf16 × padding 1 and 2 × contiguous and channels_last;
-- info_nce fwd, bwd-dP and bwd-dK: d=32 in fp32 and bf16, with and without exclusion; d=128
-  fp32 with 4 exclusion centres (the widest fp32 shared-memory tiles; it once overflowed);
-  and with exclusion fp32 d=64, d=24 (rows padded to 32), bf16 128/256/512, fp16 32/128/512.
+- info_nce fwd, bwd-dP and bwd-dK: d=32 in fp32 and bf16, with and without exclusion; with
+  exclusion fp32 d=64 and d=128 (the latter compiled, not shipped), d=24 (rows padded to 32),
+  bf16 128/256/512, fp16 32/128/512; the exclusion-bitmap pre-pass with 1-8 centres; and one
+  bf16 configuration at four sizes (N, M, grid width of every specialisation class).
 
 Asserts: no case raised; each kernel compiled the expected number of times; every kernel's
 shared memory ≤ 232448 bytes (227 KB, the H100 per-block opt-in maximum); registers × threads ≤
 65536 (the register file one block may take) when cuobjdump reports them; no register spills
-(stack/local bytes 0, no STL) in any configuration `info_nce` ships (fp32 d=128 is compiled but
-not shipped, nor fp32 d=64: "auto" sends fp32 d > 32 to the PyTorch path because their dK
-backward spills); 128-bit vector loads in the gradient map's contiguous padding-1 forward and
-in every info_nce kernel (the padded d=24 rows included); and the info_nce kernels got the GPU
-configuration (tf32x3 dots).
+(stack/local bytes 0, no STL) in any shipped configuration (fp32 d=128 is compiled but not
+shipped: "auto" sends fp32 d > 64 to the PyTorch path); 128-bit vector loads in the gradient
+map's contiguous padding-1 forward and in every info_nce kernel (the padded d=24 rows
+included); a masked InfoNCE key tile within 1.5× the instructions per logit of the unmasked one
+(d=32, fp32 and bf16, all three kernels); the size cases compiled one kernel each (sizes are
+not specialised); and the info_nce kernels got the GPU configuration (tf32x3 dots).
 
 Skipped, with the reason, when the installed triton lacks what the script relies on (the nvidia
 backend, ``driver.set_active``, ``JITFunction._do_compile`` with triton 3.8's signature, a
@@ -50,13 +52,15 @@ REGISTERS_PER_BLOCK = 65536
 EXPECTED = {
     "_gradient_map_fwd_kernel": 8,
     "_gradient_map_bwd_kernel": 8,
-    "_info_nce_fwd_kernel": 12,
-    "_info_nce_bwd_dp_kernel": 12,
-    "_info_nce_bwd_dk_kernel": 12,
+    "_info_nce_fwd_kernel": 13,
+    "_info_nce_bwd_dp_kernel": 13,
+    "_info_nce_bwd_dk_kernel": 13,
+    # The exclusion bitmap pre-pass: once in the forward, once in the backward, per exclusion case.
+    "_exclusion_words_kernel": 2 * 11,
 }
-# Compiled for the record but not shipped: "auto" routes these to the PyTorch path (fp32 takes the
-# kernels up to d = 32: the tf32x3 dK backward spills at d = 64 and 128).
-NOT_SHIPPED = ("info_nce torch.float32 d=64", "info_nce torch.float32 d=128")
+# Compiled for the record but not shipped: "auto" routes fp32 d > 64 to the PyTorch path (d = 128
+# compiles spill-free only at 16 x 16 backward tiles; see MAX_KERNEL_DIM).
+NOT_SHIPPED = ("info_nce torch.float32 d=128",)
 
 
 def _run_script(cache_dir: Path) -> tuple[subprocess.CompletedProcess, dict[str, list]]:
@@ -126,6 +130,34 @@ def test_kernels_compile_for_sm90(tmp_path):
         ]  # fmt: skip
         scalar = [describe(k) for k in want_vectors if not (k["ldg128"] or k["ldgsts128"])]
         assert not scalar, "no 128-bit global loads where the layout allows them:\n" + "\n".join(scalar)
+
+    # A key tile that needs the exclusion mask (its loop: the masked branch included) costs at
+    # most 1.5x the instructions per logit of the same kernel without exclusion (d = 32, the NSE's).
+    if all(k.get("loop_instr") for k in kernels if k["kernel"].startswith("_info_nce")):
+
+        def per_logit(k: dict) -> float:
+            c = k["constexprs"]
+            return k["loop_instr"] * 32 * k["num_warps"] / (c["BLOCK_N"] * c["BLOCK_M"])
+
+        by_case = {(k["case"], k["kernel"]): k for k in kernels}
+        costly = []
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            for name in ("_info_nce_fwd_kernel", "_info_nce_bwd_dp_kernel", "_info_nce_bwd_dk_kernel"):
+                masked = by_case[(f"info_nce {dtype} d=32 exclusion=True", name)]
+                plain = by_case[(f"info_nce {dtype} d=32 exclusion=False", name)]
+                if per_logit(masked) > 1.5 * per_logit(plain):
+                    costly.append(f"{describe(masked)}: {per_logit(masked):.1f} vs {per_logit(plain):.1f}")
+        assert not costly, "masked key tiles over 1.5x the unmasked cost per logit:\n" + "\n".join(costly)
+
+    # Sizes are not specialised: the info_nce size cases (N, M, grid width in every
+    # specialisation class) share one compiled kernel each.
+    keys: dict[str, set] = {}
+    for k in kernels:
+        if k["case"].startswith("info_nce sizes"):
+            keys.setdefault(k["kernel"], set()).add(k["spec_key"])
+    assert len(keys) == 4, f"size cases did not compile the 4 info_nce kernels: {sorted(keys)}"
+    respecialised = {name: len(v) for name, v in keys.items() if len(v) > 1}
+    assert not respecialised, f"info_nce kernels recompiled for new sizes (variants): {respecialised}"
 
     # The launchers must have taken their GPU branch (interpreter mode picks 'ieee' dots and
     # different tiles): otherwise this compiled the wrong configurations.

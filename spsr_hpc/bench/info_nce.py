@@ -94,8 +94,9 @@ def estimate_bytes(provider: str, B: int, N: int, M: int, d: int, elem: int) -> 
         # (~6 fp32 copies), the removed-key lists and one fp32 tile of logits.
         return vecs * 4 * 6 + excluded + 4 * B * chunk_n * chunk_m
     # triton: normalised copies in the input dtype (saved), fp32 norms, per-anchor LSE, positive
-    # logit and upstream gradient; the kernels write dpred/dkeys directly (fused chain rule).
-    return vecs * elem + B * (N + M) * 4 + B * N * 4 * 3
+    # logit and upstream gradient; the kernels write dpred/dkeys directly (fused chain rule); the
+    # exclusion bitmap (one bit per logit, int32 words) while a launcher runs.
+    return vecs * elem + B * (N + M) * 4 + B * N * 4 * 3 + B * N * ((M + 31) // 32) * 4
 
 
 class _RssPeak:
