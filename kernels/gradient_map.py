@@ -13,9 +13,10 @@ fake implementations, so ``torch.compile`` can trace models that use them) → `
 → ``gradient_map`` → ``GradientMap`` → ``gradient_map_ref`` (the conv2d formulation of the public SPSR code).
 
 The forward kernel reads x once and writes M; the backward kernel recomputes v, h, M from x and
-dL/dM, so the autograd graph saves nothing but x. Both tile (H, W) in 2-D per (batch, channel)
-plane, handle the halo with masks (no padded copy) and take arbitrary strides, so channels_last
-and sliced inputs are used in place.
+dL/dM, so the autograd graph saves nothing but x. Both tile 2-D planes (one per (batch, channel),
+or one per image of W·C contiguous columns for channels_last), handle the halo with masks (no
+padded copy) and take arbitrary strides, so channels_last and sliced inputs are used in place;
+rows aligned to 16 bytes get 128-bit loads (the "Kernels" comment below).
 """
 
 from __future__ import annotations
@@ -33,15 +34,125 @@ EPS = 1e-6
 PADDINGS = (1, 2)
 
 
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+#
+# Both kernels see every tensor as planes of rows × columns, in one of three layouts (the launcher
+# picks one per call, `_plan`, from the strides of all the tensors of the call):
+#
+# - "planar" (UNIT_COL, not FLAT): unit stride along W (contiguous NCHW, and views that keep rows
+#   contiguous). One plane per (image, channel); the column neighbour is NB = 1 element away.
+# - "channels_last" (UNIT_COL and FLAT): stride 1 along C and C along W. One plane per image whose
+#   rows are W·C contiguous elements; the column neighbour is NB = C elements away (the left one
+#   exists iff flat column >= C, the right one iff < (W-1)·C: no division).
+# - "strided" (neither): anything else (a view with a column stride, a stride-0 incoming gradient,
+#   mixed layouts). One plane per (image, channel), runtime column strides, no vector loads.
+#
+# Alignment (docs/kernels_gradient_map.md, "Compiled code"). Tiles are indexed by input
+# coordinates, their first column a multiple of VEC; for padding 2 the output is written one row
+# and NB columns further on (scalar stores). The loads at a tile's own columns (forward x[i±1, j];
+# backward x[i, j], x[i±2, j], and dL/dM at column j) are then aligned vectors whenever the
+# tensor's rows are: VEC > 1 means the launcher checked that the pointer, the plane and row strides
+# and the row length are multiples of VEC elements (VEC·size = 16 or 8 bytes, `_vec`), and
+# `_multiple` / tl.multiple_of show that to the compiler. The column neighbours (j±NB) are
+# misaligned by construction and stay scalar (x[i, j±2] of the fp32 backward: 64-bit).
+#
+# Specialisation: the integer arguments and the pointers are not specialised by the JIT
+# (do_not_specialize: no "== 1" / "% 16" variants), so every image size of one alignment class
+# (VEC) shares one compiled kernel; NB is a constexpr (the neighbour offsets become immediates:
+# the channels_last kernels compile once per channel count, 3 for images).
+#
+# Each program takes one of two tile bodies: a tile whose whole halo lies inside the image takes the
+# unmasked one (no mask arithmetic, no predicated loads); edge tiles take the masked one, whose
+# zero-padding masks are constant over VEC columns (the row length is a multiple of VEC), so its
+# aligned loads vectorise as well.
+
+_FWD_DO_NOT_SPECIALIZE = (
+    "x_ptr", "m_ptr", "n_inner", "H", "COLS",
+    "sxb", "sxc", "sxh", "sxw", "smb", "smc", "smh", "smw", "tiles_w", "tiles_per_plane",
+)  # fmt: skip
+_BWD_DO_NOT_SPECIALIZE = (
+    "x_ptr", "g_ptr", "dx_ptr", "n_inner", "H", "COLS",
+    "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw", "sdb", "sdc", "sdh", "sdw",
+    "tiles_w", "tiles_per_plane",
+)  # fmt: skip
+
+
 @triton.jit
+def _multiple(v, VEC: tl.constexpr):
+    """v, which the launcher checked to be a multiple of VEC, in a form whose divisibility the
+    compiler's alignment analysis sees (an unspecialised argument has none)."""
+    if VEC > 1:
+        v = v // VEC * VEC
+    return v
+
+
+@triton.jit
+def _plane_base(ptr, b, c, sb, sc, FLAT: tl.constexpr, VEC: tl.constexpr):
+    """Pointer to plane (b, c) (FLAT: image b); 64-bit offsets; aligned to VEC elements when VEC > 1."""
+    base = ptr + b.to(tl.int64) * _multiple(sb, VEC)
+    if not FLAT:
+        base += c.to(tl.int64) * _multiple(sc, VEC)
+    if VEC > 1:
+        base = tl.multiple_of(base, VEC * (ptr.dtype.element_ty.primitive_bitwidth // 8))
+    return base
+
+
+@triton.jit
+def _fwd_tile(
+    x_base, m_base, row0, col0, H, COLS, nb: tl.constexpr, sxh, sxw, smh, smw,
+    EPS_C: tl.constexpr, SHIFT: tl.constexpr, FP64: tl.constexpr, UNIT_COL: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    # Output (ci + SHIFT, cj + SHIFT·nb) of the input-coordinate tile (ci, cj) (cj: flat column).
+    ci = row0 + tl.arange(0, BLOCK_H)[:, None]
+    cj = col0 + tl.arange(0, BLOCK_W)[None, :]
+    if UNIT_COL:
+        xj = cj
+        xd = nb
+        mj = cj + SHIFT * nb
+    else:
+        xj = cj * sxw
+        xd = sxw
+        mj = (cj + SHIFT) * smw
+    # Addresses relative to the centre: one per element, the neighbours at uniform offsets.
+    centre = x_base + ci * sxh + xj
+    if MASKED:
+        # Zero padding: every out-of-image neighbour is a masked load with other=0.
+        row_c = (ci >= 0) & (ci < H)
+        col_c = (cj >= 0) & (cj < COLS)
+        x_up = tl.load(centre - sxh, mask=(ci >= 1) & (ci <= H) & col_c, other=0.0)
+        x_dn = tl.load(centre + sxh, mask=(ci >= -1) & (ci < H - 1) & col_c, other=0.0)
+        x_lf = tl.load(centre - xd, mask=row_c & (cj >= nb) & (cj < COLS + nb), other=0.0)
+        x_rt = tl.load(centre + xd, mask=row_c & (cj >= -nb) & (cj < COLS - nb), other=0.0)
+    else:
+        x_up = tl.load(centre - sxh)
+        x_dn = tl.load(centre + sxh)
+        x_lf = tl.load(centre - xd)
+        x_rt = tl.load(centre + xd)
+
+    acc_ty: tl.constexpr = tl.float64 if FP64 else tl.float32
+    v = x_dn.to(acc_ty) - x_up.to(acc_ty)
+    h = x_rt.to(acc_ty) - x_lf.to(acc_ty)
+    m = tl.sqrt(v * v + h * h + EPS_C).to(m_base.dtype.element_ty)
+
+    out = m_base + (ci + SHIFT) * smh + mj
+    if MASKED:
+        in_out = (ci >= -SHIFT) & (ci < H + SHIFT) & (cj >= -SHIFT * nb) & (cj < COLS + SHIFT * nb)
+        tl.store(out, m, mask=in_out)
+    else:
+        tl.store(out, m)
+
+
+@triton.jit(do_not_specialize=_FWD_DO_NOT_SPECIALIZE)
 def _gradient_map_fwd_kernel(
     x_ptr,
     m_ptr,
-    C,
+    n_inner,  # planes per image: C, or 1 (FLAT)
     H,
-    W,
-    HO,
-    WO,
+    COLS,  # columns of an input plane: W, or W·C (FLAT)
+    NB: tl.constexpr,  # column distance of the left/right neighbour: 1, or C (FLAT)
     sxb,
     sxc,
     sxh,
@@ -56,140 +167,146 @@ def _gradient_map_fwd_kernel(
     SHIFT: tl.constexpr,  # padding - 1: output (i, j) is centred on input (i - SHIFT, j - SHIFT)
     FP64: tl.constexpr,  # accumulate in float64 (gradcheck); every other dtype accumulates in fp32
     INT64_INDEX: tl.constexpr,  # in-plane offsets may pass 2**31 elements: 64-bit address math
+    FLAT: tl.constexpr,  # channels_last: one plane per image, rows of W·C elements
+    UNIT_COL: tl.constexpr,  # unit column stride (planar or FLAT); else the strided layout
+    VEC: tl.constexpr,  # x (and for padding 1 m) aligned to VEC elements; 1: no alignment known
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    # One program = one (BLOCK_H, BLOCK_W) output tile of one (b, c) plane. A 1-D grid keeps the
-    # tiles of a plane adjacent in launch order, so halo rows are re-read from L2, not HBM.
+    # One program = one (BLOCK_H, BLOCK_W) tile of one plane. A 1-D grid keeps the tiles of a
+    # plane adjacent in launch order, so halo rows are re-read from L2, not HBM.
     pid = tl.program_id(0)
     plane = pid // tiles_per_plane
-    tile = pid % tiles_per_plane
-    b = plane // C
-    c = plane % C
-    x_base = x_ptr + b.to(tl.int64) * sxb + c.to(tl.int64) * sxc
-    m_base = m_ptr + b.to(tl.int64) * smb + c.to(tl.int64) * smc
+    tile = pid - plane * tiles_per_plane
+    if FLAT:
+        b = plane
+        c = 0  # unused: one plane per image
+    else:
+        b = plane // n_inner
+        c = plane - b * n_inner
+    x_base = _plane_base(x_ptr, b, c, sxb, sxc, FLAT, VEC)
+    # Padding 1 stores at the loads' columns: m shares the alignment. Padding 2 stores one column
+    # (NB) further on: misaligned whatever m's strides, so no claim is made about m.
+    m_vec: tl.constexpr = VEC if SHIFT == 0 else 1
+    m_base = _plane_base(m_ptr, b, c, smb, smc, FLAT, m_vec)
+    sxh = _multiple(sxh, VEC)
+    smh = _multiple(smh, m_vec)
+    COLS = _multiple(COLS, VEC)  # the masks' bound: constant over VEC columns
 
-    row0 = (tile // tiles_w) * BLOCK_H
-    col0 = (tile % tiles_w) * BLOCK_W
+    # Input-coordinate tiles: rows from -SHIFT, columns from -lead (the padding-2 ring rounded out
+    # to VEC columns, so col0 stays a multiple of VEC); gradient_map_fwd computes the same lead.
+    lead: tl.constexpr = (SHIFT * NB + VEC - 1) // VEC * VEC
+    tile_r = tile // tiles_w
+    row0 = tile_r * BLOCK_H - SHIFT
+    col0 = (tile - tile_r * tiles_w) * BLOCK_W - lead
     if INT64_INDEX:
         row0 = row0.to(tl.int64)
         col0 = col0.to(tl.int64)
-    oi = row0 + tl.arange(0, BLOCK_H)[:, None]
-    oj = col0 + tl.arange(0, BLOCK_W)[None, :]
-    ci = oi - SHIFT
-    cj = oj - SHIFT
-
-    # Zero padding: every out-of-image neighbour is a masked load with other=0.
-    row_c = (ci >= 0) & (ci < H)
-    col_c = (cj >= 0) & (cj < W)
-    row_u = (ci >= 1) & (ci <= H)  # ci - 1 in [0, H)
-    row_d = (ci >= -1) & (ci < H - 1)  # ci + 1 in [0, H)
-    col_l = (cj >= 1) & (cj <= W)
-    col_r = (cj >= -1) & (cj < W - 1)
-
-    x_up = tl.load(x_base + (ci - 1) * sxh + cj * sxw, mask=row_u & col_c, other=0.0)
-    x_dn = tl.load(x_base + (ci + 1) * sxh + cj * sxw, mask=row_d & col_c, other=0.0)
-    x_lf = tl.load(x_base + ci * sxh + (cj - 1) * sxw, mask=row_c & col_l, other=0.0)
-    x_rt = tl.load(x_base + ci * sxh + (cj + 1) * sxw, mask=row_c & col_r, other=0.0)
-
-    acc_ty: tl.constexpr = tl.float64 if FP64 else tl.float32
-    v = x_dn.to(acc_ty) - x_up.to(acc_ty)
-    h = x_rt.to(acc_ty) - x_lf.to(acc_ty)
-    m = tl.sqrt(v * v + h * h + EPS_C)
-
-    out_mask = (oi < HO) & (oj < WO)
-    tl.store(m_base + oi * smh + oj * smw, m.to(m_ptr.dtype.element_ty), mask=out_mask)
+    interior = (row0 >= 1) & (row0 + BLOCK_H < H) & (col0 >= NB) & (col0 + BLOCK_W + NB <= COLS)
+    if interior:
+        _fwd_tile(
+            x_base, m_base, row0, col0, H, COLS, NB, sxh, sxw, smh, smw,
+            EPS_C, SHIFT, FP64, UNIT_COL, MASKED=False, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+        )  # fmt: skip
+    else:
+        _fwd_tile(
+            x_base, m_base, row0, col0, H, COLS, NB, sxh, sxw, smh, smw,
+            EPS_C, SHIFT, FP64, UNIT_COL, MASKED=True, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+        )  # fmt: skip
 
 
 @triton.jit
-def _gradient_map_bwd_kernel(
-    x_ptr,
-    g_ptr,
-    dx_ptr,
-    C,
-    H,
-    W,
-    HO,
-    WO,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sgb,
-    sgc,
-    sgh,
-    sgw,
-    sdb,
-    sdc,
-    sdh,
-    sdw,
-    tiles_w,
-    tiles_per_plane,
-    EPS_C: tl.constexpr,
-    SHIFT: tl.constexpr,
-    FP64: tl.constexpr,
-    INT64_INDEX: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+def _bwd_tile(
+    x_base, g_base, dx_base, a0, b0, H, COLS, nb: tl.constexpr, sxh, sxw, sgh, sgw, sdh, sdw,
+    EPS_C: tl.constexpr, SHIFT: tl.constexpr, FP64: tl.constexpr, UNIT_COL: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
     # dx[a, b] = gv[o-1, p] - gv[o+1, p] + gh[o, p-1] - gh[o, p+1] with (o, p) = (a, b) + SHIFT
     # the output position centred on input (a, b), gv = g·v/M, gh = g·h/M. The four output
     # neighbours are centred on inputs (a∓1, b) and (a, b∓1); their stencils touch 9 distinct
     # inputs: the centre, (a±2, b), (a, b±2) and the 4 diagonals. v, h, M are recomputed from
-    # those, so the forward saves nothing but x.
-    pid = tl.program_id(0)
-    plane = pid // tiles_per_plane
-    tile = pid % tiles_per_plane
-    bb = plane // C
-    c = plane % C
-    x_base = x_ptr + bb.to(tl.int64) * sxb + c.to(tl.int64) * sxc
-    g_base = g_ptr + bb.to(tl.int64) * sgb + c.to(tl.int64) * sgc
-    dx_base = dx_ptr + bb.to(tl.int64) * sdb + c.to(tl.int64) * sdc
-
-    row0 = (tile // tiles_w) * BLOCK_H
-    col0 = (tile % tiles_w) * BLOCK_W
-    if INT64_INDEX:
-        row0 = row0.to(tl.int64)
-        col0 = col0.to(tl.int64)
-    a = row0 + tl.arange(0, BLOCK_H)[:, None]
-    b = col0 + tl.arange(0, BLOCK_W)[None, :]
-
-    r_m2 = (a >= 2) & (a < H + 2)
-    r_m1 = (a >= 1) & (a < H + 1)
-    r_0 = (a >= 0) & (a < H)
-    r_p1 = (a >= -1) & (a < H - 1)
-    r_p2 = (a >= -2) & (a < H - 2)
-    c_m2 = (b >= 2) & (b < W + 2)
-    c_m1 = (b >= 1) & (b < W + 1)
-    c_0 = (b >= 0) & (b < W)
-    c_p1 = (b >= -1) & (b < W - 1)
-    c_p2 = (b >= -2) & (b < W - 2)
+    # those, so the forward saves nothing but x. Columns are flat (b·C + c) when FLAT, where the
+    # column neighbour is nb = C away.
+    a = a0 + tl.arange(0, BLOCK_H)[:, None]
+    b = b0 + tl.arange(0, BLOCK_W)[None, :]
+    if UNIT_COL:
+        xj = b
+        xd = nb
+        gj = b + SHIFT * nb
+        gd = nb
+        dj = b
+    else:
+        xj = b * sxw
+        xd = sxw
+        gj = (b + SHIFT) * sgw
+        gd = sgw
+        dj = b * sdw
+    if MASKED:
+        # a, b >= 0 in every tile; lanes outside the image (a >= H or b >= COLS) store nothing, so
+        # each mask is `inside` and'ed with the neighbour's own condition. (Masks before
+        # addresses: a common prefix of the two bodies is hoisted above the branch, and 13 addresses
+        # per element live across the mask computation took the strided layout from 80 registers
+        # to 120.)
+        inside = (a < H) & (b < COLS)
+        up1 = a >= 1
+        dn1 = a < H - 1
+        lf1 = b >= nb
+        rt1 = b < COLS - nb
+    # Addresses relative to the centre: one per element, the neighbours at uniform offsets.
+    p_c = x_base + a * sxh + xj
+    p_n2 = p_c - 2 * sxh
+    p_s2 = p_c + 2 * sxh
+    p_w2 = p_c - 2 * xd
+    p_e2 = p_c + 2 * xd
+    p_nw = p_c - (sxh + xd)
+    p_ne = p_c - (sxh - xd)
+    p_sw = p_c + (sxh - xd)
+    p_se = p_c + (sxh + xd)
+    # Incoming gradient at the four neighbouring output positions (o∓1, p) and (o, p∓nb), around
+    # the output position (o, p) = (a + SHIFT, b + SHIFT·nb) centred on input (a, b).
+    q_c = g_base + (a + SHIFT) * sgh + gj
+    q_n = q_c - sgh
+    q_s = q_c + sgh
+    q_w = q_c - gd
+    q_e = q_c + gd
 
     acc_ty: tl.constexpr = tl.float64 if FP64 else tl.float32
-    x_c = tl.load(x_base + a * sxh + b * sxw, mask=r_0 & c_0, other=0.0).to(acc_ty)
-    x_n2 = tl.load(x_base + (a - 2) * sxh + b * sxw, mask=r_m2 & c_0, other=0.0).to(acc_ty)
-    x_s2 = tl.load(x_base + (a + 2) * sxh + b * sxw, mask=r_p2 & c_0, other=0.0).to(acc_ty)
-    x_w2 = tl.load(x_base + a * sxh + (b - 2) * sxw, mask=r_0 & c_m2, other=0.0).to(acc_ty)
-    x_e2 = tl.load(x_base + a * sxh + (b + 2) * sxw, mask=r_0 & c_p2, other=0.0).to(acc_ty)
-    x_nw = tl.load(x_base + (a - 1) * sxh + (b - 1) * sxw, mask=r_m1 & c_m1, other=0.0).to(acc_ty)
-    x_ne = tl.load(x_base + (a - 1) * sxh + (b + 1) * sxw, mask=r_m1 & c_p1, other=0.0).to(acc_ty)
-    x_sw = tl.load(x_base + (a + 1) * sxh + (b - 1) * sxw, mask=r_p1 & c_m1, other=0.0).to(acc_ty)
-    x_se = tl.load(x_base + (a + 1) * sxh + (b + 1) * sxw, mask=r_p1 & c_p1, other=0.0).to(acc_ty)
-
-    # Incoming gradient at the four neighbouring output positions; outside the output grid the
-    # term does not exist, which a zero g expresses.
-    o = a + SHIFT
-    p = b + SHIFT
-    go_r_m1 = (o >= 1) & (o < HO + 1)
-    go_r_0 = (o >= 0) & (o < HO)
-    go_r_p1 = (o >= -1) & (o < HO - 1)
-    go_c_m1 = (p >= 1) & (p < WO + 1)
-    go_c_0 = (p >= 0) & (p < WO)
-    go_c_p1 = (p >= -1) & (p < WO - 1)
-    g_n = tl.load(g_base + (o - 1) * sgh + p * sgw, mask=go_r_m1 & go_c_0, other=0.0).to(acc_ty)
-    g_s = tl.load(g_base + (o + 1) * sgh + p * sgw, mask=go_r_p1 & go_c_0, other=0.0).to(acc_ty)
-    g_w = tl.load(g_base + o * sgh + (p - 1) * sgw, mask=go_r_0 & go_c_m1, other=0.0).to(acc_ty)
-    g_e = tl.load(g_base + o * sgh + (p + 1) * sgw, mask=go_r_0 & go_c_p1, other=0.0).to(acc_ty)
+    if MASKED:
+        x_c = tl.load(p_c, mask=inside, other=0.0).to(acc_ty)
+        x_n2 = tl.load(p_n2, mask=inside & (a >= 2), other=0.0).to(acc_ty)
+        x_s2 = tl.load(p_s2, mask=inside & (a < H - 2), other=0.0).to(acc_ty)
+        x_w2 = tl.load(p_w2, mask=inside & (b >= 2 * nb), other=0.0).to(acc_ty)
+        x_e2 = tl.load(p_e2, mask=inside & (b < COLS - 2 * nb), other=0.0).to(acc_ty)
+        x_nw = tl.load(p_nw, mask=inside & up1 & lf1, other=0.0).to(acc_ty)
+        x_ne = tl.load(p_ne, mask=inside & up1 & rt1, other=0.0).to(acc_ty)
+        x_sw = tl.load(p_sw, mask=inside & dn1 & lf1, other=0.0).to(acc_ty)
+        x_se = tl.load(p_se, mask=inside & dn1 & rt1, other=0.0).to(acc_ty)
+        if SHIFT == 0:
+            # Same-size map: a neighbour outside the output grid has no term, which a zero g expresses.
+            g_n = tl.load(q_n, mask=inside & up1, other=0.0).to(acc_ty)
+            g_s = tl.load(q_s, mask=inside & dn1, other=0.0).to(acc_ty)
+            g_w = tl.load(q_w, mask=inside & lf1, other=0.0).to(acc_ty)
+            g_e = tl.load(q_e, mask=inside & rt1, other=0.0).to(acc_ty)
+        else:
+            # Padded map: the output ring makes all four neighbours of an image pixel exist.
+            g_n = tl.load(q_n, mask=inside, other=0.0).to(acc_ty)
+            g_s = tl.load(q_s, mask=inside, other=0.0).to(acc_ty)
+            g_w = tl.load(q_w, mask=inside, other=0.0).to(acc_ty)
+            g_e = tl.load(q_e, mask=inside, other=0.0).to(acc_ty)
+    else:
+        x_c = tl.load(p_c).to(acc_ty)
+        x_n2 = tl.load(p_n2).to(acc_ty)
+        x_s2 = tl.load(p_s2).to(acc_ty)
+        x_w2 = tl.load(p_w2).to(acc_ty)
+        x_e2 = tl.load(p_e2).to(acc_ty)
+        x_nw = tl.load(p_nw).to(acc_ty)
+        x_ne = tl.load(p_ne).to(acc_ty)
+        x_sw = tl.load(p_sw).to(acc_ty)
+        x_se = tl.load(p_se).to(acc_ty)
+        g_n = tl.load(q_n).to(acc_ty)
+        g_s = tl.load(q_s).to(acc_ty)
+        g_w = tl.load(q_w).to(acc_ty)
+        g_e = tl.load(q_e).to(acc_ty)
 
     # rsqrt, not sqrt + divide: at HBM speed the backward needs ~280 G elements/s on an H100 and
     # sqrt.approx + div.full cost 3 special-function ops per neighbour (12 per element), close
@@ -215,7 +332,81 @@ def _gradient_map_bwd_kernel(
     r_e = v_e * v_e + h_e * h_e + EPS_C
     term -= g_e * h_e * (1.0 / tl.sqrt(r_e) if FP64 else tl.math.rsqrt(r_e))
 
-    tl.store(dx_base + a * sdh + b * sdw, term.to(dx_ptr.dtype.element_ty), mask=r_0 & c_0)
+    out = dx_base + a * sdh + dj
+    if MASKED:
+        tl.store(out, term.to(dx_base.dtype.element_ty), mask=inside)
+    else:
+        tl.store(out, term.to(dx_base.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=_BWD_DO_NOT_SPECIALIZE)
+def _gradient_map_bwd_kernel(
+    x_ptr,
+    g_ptr,
+    dx_ptr,
+    n_inner,
+    H,
+    COLS,
+    NB: tl.constexpr,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    sdb,
+    sdc,
+    sdh,
+    sdw,
+    tiles_w,
+    tiles_per_plane,
+    EPS_C: tl.constexpr,
+    SHIFT: tl.constexpr,
+    FP64: tl.constexpr,
+    INT64_INDEX: tl.constexpr,
+    FLAT: tl.constexpr,
+    UNIT_COL: tl.constexpr,
+    VEC: tl.constexpr,  # x and dx aligned to VEC elements (1: no alignment known)
+    VEC_G: tl.constexpr,  # the incoming gradient aligned to VEC_G <= VEC elements
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    plane = pid // tiles_per_plane
+    tile = pid - plane * tiles_per_plane
+    if FLAT:
+        bb = plane
+        c = 0  # unused: one plane per image
+    else:
+        bb = plane // n_inner
+        c = plane - bb * n_inner
+    x_base = _plane_base(x_ptr, bb, c, sxb, sxc, FLAT, VEC)
+    g_base = _plane_base(g_ptr, bb, c, sgb, sgc, FLAT, VEC_G)
+    dx_base = _plane_base(dx_ptr, bb, c, sdb, sdc, FLAT, VEC)
+    sxh = _multiple(sxh, VEC)
+    sgh = _multiple(sgh, VEC_G)
+    sdh = _multiple(sdh, VEC)
+    COLS = _multiple(COLS, VEC)
+
+    tile_r = tile // tiles_w
+    a0 = tile_r * BLOCK_H
+    b0 = (tile - tile_r * tiles_w) * BLOCK_W
+    if INT64_INDEX:
+        a0 = a0.to(tl.int64)
+        b0 = b0.to(tl.int64)
+    interior = (a0 >= 2) & (a0 + BLOCK_H + 2 <= H) & (b0 >= 2 * NB) & (b0 + BLOCK_W + 2 * NB <= COLS)
+    if interior:
+        _bwd_tile(
+            x_base, g_base, dx_base, a0, b0, H, COLS, NB, sxh, sxw, sgh, sgw, sdh, sdw,
+            EPS_C, SHIFT, FP64, UNIT_COL, MASKED=False, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+        )  # fmt: skip
+    else:
+        _bwd_tile(
+            x_base, g_base, dx_base, a0, b0, H, COLS, NB, sxh, sxw, sgh, sgw, sdh, sdw,
+            EPS_C, SHIFT, FP64, UNIT_COL, MASKED=True, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,24 +448,67 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
 
     Batch and channel offsets are always 64-bit in the kernels; in-plane offsets are 32-bit unless
     a plane spans 2**31 elements or more (huge planes, channels_last with many channels, strided views).
+    The channels_last layout's flat columns (w·C + c, neighbours included) are within the same
+    (W+2)·stride_w term, stride_w being C there.
     """
     return any(
         (t.shape[2] + 2) * abs(t.stride(2)) + (t.shape[3] + 2) * abs(t.stride(3)) >= 2**31 for t in tensors
     )
 
 
-def _block_sizes(rows: int, cols: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_W, num_warps) for a rows x cols plane."""
+def _plan(*tensors: torch.Tensor) -> str:
+    """The kernels' layout for these same-(B, C)-shaped tensors: "planar" when every one has unit
+    stride along W; "channels_last" when every one has stride 1 along C and C along W (C > 1);
+    otherwise "strided" (the general path: any strides, scalar loads)."""
+    if all(t.stride(3) == 1 for t in tensors):
+        return "planar"
+    ch = tensors[0].shape[1]
+    if ch > 1 and all(t.stride(1) == 1 and t.stride(3) == ch for t in tensors):
+        return "channels_last"
+    return "strided"
+
+
+def _vec(t: torch.Tensor, layout: str, cols: int | None) -> int:
+    """Elements per aligned vector access of t in `layout`: 16 // size when the data pointer, plane
+    and row strides (and `cols`, the masks' row length, unless None) are all multiples of 16 bytes,
+    8 // size for 8 bytes, else 1. The kernels are compiled once per value (their alignment class)."""
+    if layout == "strided":
+        return 1
+    size = t.element_size()
+    terms = [t.data_ptr(), t.stride(0) * size, t.stride(2) * size]
+    if layout == "planar":
+        terms.append(t.stride(1) * size)
+    if cols is not None:
+        terms.append(cols * size)
+    for align in (16, 8):
+        if align > size and all(v % align == 0 for v in terms):
+            return align // size
+    return 1
+
+
+def _geometry(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """(planes, n_inner, cols, nb): x's planes, planes per image, columns of a plane and the column
+    distance of a pixel's left/right neighbour in `layout`."""
+    bsz, ch, _, w = x.shape
+    if layout == "channels_last":
+        return bsz, 1, w * ch, ch
+    return bsz * ch, ch, w, 1
+
+
+def _block_sizes(rows: int, cols: int, backward: bool, vec: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_W, num_warps) for a rows x cols tiled plane whose aligned loads take vec elements."""
     if interpreter_active():
         # Each interpreted program costs milliseconds: few, large tiles.
         return min(256, triton.next_power_of_2(rows)), min(256, triton.next_power_of_2(cols)), 4
-    # 64 contiguous columns: 256 B fp32 rows (16 B vector accesses when W is a multiple of 16
-    # and padding is 1). With 8 warps per tile triton 3.8's ptxas for sm_90 gives the forward
-    # 48-54 registers per thread and the backward (13 live values per element) 75-80, no spills
-    # (tests/test_kernels_aot.py): enough warps resident per SM for a memory-bound stencil.
-    # Halo rows come from L1/L2, not HBM. Untimed on a GPU so far: tune with the benchmark.
+    # 64 contiguous columns (256 B of fp32), 8 warps, 8 elements per thread: two 128-bit fp32
+    # vectors or one of 8 bf16 per aligned load and thread. The backward (13 loaded values per
+    # element) takes 4 per thread, enough for one fp32 vector, except with 8-element vectors
+    # (16-byte-aligned bf16/fp16), which need 8. Registers per thread and spills (none) are in
+    # docs/kernels_gradient_map.md, checked by tests/test_kernels_aot.py. Halo rows come from
+    # L1/L2, not HBM. Untimed on a GPU so far: tune with the benchmark.
     block_w = min(64, max(16, triton.next_power_of_2(cols)))
-    block_h = min(max(1, (1024 if backward else 2048) // block_w), triton.next_power_of_2(rows))
+    per_block = 1024 if backward and vec < 8 else 2048
+    block_h = min(max(1, per_block // block_w), triton.next_power_of_2(rows))
     return block_h, block_w, 8
 
 
@@ -292,16 +526,26 @@ def gradient_map_fwd(x: torch.Tensor, padding: int) -> torch.Tensor:
     m = _empty_like_layout(x, (bsz, ch, ho, wo))
     if m.numel() == 0:
         return m
-    block_h, block_w, num_warps = _block_sizes(ho, wo, backward=False)
-    tiles_w = triton.cdiv(wo, block_w)
-    tiles_per_plane = triton.cdiv(ho, block_h) * tiles_w
-    grid = (bsz * ch * tiles_per_plane,)
+    shift = padding - 1
+    layout = _plan(x, m)
+    planes, n_inner, cols, nb = _geometry(x, layout)
+    vec = _vec(x, layout, cols)
+    if shift == 0:  # m is stored at the loads' columns (padding 2: one column off, no claim)
+        vec = min(vec, _vec(m, layout, cols))
+    lead = -(-shift * nb // vec) * vec  # the kernel's `lead`: the ring rounded out to vec columns
+    rows_t, cols_t = h + 2 * shift, cols + shift * nb + lead
+    block_h, block_w, num_warps = _block_sizes(rows_t, cols_t, backward=False, vec=vec)
+    tiles_w = triton.cdiv(cols_t, block_w)
+    tiles_per_plane = triton.cdiv(rows_t, block_h) * tiles_w
+    grid = (planes * tiles_per_plane,)
+    sx, sm = x.stride(), m.stride()
     with _on_device(x):
         _gradient_map_fwd_kernel[grid](
-            x, m, ch, h, w, ho, wo,
-            *x.stride(), *m.stride(),
+            x, m, n_inner, h, cols, nb,
+            *sx, *sm,
             tiles_w, tiles_per_plane,
-            EPS_C=EPS, SHIFT=padding - 1, FP64=x.dtype == torch.float64, INT64_INDEX=_needs_int64(x, m),
+            EPS_C=EPS, SHIFT=shift, FP64=x.dtype == torch.float64, INT64_INDEX=_needs_int64(x, m),
+            FLAT=layout == "channels_last", UNIT_COL=layout != "strided", VEC=vec,
             BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
         )  # fmt: skip
     return m
@@ -327,17 +571,23 @@ def gradient_map_bwd(x: torch.Tensor, grad_m: torch.Tensor, padding: int) -> tor
     dx = _empty_like_layout(x, (bsz, ch, h, w))
     if dx.numel() == 0:
         return dx
-    block_h, block_w, num_warps = _block_sizes(h, w, backward=True)
-    tiles_w = triton.cdiv(w, block_w)
+    layout = _plan(x, grad_m, dx)
+    planes, n_inner, cols, nb = _geometry(x, layout)
+    vec = min(_vec(x, layout, cols), _vec(dx, layout, cols))
+    # grad_m's masks are x's (bounded by cols), so its own row length does not matter.
+    vec_g = min(_vec(grad_m, layout, None), vec)
+    block_h, block_w, num_warps = _block_sizes(h, cols, backward=True, vec=vec)
+    tiles_w = triton.cdiv(cols, block_w)
     tiles_per_plane = triton.cdiv(h, block_h) * tiles_w
-    grid = (bsz * ch * tiles_per_plane,)
+    grid = (planes * tiles_per_plane,)
     with _on_device(x):
         _gradient_map_bwd_kernel[grid](
-            x, grad_m, dx, ch, h, w, ho, wo,
+            x, grad_m, dx, n_inner, h, cols, nb,
             *x.stride(), *grad_m.stride(), *dx.stride(),
             tiles_w, tiles_per_plane,
             EPS_C=EPS, SHIFT=padding - 1, FP64=x.dtype == torch.float64,
             INT64_INDEX=_needs_int64(x, grad_m, dx),
+            FLAT=layout == "channels_last", UNIT_COL=layout != "strided", VEC=vec, VEC_G=vec_g,
             BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
         )  # fmt: skip
     return dx

@@ -16,13 +16,15 @@ Output on stdout, one record per line (other lines may appear and are ignored):
                 "registers", "stack", "local"}   one per compiled kernel; shared in bytes
                 from Triton's metadata; registers/stack/local from ``cuobjdump
                 --dump-resource-usage`` (null when cuobjdump is unavailable)
+    AOT_VARIANT {"case", "kernel", "key", "constexprs"}  --variants: one per launch, key = a hash
+                                                  of the JIT's specialisation key; nothing compiled
     AOT_ERROR {"case", "type", "message"}         a launch/compile that raised
     AOT_SKIP <reason>                             the internals this relies on are missing;
                                                   exit status SKIP_EXIT (77)
     AOT_DONE {"compiled", "errors"}               last line of a completed run
 
 Exit status: 0 when every case compiled, 1 when some raised, 77 for a skip.
-Usage: ``python tests/aot_compile_kernels.py [--cap 90]``.
+Usage: ``python tests/aot_compile_kernels.py [--cap 90] [--sass] [--only NAME] [--variants]``.
 """
 
 from __future__ import annotations
@@ -159,8 +161,11 @@ def _sass_stats(cubin: bytes, cuobjdump: str | None) -> dict[str, int | None]:
     return stats
 
 
-def _install(cap: int, sass: bool = False) -> list[dict]:
-    """Install the fake driver and the compile-only _do_compile; return the list records go to."""
+def _install(cap: int, sass: bool = False, keys_only: bool = False) -> list[dict]:
+    """Install the fake driver and the compile-only _do_compile; return the list records go to.
+
+    keys_only (--variants): record each launch's specialisation key (AOT_VARIANT) and compile nothing.
+    """
     GPUTarget, cuobjdump = _check_hooks()
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -185,6 +190,16 @@ def _install(cap: int, sass: bool = False) -> list[dict]:
     original = JITFunction._do_compile
 
     def compile_only(self, key, signature, device, constexprs, options, attrs, warmup):
+        if keys_only:
+            record = {
+                "case": _CURRENT_CASE[0],
+                "kernel": self.fn.__name__,
+                "key": hashlib.sha256(str(key).encode()).hexdigest()[:16],
+                "constexprs": {self.arg_names[k[0]]: v for k, v in constexprs.items()},
+            }
+            records.append(record)
+            _emit("AOT_VARIANT", record)
+            return None
         kernel = original(self, key, signature, device, constexprs, options, attrs, True)
         if hasattr(kernel, "result"):  # async compile mode returns a future
             kernel = kernel.result()
@@ -234,24 +249,31 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
         )
     cases: list[tuple[str, Callable[[], None]]] = []
 
-    def gm_case(dtype: torch.dtype, padding: int, layout: str) -> Callable[[], None]:
+    def gm_case(dtype: torch.dtype, padding: int, layout: str, w: int) -> Callable[[], None]:
         def run() -> None:
-            # W = 128 (a multiple of 16, as in training crops): the alignment vector loads need.
-            x = torch.zeros(2, 3, 40, 128, dtype=dtype)
+            if layout == "strided":  # every other column: the general path (runtime strides)
+                x = torch.zeros(2, 3, 40, 2 * w, dtype=dtype)[..., ::2]
+            else:
+                x = torch.zeros(2, 3, 40, w, dtype=dtype)
             if layout == "channels_last":
                 x = x.to(memory_format=torch.channels_last)
-            gm.gradient_map_fwd(x, padding)
-            ho, wo = gm._out_hw(40, 128, padding)
-            gm.gradient_map_bwd(x, torch.zeros(2, 3, ho, wo, dtype=dtype), padding)
+            m = gm.gradient_map_fwd(x, padding)  # the launch returns m, unwritten
+            gm.gradient_map_bwd(x, torch.zeros_like(m), padding)  # dL/dM in M's layout, as autograd gives
 
         return run
 
-    for dtype in (torch.float32, torch.bfloat16):
-        for padding in (1, 2):
-            for layout in ("contiguous", "channels_last"):
-                cases.append(
-                    (f"gradient_map {dtype} padding={padding} {layout}", gm_case(dtype, padding, layout))
-                )
+    # W = 128 (training crops; rows 16-byte aligned), W = 100 (not a multiple of 16: fp32 rows
+    # still 16-byte aligned, bf16 rows 8-byte aligned), W = 77 (rows unaligned: no vector loads),
+    # and a strided view (the general path).
+    gm_groups = [(128, ("contiguous", "channels_last")), (100, ("contiguous", "channels_last"))]
+    gm_groups += [(77, ("contiguous",)), (128, ("strided",))]
+    for w, layouts in gm_groups:
+        for dtype in (torch.float32, torch.bfloat16):
+            for padding in (1, 2):
+                for layout in layouts:
+                    suffix = "" if w == 128 else f" W={w}"
+                    name = f"gradient_map {dtype} padding={padding} {layout}{suffix}"
+                    cases.append((name, gm_case(dtype, padding, layout, w)))
 
     def nce_case(dtype: torch.dtype, d: int, exclusion: bool) -> Callable[[], None]:
         def run() -> None:
@@ -317,15 +339,46 @@ def _cases() -> list[tuple[str, Callable[[], None]]]:
     return cases
 
 
+def _gradient_map_variant_cases() -> list[tuple[str, Callable[[], None]]]:
+    """--variants: the gradient-map launchers over image sizes of three alignment classes of rows:
+    16-byte (W = 128, 64, 96; W = 100 and 36 in fp32), 8-byte (W = 100 and 36 in bf16), unaligned
+    (W = 77, 53), with heights of several divisibilities."""
+    gm = importlib.import_module("spsr_kernels.gradient_map")
+
+    def case(dtype: torch.dtype, padding: int, layout: str, h: int, w: int) -> Callable[[], None]:
+        def run() -> None:
+            x = torch.zeros(2, 3, h, w, dtype=dtype)
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            m = gm.gradient_map_fwd(x, padding)
+            gm.gradient_map_bwd(x, torch.zeros_like(m), padding)
+
+        return run
+
+    sizes = [(40, 128), (64, 64), (33, 96), (41, 100), (48, 100), (27, 36), (37, 77), (64, 77), (29, 53)]
+    return [
+        (f"gradient_map {dtype} padding={padding} {layout} {h}x{w}", case(dtype, padding, layout, h, w))
+        for dtype in (torch.float32, torch.bfloat16)
+        for padding in (1, 2)
+        for layout in ("contiguous", "channels_last")
+        for h, w in sizes
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=90, help="compute capability to target (90: H100)")
     parser.add_argument("--only", default="", help="compile only the cases whose name contains this")
     parser.add_argument("--sass", action="store_true", help="add SASS counts (loads, loop) to each record")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="record the specialisation keys of gradient-map launches over image sizes; compile nothing",
+    )
     args = parser.parse_args(argv)
-    records = _install(args.cap, sass=args.sass)
+    records = _install(args.cap, sass=args.sass, keys_only=args.variants)
     errors = 0
-    for name, run in _cases():
+    for name, run in _gradient_map_variant_cases() if args.variants else _cases():
         if args.only not in name:
             continue
         _CURRENT_CASE[0] = name

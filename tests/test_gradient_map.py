@@ -7,11 +7,17 @@ gradient.
 
 from __future__ import annotations
 
+import importlib
+from collections import Counter
+
 import pytest
 import torch
 
 from spsr_kernels import GradientMap, gradient_map, gradient_map_ref
 from spsr_kernels.gradient_map import gradient_map_bwd, gradient_map_fwd
+
+# The module (the package re-exports the function under the submodule's name).
+gm = importlib.import_module("spsr_kernels.gradient_map")
 
 BACKENDS = ["triton", "torch"]
 PADDINGS = [1, 2]
@@ -218,16 +224,213 @@ def test_compile_torch_path_inductor(device):
     _compiled_matches_eager(_tiny_model("torch"), "inductor", device)
 
 
+# --- Layouts, alignment classes and tile bodies (docs/kernels_gradient_map.md, "Compiled code") ---
+#
+# The interpreter's own tiles (`_block_sizes`) cover these images in one tile, always an edge tile;
+# `small_tiles` forces 4 x 16 tiles as on a GPU, so larger images also have interior tiles, which
+# take the unmasked tile body. `tile_bodies` counts the bodies the programs ran.
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(gm, "_block_sizes", lambda rows, cols, backward, vec: (4, 16, 1))
+
+
+@pytest.fixture
+def tile_bodies(monkeypatch, device):
+    """{"fwd": Counter(masked=..., unmasked=...), "bwd": ...}: a spy on the interpreted tile helpers."""
+    if device.type == "cuda":
+        pytest.skip("counts the interpreted tile bodies")
+    counts = {"fwd": Counter(), "bwd": Counter()}
+    for name, helper in (("fwd", gm._fwd_tile), ("bwd", gm._bwd_tile)):
+
+        def spy(*args, _name=name, _helper=helper, **kwargs):
+            counts[_name]["masked" if kwargs["MASKED"] else "unmasked"] += 1
+            return _helper(*args, **kwargs)
+
+        monkeypatch.setattr(gm, f"_{name}_tile", spy)
+    return counts
+
+
+def _offset_view(shape: tuple[int, ...], channels_last: bool, device, dtype=torch.float32) -> torch.Tensor:
+    """A dense view of `shape` whose data starts one element past an aligned allocation."""
+    b, c, h, w = shape
+    flat = torch.randn(b * c * h * w + 1, device=device, dtype=dtype)[1:]
+    if channels_last:
+        return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
+def _check_against_reference(x: torch.Tensor, padding: int, plan: str) -> None:
+    """Triton forward and input gradient vs the conv2d reference's (float64 autograd); both
+    kernels take the layout `plan`."""
+    b, c, h, w = x.shape
+    ho, wo = h + 2 * (padding - 1), w + 2 * (padding - 1)
+    grad = torch.randn(b, c, ho, wo, device=x.device, dtype=x.dtype)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        grad = grad.to(memory_format=torch.channels_last)  # dL/dM in M's layout, as autograd gives
+    assert gm._plan(x) == gm._plan(x, grad) == plan
+    y, dx = _fwd_bwd(gradient_map, x, grad, padding, backend="triton")
+    y_ref, dx_ref = _fwd_bwd(gradient_map_ref, x.double(), grad.double(), padding)
+    if x.dtype == torch.bfloat16:  # fp32 arithmetic on bf16 values, rounded once to bf16
+        tol = {"atol": 1e-4, "rtol": 2**-7}
+    else:
+        tol = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(dx.double(), dx_ref, **tol)
+
+
+@pytest.mark.parametrize(
+    "dtype, w, layout, expected",
+    [
+        (torch.float32, 128, "contiguous", ("planar", 4)),
+        (torch.float32, 100, "contiguous", ("planar", 4)),  # 400-byte rows: 16-byte aligned
+        (torch.float32, 130, "contiguous", ("planar", 2)),  # 520-byte rows: 8-byte aligned
+        (torch.float32, 77, "contiguous", ("planar", 1)),
+        (torch.bfloat16, 128, "contiguous", ("planar", 8)),
+        (torch.bfloat16, 100, "contiguous", ("planar", 4)),  # 200-byte rows: 8-byte aligned
+        (torch.bfloat16, 77, "contiguous", ("planar", 1)),
+        (torch.float64, 77, "contiguous", ("planar", 1)),
+        (torch.float64, 100, "contiguous", ("planar", 2)),
+        (torch.float32, 100, "channels_last", ("channels_last", 4)),  # rows of 300 fp32
+        (torch.bfloat16, 100, "channels_last", ("channels_last", 4)),  # 600-byte rows
+        (torch.bfloat16, 128, "channels_last", ("channels_last", 8)),
+        (torch.float32, 77, "channels_last", ("channels_last", 1)),
+        (torch.float32, 64, "offset", ("planar", 1)),
+        (torch.float32, 64, "sliced", ("planar", 1)),
+        (torch.float32, 64, "every_other_column", ("strided", 1)),
+    ],
+    ids=str,
+)
+def test_layout_and_alignment_class(dtype, w, layout, expected):
+    """The launcher's choice of layout and vector width (host-side; no kernel runs)."""
+    if layout == "offset":
+        x = _offset_view((2, 3, 8, w), False, "cpu", dtype)
+    elif layout == "sliced":
+        x = torch.zeros(2, 3, 8, w + 5, dtype=dtype)[..., 1 : w + 1]  # rows of 69: unaligned
+    elif layout == "every_other_column":
+        x = torch.zeros(2, 3, 8, 2 * w, dtype=dtype)[..., ::2]
+    else:
+        x = torch.zeros(2, 3, 8, w, dtype=dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    plan = gm._plan(x)
+    _, _, cols, _ = gm._geometry(x, plan)
+    assert (plan, gm._vec(x, plan, cols)) == expected
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "dtype, w, vec",
+    # 48: a multiple of 16; 44: not, rows still 16-byte aligned in fp32; 37: unaligned rows.
+    [(torch.float32, 48, 4), (torch.float32, 44, 4), (torch.float32, 37, 1), (torch.bfloat16, 48, 8)],
+    ids=str,
+)
+def test_interior_and_edge_tiles(dtype, w, vec, layout, padding, device, small_tiles, tile_bodies):
+    x = torch.randn(1, 3, 12, w, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    plan = "planar" if layout == "contiguous" else "channels_last"
+    assert gm._vec(x, plan, gm._geometry(x, plan)[2]) == vec
+    _check_against_reference(x, padding, plan)
+    for name in ("fwd", "bwd"):
+        assert tile_bodies[name]["unmasked"] > 0 and tile_bodies[name]["masked"] > 0, tile_bodies
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_small_image_only_edge_tiles(layout, padding, device, small_tiles, tile_bodies):
+    x = torch.randn(1, 2, 5, 9, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    _check_against_reference(x, padding, "planar" if layout == "contiguous" else "channels_last")
+    assert tile_bodies["fwd"]["unmasked"] == tile_bodies["bwd"]["unmasked"] == 0, tile_bodies
+    assert tile_bodies["fwd"]["masked"] > 0 and tile_bodies["bwd"]["masked"] > 0
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("layout", ["offset", "offset_channels_last", "every_other_column"])
+def test_unaligned_and_strided_views(layout, padding, device, small_tiles, tile_bodies):
+    """A view one element past an aligned allocation takes the unaligned class (VEC 1) of its
+    layout; a view with a column stride the strided layout; both with interior tiles."""
+    if layout == "every_other_column":
+        x = torch.randn(1, 3, 12, 80, device=device)[..., ::2]
+        plan = "strided"
+    else:
+        x = _offset_view((1, 3, 12, 40), layout == "offset_channels_last", device)
+        plan = "planar" if layout == "offset" else "channels_last"
+        assert gm._vec(x, plan, gm._geometry(x, plan)[2]) == 1
+    _check_against_reference(x, padding, plan)
+    assert tile_bodies["fwd"]["unmasked"] > 0 and tile_bodies["bwd"]["unmasked"] > 0, tile_bodies
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_unaligned_incoming_gradient(padding, device, small_tiles):
+    """x aligned (VEC 4), dL/dM one element off (its VEC 1): each tensor's loads get its own class."""
+    x = torch.randn(1, 3, 12, 48, device=device, requires_grad=True)
+    ho, wo = 12 + 2 * (padding - 1), 48 + 2 * (padding - 1)
+    grad = _offset_view((1, 3, ho, wo), False, device)
+    assert gm._vec(grad, "planar", None) == 1 and gm._vec(x, "planar", 48) == 4
+    dx = gradient_map_bwd(x.detach(), grad, padding)
+    (dx_ref,) = torch.autograd.grad(gradient_map_ref(x.double(), padding), x, grad.double())
+    torch.testing.assert_close(dx.double(), dx_ref.double(), atol=1e-5, rtol=1e-5)
+
+
+class _GradInLayoutOfOutput(torch.autograd.Function):
+    """Identity whose backward hands on dL/dy in y's memory format (gradcheck's is contiguous)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous(memory_format=torch.channels_last) if ctx.channels_last else g
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_fp64_small_tiles(layout, padding, device, small_tiles, tile_bodies):
+    """fp64 (VEC 2 when 16-byte aligned) through interior and edge tiles of both layouts."""
+    x = torch.randn(1, 2, 10, 40 if layout == "contiguous" else 20, device=device, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    plan = gm._plan(x)
+    assert gm._vec(x, plan, gm._geometry(x, plan)[2]) == 2
+    x.requires_grad_(True)
+
+    def fn(t):
+        return _GradInLayoutOfOutput.apply(gradient_map(t, padding, backend="triton"))
+
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+    assert tile_bodies["fwd"]["unmasked"] > 0 and tile_bodies["bwd"]["unmasked"] > 0, tile_bodies
+
+
 # --- CUDA only: the compiled kernels, not the interpreter ----------------------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
-def test_cuda_native_large(layout, dtype, padding):
-    x = _layout((4, 3, 257, 515), layout, "cuda", dtype)
-    grad = torch.randn(4, 3, 257 + 2 * (padding - 1), 515 + 2 * (padding - 1), device="cuda", dtype=dtype)
+# W = 515: unaligned rows; W = 256: 16-byte-aligned rows (vector loads, interior tiles), and the
+# same shape one element off (the unaligned class).
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((4, 3, 257, 515), layout) for layout in ("contiguous", "channels_last", "sliced")]
+    + [((2, 3, 130, 256), layout) for layout in ("contiguous", "channels_last", "sliced", "offset")],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
+)
+def test_cuda_native_large(shape, layout, dtype, padding):
+    if layout == "offset":
+        x = _offset_view(shape, False, "cuda", dtype)
+    else:
+        x = _layout(shape, layout, "cuda", dtype)
+    b, c, h, w = shape
+    grad = torch.randn(b, c, h + 2 * (padding - 1), w + 2 * (padding - 1), device="cuda", dtype=dtype)
+    if layout == "channels_last":
+        grad = grad.to(memory_format=torch.channels_last)  # both kernels in the channels_last layout
     y, dx = _fwd_bwd(gradient_map, x, grad, padding)
     y32, dx32 = _exact(x, grad, padding)
     if dtype == torch.float32:

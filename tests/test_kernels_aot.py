@@ -6,9 +6,10 @@ have, passes every interpreter test. This test runs tests/aot_compile_kernels.py
 (the test process imports spsr_kernels under TRITON_INTERPRET=1, set by conftest.py, and that is
 fixed at import), with TRITON_INTERPRET removed and a fresh Triton cache. The script drives the
 real launchers with a fake driver reporting an sm_90 target and compiles each kernel to a cubin
-with the ptxas bundled in the triton wheel, without launching. Set (52 kernels, ~1 min of CPU):
+with the ptxas bundled in the triton wheel, without launching. Set (84 kernels, ~1 min of CPU):
 
-- gradient_map fwd + bwd: fp32 and bf16 × padding 1 and 2 × contiguous and channels_last;
+- gradient_map fwd + bwd: fp32 and bf16 × padding 1 and 2 × contiguous and channels_last at
+  W = 128 and 100 (not a multiple of 16), contiguous W = 77 (unaligned rows), a column-strided view;
 - info_nce fwd, bwd-dP and bwd-dK: d=32 in fp32 and bf16, with and without exclusion; with
   exclusion fp32 d=64 and d=128 (the latter compiled, not shipped), d=24 (rows padded to 32),
   bf16 128/256/512, fp16 32/128/512; the exclusion-bitmap pre-pass with 1-8 centres; and one
@@ -18,11 +19,15 @@ Asserts: no case raised; each kernel compiled the expected number of times; ever
 shared memory ≤ 232448 bytes (227 KB, the H100 per-block opt-in maximum); registers × threads ≤
 65536 (the register file one block may take) when cuobjdump reports them; no register spills
 (stack/local bytes 0, no STL) in any shipped configuration (fp32 d=128 is compiled but not
-shipped: "auto" sends fp32 d > 64 to the PyTorch path); 128-bit vector loads in the gradient
-map's contiguous padding-1 forward and in every info_nce kernel (the padded d=24 rows
-included); a masked InfoNCE key tile within 1.5× the instructions per logit of the unmasked one
-(d=32, fp32 and bf16, all three kernels); the size cases compiled one kernel each (sizes are
-not specialised); and the info_nce kernels got the GPU configuration (tf32x3 dots).
+shipped: "auto" sends fp32 d > 64 to the PyTorch path); 128-bit vector loads in every info_nce
+kernel (the padded d=24 rows included) and in every gradient-map kernel whose rows are 16-byte
+aligned (forward and backward, contiguous and channels_last, padding 1 and 2), the alignment
+class the launcher chose, and none claimed for the others; a masked InfoNCE key tile within
+1.5× the instructions per logit of the unmasked one (d=32, fp32 and bf16, all three kernels);
+the info_nce size cases compiled one kernel each (sizes are not specialised); and the info_nce
+kernels got the GPU configuration (tf32x3 dots). A second test runs the script's --variants
+mode (no compile): one specialisation per gradient-map alignment class over 9 image sizes
+(do_not_specialize).
 
 Skipped, with the reason, when the installed triton lacks what the script relies on (the nvidia
 backend, ``driver.set_active``, ``JITFunction._do_compile`` with triton 3.8's signature, a
@@ -37,7 +42,7 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -48,10 +53,11 @@ SCRIPT = Path(__file__).with_name("aot_compile_kernels.py")
 SKIP_EXIT = 77  # aot_compile_kernels.SKIP_EXIT (not imported: importing it would import triton here)
 H100_MAX_SHARED_PER_BLOCK = 232448  # bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
 REGISTERS_PER_BLOCK = 65536
-# Launches in the script's reduced set: 8 gradient_map cases (fwd + bwd each), 5 info_nce cases.
+# Launches in the script's reduced set: 24 gradient_map cases (fwd + bwd each); 13 info_nce
+# cases (fwd + bwd), 11 of them with exclusion, plus the bitmap and size cases.
 EXPECTED = {
-    "_gradient_map_fwd_kernel": 8,
-    "_gradient_map_bwd_kernel": 8,
+    "_gradient_map_fwd_kernel": 24,
+    "_gradient_map_bwd_kernel": 24,
     "_info_nce_fwd_kernel": 13,
     "_info_nce_bwd_dp_kernel": 13,
     "_info_nce_bwd_dk_kernel": 13,
@@ -63,13 +69,15 @@ EXPECTED = {
 NOT_SHIPPED = ("info_nce torch.float32 d=128",)
 
 
-def _run_script(cache_dir: Path) -> tuple[subprocess.CompletedProcess, dict[str, list]]:
+def _run_script(cache_dir: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict[str, list]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(cache_dir)  # a fresh cache: every kernel really goes through ptxas
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--sass"], env=env, capture_output=True, text=True, timeout=900
-    )
-    records: dict[str, list] = {"AOT_KERNEL": [], "AOT_ERROR": [], "AOT_DONE": [], "AOT_SKIP": []}
+        [sys.executable, str(SCRIPT), *(args or ("--sass",))], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    tags = ("AOT_KERNEL", "AOT_ERROR", "AOT_DONE", "AOT_SKIP", "AOT_VARIANT")
+    records: dict[str, list] = {tag: [] for tag in tags}
     for line in proc.stdout.splitlines():
         tag, _, payload = line.partition(" ")
         if tag == "AOT_SKIP":
@@ -123,13 +131,27 @@ def test_kernels_compile_for_sm90(tmp_path):
     ]
     assert not spills, "register spills in shipped configurations:\n" + "\n".join(spills)
     if all(k.get("ldg128") is not None for k in kernels):
-        want_vectors = [
-            k for k in kernels
-            if k["kernel"].startswith("_info_nce")
-            or (k["kernel"] == "_gradient_map_fwd_kernel" and "padding=1 contiguous" in k["case"])
-        ]  # fmt: skip
+        want_vectors = [k for k in kernels if k["kernel"].startswith("_info_nce")]
         scalar = [describe(k) for k in want_vectors if not (k["ldg128"] or k["ldgsts128"])]
         assert not scalar, "no 128-bit global loads where the layout allows them:\n" + "\n".join(scalar)
+        # Gradient map, forward and backward: 128-bit loads wherever the rows are 16-byte aligned
+        # (contiguous and channels_last, padding 1 and 2, W = 128 and fp32 W = 100); none claimed
+        # for bf16 W = 100 (8-byte rows: 64-bit loads), W = 77 or the strided view.
+        wrong = []
+        for k in kernels:
+            if not k["kernel"].startswith("_gradient_map"):
+                continue
+            size = 2 if "bfloat16" in k["case"] else 4
+            if "W=77" in k["case"] or "strided" in k["case"]:
+                want_bytes = size  # VEC 1
+            elif "W=100" in k["case"] and size == 2:
+                want_bytes = 8
+            else:
+                want_bytes = 16
+            got_bytes = k["constexprs"]["VEC"] * size
+            if got_bytes != want_bytes or bool(k["ldg128"]) != (want_bytes == 16):
+                wrong.append(f"{describe(k)}: {k['ldg128']} LDG.128, {got_bytes}-B class, want {want_bytes}")
+        assert not wrong, "gradient-map vector loads not as the alignment allows:\n" + "\n".join(wrong)
 
     # A key tile that needs the exclusion mask (its loop: the masked branch included) costs at
     # most 1.5x the instructions per logit of the same kernel without exclusion (d = 32, the NSE's).
@@ -164,3 +186,28 @@ def test_kernels_compile_for_sm90(tmp_path):
     nce = [k for k in kernels if k["kernel"].startswith("_info_nce")]
     assert all(k["constexprs"]["DOT_PRECISION"] == "tf32x3" for k in nce), [describe(k) for k in nce]
     assert any(k["constexprs"]["BLOCK_D"] == 128 for k in nce), "the d=128 case did not compile"
+
+
+def test_gradient_map_one_variant_per_alignment_class(tmp_path):
+    """do_not_specialize (docs/kernels_gradient_map.md, "Compiled code"): image sizes (H, W and the
+    strides they imply) of one alignment class reuse one compiled kernel. The script's --variants
+    launches the gradient-map launchers over 9 image sizes per (dtype, padding, layout) and records
+    each launch's specialisation key (nothing is compiled)."""
+    proc, rec = _run_script(tmp_path / "triton_cache", "--variants")
+    if proc.returncode == SKIP_EXIT:
+        pytest.skip(f"AOT compile harness unavailable: {' '.join(rec['AOT_SKIP']) or proc.stdout[-500:]}")
+    assert proc.returncode == 0 and not rec["AOT_ERROR"], f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launches = rec["AOT_VARIANT"]
+    assert len(launches) == 2 * 8 * 9, len(launches)  # fwd + bwd, 8 configurations, 9 sizes
+    classes: dict[tuple[str, str], dict[tuple, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for r in launches:
+        config = r["case"].rsplit(" ", 1)[0]  # "gradient_map <dtype> padding=<p> <layout>", size dropped
+        align = (r["constexprs"]["VEC"], r["constexprs"].get("VEC_G"))
+        classes[(r["kernel"], config)][align].add(r["key"])
+    assert len(classes) == 16
+    for (kernel, config), by_class in classes.items():
+        shared = {align: len(keys) for align, keys in by_class.items()}
+        assert all(n == 1 for n in shared.values()), f"{kernel} [{config}]: keys per class {shared}"
+        # fp32: 16-byte and unaligned rows; bf16 also 8-byte ones (W = 100, 36).
+        want = 2 if "float32" in config else 3
+        assert len(set().union(*by_class.values())) == want, f"{kernel} [{config}]: {shared}"
