@@ -5,8 +5,8 @@
 # Steps, each under its own `timeout` and clipped to what is left of the budget, none able to
 # stop the ones after it:
 #   1. the device (nvidia-smi: name, memory, max clocks) -> <run dir>/device.txt
-#   2. the kernel tests natively (compiled Triton, no interpreter; `gpu` tests included)
-#      -> <run dir>/tests.xml (JUnit, one record per test)
+#   2. the kernel tests natively (compiled Triton, no interpreter; `gpu` tests included), one
+#      step per file -> <run dir>/tests_{gradient_map,info_nce}.xml (JUnit, one record per test)
 #   3. gradient-map benchmark, Triton vs eager (conv, slices) vs torch.compile, fwd / bwd /
 #      fwd+bwd, fp32 then bf16 -> rows in benchmarks/results/gradient_map.csv
 #   4. InfoNCE benchmark, Triton vs chunked vs naive vs torch.compile(naive), fwd+bwd, with the
@@ -70,8 +70,12 @@ step() {
     ((rc != 0)) && status=1
 }
 
-step tests 140 "$py" -m pytest tests/test_gradient_map.py tests/test_info_nce.py -m "gpu or not slow" \
-    -q -p no:cacheprovider --durations=10 --junitxml="$run_dir/tests.xml"
+# One step per file, each with its own JUnit record: a file that runs out of time (every kernel
+# variant compiles on first use) loses only its own record.
+step "tests gradient_map" 90 "$py" -m pytest tests/test_gradient_map.py -m "gpu or not slow" \
+    -q -p no:cacheprovider --durations=10 --junitxml="$run_dir/tests_gradient_map.xml"
+step "tests info_nce" 110 "$py" -m pytest tests/test_info_nce.py -m "gpu or not slow" \
+    -q -p no:cacheprovider --durations=10 --junitxml="$run_dir/tests_info_nce.xml"
 for dtype in float32 bfloat16; do
     step "gradient_map bench $dtype" 50 "$py" launch/bench_kernels.py --op gradient_map --dtype "$dtype"
 done
@@ -81,6 +85,7 @@ for dtype in float32 bfloat16; do
 done
 step "info_nce bench NSE batch" 45 "$py" launch/bench_kernels.py --op info_nce --dtype bfloat16 \
     --sizes 10000 --batches 48 --providers triton chunked
+# Needs no GPU (it is committed from CPU runs too): only with time to spare.
 step "static report" 90 "$py" launch/bench_kernels.py --static
 
 echo "== gpu_check done in ${SECONDS}s, status $status"
