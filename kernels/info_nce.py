@@ -16,7 +16,8 @@ tiles, CPU) → ``info_nce`` → ``InfoNCELoss`` → ``info_nce_ref`` (the naive
 
 Kernel recipe (flash-attention / Inf-CL): per (image, block of anchors) the forward loops over key
 tiles, computes scale·cos with ``tl.dot`` in log2 units (log2(e) folded into the scale, so the
-softmax uses exp2), applies the exclusion mask from grid coordinates inside the tile, and keeps an
+softmax uses exp2), applies the exclusion mask in the few tiles near a centre from a bitmap (one
+bit per logit, built from the grid coordinates by a pre-pass kernel once per call), and keeps an
 online max and sum of exponentials; it writes one log-sum-exp per anchor and the positive logit.
 The backward recomputes the tiles: one kernel loops over key tiles to accumulate dP̂, another over
 anchor tiles to accumulate dK̂ (no atomics, no races); the gradient of a kept logit is
@@ -161,15 +162,18 @@ def _exclusion_words_kernel(
     """The exclusion mask as a bitmap, one bit per (anchor, key): the geometry (Chebyshev squares
     around up to NUM_CENTERS centres, the positive kept) is evaluated once per call here, and the
     loss kernels' masked tiles only test bits. Blocks far from every centre store zeros."""
-    pid_n = tl.program_id(0)
-    q0 = tl.program_id(1) * WORDS
-    pid_b = tl.program_id(2).to(tl.int64)
+    # One flat grid dimension over (anchor block, word block): x takes 2**31 - 1 programs, where
+    # y would cap the word blocks at 65,535 (M below 8.4 M keys).
+    word_blocks = tl.cdiv(NW, WORDS)
+    pid_n = tl.program_id(0) // word_blocks
+    q0 = (tl.program_id(0) % word_blocks) * WORDS
+    pid_b = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_q = q0 + tl.arange(0, WORDS)
     out = words_ptr + (pid_b * N + offs_n[:, None]) * NW + offs_q[None, :]
     out_mask = n_mask[:, None] & (offs_q < NW)[None, :]
-    bound = bound_ptr + (pid_b * tl.num_programs(0) + pid_n) * 2
+    bound = bound_ptr + (pid_b * tl.cdiv(N, BLOCK_N) + pid_n) * 2
     lo = tl.load(bound)
     hi = tl.load(bound + 1)
     if _tile_needs_mask(q0 * 32, M, grid_width, radius, lo, hi, WORDS * 32):
@@ -748,7 +752,7 @@ def exclusion_words(
     bounds = _block_bounds(crow, block_n)
     out = torch.empty((B, N, nw), dtype=torch.int32, device=crow.device)
     with _on_device(crow):
-        _exclusion_words_kernel[(triton.cdiv(N, block_n), triton.cdiv(nw, words), B)](
+        _exclusion_words_kernel[(triton.cdiv(N, block_n) * triton.cdiv(nw, words), B)](
             pos_index, crow, ccol, bounds, out, N, M, nw, max(grid_width, 1), radius,
             NUM_CENTERS=num_centers, BLOCK_N=block_n, WORDS=words, num_warps=warps,
         )  # fmt: skip
