@@ -190,10 +190,12 @@ def _exclusion_words_kernel(
             r0, c0, r1, c1, r2, c2, r3, c3, NUM_CENTERS,
         )  # fmt: skip
         removed = removed & (offs_m < M)[None, :]
-        lane = tl.arange(0, WORDS * 32) % 32
-        bits = tl.where(removed, 1 << lane[None, :], 0)
-        words = tl.reduce_or(tl.reshape(bits, (BLOCK_N, WORDS, 32)), axis=2)
-        tl.store(out, words, mask=out_mask)
+        lane = (tl.arange(0, WORDS * 32) % 32).to(tl.uint32)
+        bits = tl.where(removed, tl.full((1,), 1, tl.uint32) << lane[None, :], 0).to(tl.uint32)
+        # A sum of distinct powers of two is their OR (and the reduction the interpreter runs
+        # fast: its tl.reduce_or calls a Python combine function per element).
+        words = tl.sum(tl.reshape(bits, (BLOCK_N, WORDS, 32)), axis=2).to(tl.uint32)
+        tl.store(out, words.to(tl.int32, bitcast=True), mask=out_mask)
     else:
         tl.store(out, tl.zeros((BLOCK_N, WORDS), dtype=tl.int32), mask=out_mask)
 
