@@ -161,6 +161,11 @@ def _sass_stats(cubin: bytes, cuobjdump: str | None) -> dict[str, int | None]:
     return stats
 
 
+def _key_hash(key: object) -> str:
+    """Short stable name of a JIT cache key (equal keys: one compiled kernel)."""
+    return hashlib.sha256(str(key).encode()).hexdigest()[:16]
+
+
 def _install(cap: int, sass: bool = False, keys_only: bool = False) -> list[dict]:
     """Install the fake driver and the compile-only _do_compile; return the list records go to.
 
@@ -194,7 +199,7 @@ def _install(cap: int, sass: bool = False, keys_only: bool = False) -> list[dict
             record = {
                 "case": _CURRENT_CASE[0],
                 "kernel": self.fn.__name__,
-                "key": hashlib.sha256(str(key).encode()).hexdigest()[:16],
+                "key": _key_hash(key),
                 "constexprs": {self.arg_names[k[0]]: v for k, v in constexprs.items()},
             }
             records.append(record)
@@ -210,7 +215,7 @@ def _install(cap: int, sass: bool = False, keys_only: bool = False) -> list[dict
             "kernel": self.fn.__name__,
             # The JIT's cache key (argument specialisations, constexprs, options): launches with
             # equal keys share one compiled kernel.
-            "spec_key": hashlib.sha1(str(key).encode()).hexdigest()[:16],
+            "spec_key": _key_hash(key),
             "constexprs": {self.arg_names[k[0]]: v for k, v in constexprs.items()},
             "num_warps": options.num_warps,
             "num_stages": options.num_stages,
