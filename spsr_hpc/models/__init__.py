@@ -11,6 +11,7 @@ from spsr_hpc.models.config import (
     build_generator,
     build_jigsaw_classifier,
     build_nse,
+    generator_config_from_export,
 )
 from spsr_hpc.models.discriminators import StructureDiscriminator, VGGDiscriminator
 from spsr_hpc.models.loading import CheckpointMismatchError, LoadReport, export_state_dict, load_pretrained
@@ -45,6 +46,7 @@ __all__ = [
     "build_nse",
     "count_parameters",
     "export_state_dict",
+    "generator_config_from_export",
     "kaiming_init_",
     "load_pretrained",
 ]

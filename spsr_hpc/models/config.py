@@ -7,6 +7,7 @@ field. Defaults are docs/method.md values.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -102,6 +103,30 @@ class GeneratorConfig:
         """(nf, nb) with None replaced by the generator's published default."""
         nf0, nb0 = _GENERATOR_DEFAULTS[self.name]
         return (self.nf if self.nf is not None else nf0, self.nb if self.nb is not None else nb0)
+
+
+# How a run *starts* (initialisation, what it loads), not what a trained generator *is*: building a
+# model from an export's metadata ignores them, so e.g. an SPSR trained from
+# fusion_init=passthrough loads without its (long gone) `pretrained` file.
+TRAINING_ONLY_FIELDS = ("pretrained", "fusion_init", "strict_load", "init_scale")
+
+
+def generator_config_from_export(fields: dict) -> GeneratorConfig:
+    """The architecture a trained export's ``generator`` metadata describes (a GeneratorConfig dict).
+
+    TRAINING_ONLY_FIELDS are reset to their defaults (they decided the start, not the layout);
+    keys this version does not know are dropped with a warning (a layout they changed then shows up
+    as a checkpoint mismatch naming the keys). Raises ValueError for invalid architecture values.
+    """
+    if not isinstance(fields, dict):
+        raise ValueError(f"expected a mapping of generator fields, got {type(fields).__name__}")
+    known = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        log.warning("export metadata: ignoring generator fields this version does not know: %s", unknown)
+    return GeneratorConfig(
+        **{k: v for k, v in fields.items() if k in known and k not in TRAINING_ONLY_FIELDS}
+    )
 
 
 def build_generator(cfg: GeneratorConfig) -> nn.Module:
