@@ -11,8 +11,10 @@ from spsr_hpc.models.config import (
     build_generator,
     build_jigsaw_classifier,
     build_nse,
+    build_structure_extractor,
     generator_config_from_export,
 )
+from spsr_hpc.models.extractors import EXTRACTORS, ImageNetExtractor, feature_shape
 from spsr_hpc.models.discriminators import StructureDiscriminator, VGGDiscriminator
 from spsr_hpc.models.loading import CheckpointMismatchError, LoadReport, export_state_dict, load_pretrained
 from spsr_hpc.models.nse import NSE, ContextPredictor, JigsawClassifier
@@ -21,6 +23,7 @@ from spsr_hpc.models.spsr import SPSRGenerator
 
 __all__ = [
     "DISCRIMINATORS",
+    "EXTRACTORS",
     "EDSR",
     "GENERATORS",
     "NSE",
@@ -29,6 +32,7 @@ __all__ = [
     "ContextPredictor",
     "DiscriminatorConfig",
     "GeneratorConfig",
+    "ImageNetExtractor",
     "JigsawClassifier",
     "LoadReport",
     "NSEConfig",
@@ -44,8 +48,10 @@ __all__ = [
     "build_generator",
     "build_jigsaw_classifier",
     "build_nse",
+    "build_structure_extractor",
     "count_parameters",
     "export_state_dict",
+    "feature_shape",
     "generator_config_from_export",
     "kaiming_init_",
     "load_pretrained",
