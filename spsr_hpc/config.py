@@ -536,7 +536,7 @@ def _run_config_class() -> type:
                 for key in ("structure_weights", "structure_random_weights"):
                     if getattr(self, key):
                         raise ConfigError(
-                            key, f"applies to the ImageNet structure extractors, not structure_extractor=nse; "
+                            key, "applies to the ImageNet structure extractors, not structure_extractor=nse; "
                             f"set model.{key}={'null' if key == 'structure_weights' else 'false'}"
                         )
             elif self.nse.pretrained or self.nse.random_init:

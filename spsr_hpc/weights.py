@@ -371,7 +371,8 @@ def fetch(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m spsr_hpc.weights",
-        description="ImageNet backbone weights for LPIPS (AlexNet), the perceptual loss (VGG16/VGG19) and the "
+        description="ImageNet backbone weights for LPIPS (AlexNet), the perceptual loss (VGG16/VGG19) and "
+        "the "
         "structure extractors (VGG16/VGG19/ResNet18).",
     )
     sub = p.add_subparsers(dest="cmd", required=True)

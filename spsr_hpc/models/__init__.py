@@ -14,8 +14,8 @@ from spsr_hpc.models.config import (
     build_structure_extractor,
     generator_config_from_export,
 )
-from spsr_hpc.models.extractors import EXTRACTORS, ImageNetExtractor, feature_shape
 from spsr_hpc.models.discriminators import StructureDiscriminator, VGGDiscriminator
+from spsr_hpc.models.extractors import EXTRACTORS, ImageNetExtractor, feature_shape
 from spsr_hpc.models.loading import CheckpointMismatchError, LoadReport, export_state_dict, load_pretrained
 from spsr_hpc.models.nse import NSE, ContextPredictor, JigsawClassifier
 from spsr_hpc.models.registry import DISCRIMINATORS, GENERATORS
@@ -23,8 +23,8 @@ from spsr_hpc.models.spsr import SPSRGenerator
 
 __all__ = [
     "DISCRIMINATORS",
-    "EXTRACTORS",
     "EDSR",
+    "EXTRACTORS",
     "GENERATORS",
     "NSE",
     "RRDB",

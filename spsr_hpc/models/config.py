@@ -195,7 +195,8 @@ class DiscriminatorConfig:
         _positive_int("discriminator", "input_size", self.input_size, optional=True)
         if self.stages is not None and (self.name != "structure" or self.stages not in (1, 2, 3)):
             raise ValueError(
-                f"discriminator.stages={self.stages!r}: only the structure D takes it, as 1, 2 or 3 (null: auto)"
+                f"discriminator.stages={self.stages!r}: only the structure D takes it, as 1, 2 or 3 "
+                "(null: auto)"
             )
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
 
 from spsr_hpc.weights import BACKBONE_FILES, describe_backbone, load_backbone_state_dict
 
@@ -122,8 +123,10 @@ class ImageNetExtractor(nn.Module):
             self.body: nn.Module = _ResNet18ToLayer3()
             prefix = ""
         else:
-            vgg = getattr(torchvision.models, spec.backbone)(weights=None)
-            self.body = nn.Sequential(*list(vgg.features)[: spec.end])
+            # torchvision's `features` (same layers and indices), without building the 120M-parameter
+            # classifier that vgg19(weights=None) would initialise only to be dropped.
+            layers = make_layers(cfgs["E" if spec.backbone == "vgg19" else "D"], batch_norm=False)
+            self.body = nn.Sequential(*list(layers)[: spec.end])
             prefix = "features."
         if random_weights:
             msg = (f"structure extractor {name} uses RANDOM weights (tests only): the structure losses "
@@ -160,7 +163,9 @@ class ImageNetExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"structure extractor {self.name}: expected (B, 3, H, W) images, got {tuple(x.shape)}")
+            raise ValueError(
+                f"structure extractor {self.name}: expected (B, 3, H, W) images, got {tuple(x.shape)}"
+            )
         return self.body((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
