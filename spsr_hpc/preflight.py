@@ -68,7 +68,8 @@ def weight_problems(cfg: Any) -> list[str]:
             try:
                 resolve_backbone_weights(extractor, model.structure_weights)
             except MissingWeightsError as e:
-                problems.append(f"model.structure_extractor={extractor}: {e}")
+                problems.append(f"model.structure_extractor={extractor}: {e} (Explicit path: "
+                                "model.structure_weights=PATH.)")
     elif loss is not None and loss.needs_nse():
         if model.nse.random_init:
             pass  # SPSR-R: a seeded random NSE, no file
