@@ -2,9 +2,9 @@
 
 One subprocess (this file doubles as its worker script) trains a tiny CPU version of each new
 config (Table VI: spsr_vgg, spsr_resnet with random-weight extractors; Table VII: edsr/srresnet
-_psnr, then _gan, _g and _p started from those PSNR exports) for two steps, checkpoints, resumes
-for a third step and exports; plus the generator families every other config trains (rrdbnet,
-spsr fresh, spsr from fusion_init=passthrough). The tests then run launch/infer.py and
+_psnr, then _gan, _g and _p of both backbones started from those PSNR exports) for two steps,
+checkpoints, resumes for a third step and exports; plus the generator families every other
+config trains (rrdbnet, spsr fresh, spsr from fusion_init=passthrough). The tests then run launch/infer.py and
 launch/evaluate.py (their main functions with argv, and once the script itself) on each export
 with no architecture flag.
 """
@@ -53,6 +53,9 @@ RUNS: dict[str, tuple[str, list[str], str | None]] = {
     "edsr_gan": ("edsr_gan.yaml", [*BACKBONE, *IMAGE_D], "edsr_psnr"),
     "srresnet_gan": ("srresnet_gan.yaml", [*BACKBONE, *IMAGE_D], "srresnet_psnr"),
     "edsr_g": ("edsr_g.yaml", [*BACKBONE, *IMAGE_D, *GRADIENT_D], "edsr_psnr"),
+    "srresnet_g": ("srresnet_g.yaml", [*BACKBONE, *IMAGE_D, *GRADIENT_D], "srresnet_psnr"),
+    "edsr_p": ("edsr_p.yaml", [*BACKBONE, *STRUCT_D, "model.discriminators.structure.input_size=null",
+                               "model.nse.random_init=true", "model.nse.pretrained=null"], "edsr_psnr"),
     "srresnet_p": ("srresnet_p.yaml", [*BACKBONE, *STRUCT_D, "model.discriminators.structure.input_size=null",
                                        "model.nse.random_init=true", "model.nse.pretrained=null"],
                    "srresnet_psnr"),
@@ -175,7 +178,7 @@ def test_structure_d_sized_from_each_extractor(runs):
 def test_psnr_exports_start_the_gan_g_p_runs(runs):
     from spsr_hpc.models import GeneratorConfig, build_generator, load_pretrained
 
-    for name in ("edsr_gan", "edsr_g", "srresnet_gan", "srresnet_p"):
+    for name in ("edsr_gan", "edsr_g", "edsr_p", "srresnet_gan", "srresnet_g", "srresnet_p"):
         assert runs[name]["start_steps"] == [0, 2]
     fam = {"edsr_psnr": "edsr", "srresnet_psnr": "srresnet"}
     for psnr, arch in fam.items():
