@@ -240,3 +240,28 @@ def test_missing_extractor_weights_stop_the_run_at_start(config, backbone, tmp_p
     assert not built and not torch.distributed.is_initialized()
     if backbone == "vgg19":
         assert "model.structure_extractor=vgg16" in err[0]
+
+
+def _has_weights(backbone: str) -> bool:
+    from spsr_hpc.weights import MissingWeightsError, resolve_backbone_weights
+
+    try:
+        resolve_backbone_weights(backbone)
+    except MissingWeightsError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_weights("vgg16"),
+                    reason="no VGG16 ImageNet weights (python -m spsr_hpc.weights fetch)")
+def test_vgg16_extractor_reads_the_same_weights_as_the_perceptual_loss():
+    """Through the offline lookup (torch hub file, else the converted VGG16): the same features as
+    the perceptual loss's VGG16 conv5_3, a second implementation of the same layer."""
+    from spsr_hpc.losses import PerceptualLoss
+
+    ext = build_structure_extractor("vgg16", NSEConfig())
+    ref = PerceptualLoss(backbone="vgg16")
+    assert ext.source == ref.source and "RANDOM" not in ext.source
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ext(x), ref.extract(x), rtol=0, atol=0)
