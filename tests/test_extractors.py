@@ -265,3 +265,31 @@ def test_vgg16_extractor_reads_the_same_weights_as_the_perceptual_loss():
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ext(x), ref.extract(x), rtol=0, atol=0)
+
+
+def test_table_vi_vii_configs_are_what_the_tables_train():
+    from spsr_hpc.config import to_dict
+
+    def cfg(name):
+        return load_config(REPO / "configs" / f"{name}.yaml")
+
+    p = cfg("spsr_p")
+    for name, extractor in (("spsr_vgg", "vgg19"), ("spsr_resnet", "resnet18")):
+        c = cfg(name)
+        assert c.model.structure_extractor == extractor and c.model.generator == p.model.generator
+        assert to_dict(c.loss) == to_dict(p.loss) and c.model.nse.pretrained is None
+        d = c.model.discriminator("structure")
+        assert (d.name, d.in_ch, d.input_size) == ("structure", None, None)  # sized from the extractor
+    for bb in ("edsr", "srresnet"):
+        psnr = cfg(f"{bb}_psnr")
+        assert (psnr.model.generator.name, psnr.loss.method, psnr.loss.weight("pixel")) == (bb, "psnr", 1.0)
+        assert psnr.model.generator.resolved() == (64, 16)
+        assert psnr.optim.milestones == [50_000, 100_000, 200_000, 300_000]
+        # The exported file of the PSNR run (its run dir, no EMA) starts the GAN, -G and -P runs.
+        export = f"{psnr.logging.run_dir}/generator.safetensors"
+        assert psnr.train.ema_decay is None
+        for row, method in (("gan", "esrgan"), ("g", "spsr_g"), ("p", "spsr_p")):
+            c = cfg(f"{bb}_{row}")
+            g = c.model.generator
+            assert (g.name, g.pretrained, c.loss.method) == (bb, export, method)
+        assert cfg(f"{bb}_gan").loss.discriminator_names() == ("image",)
