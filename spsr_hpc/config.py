@@ -521,6 +521,32 @@ def _run_config_class() -> type:
         discriminators: dict[str, DiscriminatorConfig] = dataclasses.field(default_factory=dict)
         nse: NSEConfig = dataclasses.field(default_factory=NSEConfig)
         """Frozen NSE for SPSR-P/-J; nse.pretrained is required when the objective uses it."""
+        structure_extractor: Literal["nse", "vgg19", "vgg16", "resnet18"] = "nse"
+        """Features of the structure pixel loss and the structure D (docs/method.md §11): nse (SPSR-P/-J/-R),
+        vgg19 (conv5_4 before ReLU: SPSR-VGG), vgg16 (conv5_3 before ReLU: offline substitute),
+        resnet18 (layer3[1], "Conv4_2": SPSR-ResNet). ImageNet ones are frozen, eval mode, ImageNet norm."""
+        structure_weights: str | None = None
+        """vgg19/vgg16/resnet18: torchvision's state dict; null = spsr_hpc.weights' lookup (torch hub
+        cache; converted VGG16). A missing file stops the run at start naming it; never a fallback."""
+        structure_random_weights: bool = False
+        """vgg19/vgg16/resnet18: random weights (tests only: the structure losses are then meaningless)."""
+
+        def validate(self) -> None:
+            if self.structure_extractor == "nse":
+                for key in ("structure_weights", "structure_random_weights"):
+                    if getattr(self, key):
+                        raise ConfigError(
+                            key, "applies to the ImageNet structure extractors, not structure_extractor=nse; "
+                            f"set model.{key}={'null' if key == 'structure_weights' else 'false'}"
+                        )
+            elif self.nse.pretrained or self.nse.random_init:
+                key = "nse.pretrained" if self.nse.pretrained else "nse.random_init"
+                raise ConfigError(
+                    key, f"is set but model.structure_extractor={self.structure_extractor} does not use the "
+                    f"NSE; unset it or set model.structure_extractor=nse"
+                )
+            if self.structure_weights and self.structure_random_weights:
+                raise ConfigError("structure_random_weights", "excludes model.structure_weights; unset one")
 
         def discriminator(self, name: str) -> DiscriminatorConfig:
             if name in self.discriminators:
@@ -564,6 +590,7 @@ def _run_config_class() -> type:
                     f"{self.model.generator.name!r} has one (it would train unsupervised); use "
                     "model.generator.name=rrdbnet (the SPSR trunk without branch), or edsr / srresnet",
                 )
+            self._validate_structure()
             if self.loss.needs_gradient_branch() and not has_branch:
                 raise ConfigError(
                     "model.generator.name",
@@ -571,6 +598,32 @@ def _run_config_class() -> type:
                     f"{self.loss.method} trains one (branch pixel loss); use model.generator.name=spsr "
                     "or set loss.no_gradient_branch=true",
                 )
+
+        def _validate_structure(self) -> None:
+            """The extractor is used at all, and a structure D given explicit sizes fits its features."""
+            from spsr_hpc.models.extractors import feature_shape
+
+            m = self.model
+            if not self.loss.needs_nse():
+                if m.structure_extractor != "nse":
+                    raise ConfigError(
+                        "model.structure_extractor",
+                        f"{m.structure_extractor} has no effect: loss.method={self.loss.method} (with its "
+                        "switches) uses no structure loss; use loss.method=spsr_p or leave it at nse",
+                    )
+                return
+            if "structure" not in self.loss.discriminator_names():
+                return
+            d = m.discriminator("structure")
+            hr = self.data.patch_size * self.data.scale
+            c, h, _ = feature_shape(m.structure_extractor, hr, hr, nse_out_dim=m.nse.out_dim)
+            for key, got, want in (("in_ch", d.in_ch, c), ("input_size", d.input_size, h)):
+                if got is not None and got != want:
+                    raise ConfigError(
+                        f"model.discriminators.structure.{key}",
+                        f"{got}, but structure_extractor={m.structure_extractor} gives {c}×{h}×{h} features "
+                        f"for {hr}×{hr} HR patches; set it to {want} or null (sized from the extractor)",
+                    )
 
     for cls in (ModelConfig, RunConfig):
         cls.__module__ = __name__

@@ -44,7 +44,13 @@ import spsr_kernels
 from spsr_hpc.data import BadImageError, read_rgb, to_uint8
 from spsr_hpc.data.images import IMAGE_EXTENSIONS, list_images
 from spsr_hpc.distributed import is_main_process, local_device
-from spsr_hpc.models import CheckpointMismatchError, GeneratorConfig, build_generator, load_pretrained
+from spsr_hpc.models import (
+    CheckpointMismatchError,
+    GeneratorConfig,
+    build_generator,
+    generator_config_from_export,
+    load_pretrained,
+)
 from spsr_hpc.models.spsr import GradientMapNoPadding
 
 log = logging.getLogger(__name__)
@@ -298,7 +304,7 @@ def build_and_load(
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    model = build_generator(dataclasses.replace(arch, pretrained=None))
+    model = build_generator(generator_config_from_export(dataclasses.asdict(arch)))  # no init/loading
     try:
         report = load_pretrained(model, path)
     except CheckpointMismatchError as e:
@@ -321,6 +327,7 @@ def generator_config_from_metadata(checkpoint: str | os.PathLike) -> GeneratorCo
 
     The trainer (and ``launch/infer.py --export-safetensors``) writes the generator section as
     JSON under the ``generator`` metadata key; other files (.pth, foreign safetensors) have none.
+    Training-time fields (``TRAINING_ONLY_FIELDS``: pretrained, fusion_init, ...) are ignored.
     """
     path = Path(checkpoint)
     if path.suffix != ".safetensors" or not path.is_file():
@@ -335,9 +342,9 @@ def generator_config_from_metadata(checkpoint: str | os.PathLike) -> GeneratorCo
     if "generator" not in meta:
         return None
     try:
-        fields = json.loads(meta["generator"])
-        fields.pop("pretrained", None)
-        return GeneratorConfig(**fields)
+        # Initialisation fields (pretrained, fusion_init, ...) say how training started; they
+        # must not decide whether the trained weights load.
+        return generator_config_from_export(json.loads(meta["generator"]))
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"checkpoint {str(path)!r}: its 'generator' metadata {meta['generator']!r} is not a valid "
@@ -425,8 +432,7 @@ def resolve_arch(
     explicit: dict[str, Any] = {"nf": nf, "nb": nb, "gc": gc, "scale": scale,
                                 "taps": list(taps) if taps else None}
     changes = {k: v for k, v in explicit.items() if v is not None}
-    fields = {**dataclasses.asdict(base), **changes, "pretrained": None}
-    return GeneratorConfig(**fields)
+    return generator_config_from_export({**dataclasses.asdict(base), **changes})
 
 
 def export_generator(

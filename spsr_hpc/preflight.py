@@ -53,14 +53,24 @@ def _file_problem(key: str, path: str | None) -> str | None:
 
 
 def weight_problems(cfg: Any) -> list[str]:
-    """Pretrained generator / NSE files and the backbone of the perceptual loss (SR runs)."""
+    """Pretrained generator / NSE files, the ImageNet structure extractor's file (SPSR-VGG /
+    SPSR-ResNet) and the backbone of the perceptual loss (SR runs)."""
     from spsr_hpc.weights import MissingWeightsError, resolve_backbone_weights
 
     problems = []
     model, loss = getattr(cfg, "model", None), getattr(cfg, "loss", None)
     if model is not None:
         problems.append(_file_problem("model.generator.pretrained", model.generator.pretrained))
-    if loss is not None and loss.needs_nse():
+    extractor = getattr(model, "structure_extractor", "nse") if model is not None else "nse"
+    if loss is not None and loss.needs_nse() and extractor != "nse":
+        # SPSR-VGG / SPSR-ResNet: the ImageNet extractor's file, never a silent fallback.
+        if not model.structure_random_weights:
+            try:
+                resolve_backbone_weights(extractor, model.structure_weights)
+            except MissingWeightsError as e:
+                problems.append(f"model.structure_extractor={extractor}: {e} (Explicit path: "
+                                "model.structure_weights=PATH.)")
+    elif loss is not None and loss.needs_nse():
         if model.nse.random_init:
             pass  # SPSR-R: a seeded random NSE, no file
         elif not model.nse.pretrained:

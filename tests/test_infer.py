@@ -3,6 +3,7 @@ exports, and clear errors for bad inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -266,3 +267,34 @@ def test_tiled_bf16_cuda_close_to_fp32():
     sr32, _ = sr_images(model, lr)
     sr16, _ = sr_images(model, lr, precision="bf16", tile=16, overlap=8)
     assert (sr16 - sr32).abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("arch_flags", [[], TINY_ARGS])
+def test_export_with_training_time_metadata_infers_without_flags(tmp_path, arch_flags):
+    """An export whose generator metadata records a passthrough start (fusion_init, pretrained, init_scale,
+    strict_load: how training began) loads for inference and evaluation: those fields are ignored."""
+    import json
+
+    from spsr_hpc.config import to_dict
+    from spsr_hpc.evaluate import main as evaluate_main
+
+    torch.manual_seed(5)
+    model = build_generator(TINY).eval()
+    trained_as = dataclasses.replace(TINY, pretrained=str(tmp_path / "gone" / "rrdb.safetensors"),
+                                     fusion_init="passthrough", init_scale=1.0, strict_load=False)
+    meta = {"step": "2", "method": "spsr_g", "generator": json.dumps(to_dict(trained_as))}
+    ckpt = export_generator(model, tmp_path / "generator_ema.safetensors", metadata=meta)
+    _write_lr_images(tmp_path / "in", [(12, 10)])
+    written = main(["--input", str(tmp_path / "in" / "img0.png"), "--checkpoint", str(ckpt), *arch_flags,
+                    "--out", str(tmp_path / "out"), "--tile", "0", "--no-progress"])
+    sr = np.asarray(Image.open(written[0]))
+    src = np.asarray(Image.open(tmp_path / "in" / "img0.png"))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(src.copy()).permute(2, 0, 1)[None].float() / 255).sr.clamp(0, 1)
+    np.testing.assert_array_equal(sr, np.floor(ref[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(hr / "a.png")
+    report = evaluate_main(["--model", f"g={ckpt}", *arch_flags, "--dataset", f"set={hr}",
+                            "--out", str(tmp_path / "eval"), "--no-progress", "--no-bicubic"])
+    assert "g" in report.markdown

@@ -138,6 +138,7 @@ def method_overrides(method: str, nse_path: str) -> tuple[str, list[str]]:
         ]
     if method == "edsr_g":
         return "edsr_g.yaml", [
+            "model.generator.pretrained=null",  # the config starts from the PSNR EDSR export
             "model.generator.nb=1",
             "perceptual.random_weights=true",
             *(o.format("image") for o in D32),

@@ -168,8 +168,10 @@ class SRObjective(nn.Module):
     Args:
         cfg: the LossConfig.
         perceptual: a PerceptualLoss, required when the perceptual term is active.
-        nse: a pretrained NSE, required for the structure terms; frozen here
-            (requires_grad False, eval mode, kept in eval by `train()`).
+        nse: the structure extractor, required for the structure terms: a pretrained (or SPSR-R
+            random) NSE, or an ImageNet VGG/ResNet extractor (``model.structure_extractor``,
+            spsr_hpc.models.extractors); frozen here (requires_grad False, eval mode, kept in
+            eval by `train()`).
 
     The returned `terms` dicts hold detached 0-dim fp32 tensors; generator terms are the
     *weighted* values, so they sum to the total.

@@ -1,4 +1,5 @@
-"""Structure losses of SPSR-P/-J (docs/method.md §4): distances on frozen NSE features.
+"""Structure losses of SPSR-P/-J (docs/method.md §4): distances on frozen NSE features (or, for
+SPSR-VGG / SPSR-ResNet, the ImageNet features of docs/method.md §11: any frozen extractor works).
 
 The NSE is frozen (no parameter receives a gradient) but differentiable: gradients flow
 through it into SR. The structure GAN lives in the objective (it needs the structure D).

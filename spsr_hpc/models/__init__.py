@@ -11,8 +11,11 @@ from spsr_hpc.models.config import (
     build_generator,
     build_jigsaw_classifier,
     build_nse,
+    build_structure_extractor,
+    generator_config_from_export,
 )
 from spsr_hpc.models.discriminators import StructureDiscriminator, VGGDiscriminator
+from spsr_hpc.models.extractors import EXTRACTORS, ImageNetExtractor, feature_shape
 from spsr_hpc.models.loading import CheckpointMismatchError, LoadReport, export_state_dict, load_pretrained
 from spsr_hpc.models.nse import NSE, ContextPredictor, JigsawClassifier
 from spsr_hpc.models.registry import DISCRIMINATORS, GENERATORS
@@ -21,6 +24,7 @@ from spsr_hpc.models.spsr import SPSRGenerator
 __all__ = [
     "DISCRIMINATORS",
     "EDSR",
+    "EXTRACTORS",
     "GENERATORS",
     "NSE",
     "RRDB",
@@ -28,6 +32,7 @@ __all__ = [
     "ContextPredictor",
     "DiscriminatorConfig",
     "GeneratorConfig",
+    "ImageNetExtractor",
     "JigsawClassifier",
     "LoadReport",
     "NSEConfig",
@@ -43,8 +48,11 @@ __all__ = [
     "build_generator",
     "build_jigsaw_classifier",
     "build_nse",
+    "build_structure_extractor",
     "count_parameters",
     "export_state_dict",
+    "feature_shape",
+    "generator_config_from_export",
     "kaiming_init_",
     "load_pretrained",
 ]

@@ -7,6 +7,7 @@ field. Defaults are docs/method.md values.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -104,6 +105,30 @@ class GeneratorConfig:
         return (self.nf if self.nf is not None else nf0, self.nb if self.nb is not None else nb0)
 
 
+# How a run *starts* (initialisation, what it loads), not what a trained generator *is*: building a
+# model from an export's metadata ignores them, so e.g. an SPSR trained from
+# fusion_init=passthrough loads without its (long gone) `pretrained` file.
+TRAINING_ONLY_FIELDS = ("pretrained", "fusion_init", "strict_load", "init_scale")
+
+
+def generator_config_from_export(fields: dict) -> GeneratorConfig:
+    """The architecture a trained export's ``generator`` metadata describes (a GeneratorConfig dict).
+
+    TRAINING_ONLY_FIELDS are reset to their defaults (they decided the start, not the layout);
+    keys this version does not know are dropped with a warning (a layout they changed then shows up
+    as a checkpoint mismatch naming the keys). Raises ValueError for invalid architecture values.
+    """
+    if not isinstance(fields, dict):
+        raise ValueError(f"expected a mapping of generator fields, got {type(fields).__name__}")
+    known = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        log.warning("export metadata: ignoring generator fields this version does not know: %s", unknown)
+    return GeneratorConfig(
+        **{k: v for k, v in fields.items() if k in known and k not in TRAINING_ONLY_FIELDS}
+    )
+
+
 def build_generator(cfg: GeneratorConfig) -> nn.Module:
     """Instantiate the configured generator (and load `cfg.pretrained`, logging the report on rank 0)."""
     nf, nb = cfg.resolved()
@@ -153,6 +178,8 @@ class DiscriminatorConfig:
     """Base width."""
     input_size: int | None = None
     """Spatial input size; None = 128 for vgg128 (130 gradient maps also fit), 32 for structure."""
+    stages: int | None = None
+    """structure only: stride-2 stages (1-3); None = as many as bring the map to 4×4 (32 → 3, 8 → 1)."""
     sync_bn: bool = False
     """true: BatchNorm statistics over the global batch (all data-parallel ranks; a no-op on one
     rank), so N ranks x b train like 1 x N·b. false (default): per-rank statistics, what the public
@@ -166,13 +193,19 @@ class DiscriminatorConfig:
         _positive_int("discriminator", "in_ch", self.in_ch, optional=True)
         _positive_int("discriminator", "nf", self.nf)
         _positive_int("discriminator", "input_size", self.input_size, optional=True)
+        if self.stages is not None and (self.name != "structure" or self.stages not in (1, 2, 3)):
+            raise ValueError(
+                f"discriminator.stages={self.stages!r}: only the structure D takes it, as 1, 2 or 3 "
+                "(null: auto)"
+            )
 
 
 def build_discriminator(cfg: DiscriminatorConfig) -> nn.Module:
     """Instantiate the configured discriminator."""
     in_ch = cfg.in_ch if cfg.in_ch is not None else (3 if cfg.name == "vgg128" else 32)
     size = cfg.input_size if cfg.input_size is not None else (128 if cfg.name == "vgg128" else 32)
-    return DISCRIMINATORS[cfg.name](in_ch=in_ch, nf=cfg.nf, input_size=size, sync_bn=cfg.sync_bn)
+    extra = {"stages": cfg.stages} if cfg.name == "structure" else {}
+    return DISCRIMINATORS[cfg.name](in_ch=in_ch, nf=cfg.nf, input_size=size, sync_bn=cfg.sync_bn, **extra)
 
 
 @dataclass
@@ -243,6 +276,27 @@ def build_nse(cfg: NSEConfig) -> NSE:
         if is_main_process():
             log.info("nse: %s", report)
     return nse
+
+
+def build_structure_extractor(
+    name: str, nse_cfg: NSEConfig, weights: str | None = None, *, random_weights: bool = False
+) -> nn.Module:
+    """The frozen-to-be feature extractor of the structure losses (``model.structure_extractor``).
+
+    "nse": build_nse(nse_cfg) (pretrained or SPSR-R's random NSE); "vgg19" / "vgg16" / "resnet18":
+    an ImageNetExtractor reading `weights` (None: spsr_hpc.weights' lookup; a missing file raises
+    MissingWeightsError naming it), or random weights for tests when `random_weights`.
+    """
+    from spsr_hpc.models.extractors import EXTRACTORS, ImageNetExtractor
+
+    if name not in EXTRACTORS:
+        raise ValueError(f"model.structure_extractor={name!r} is not one of {EXTRACTORS}")
+    if name == "nse":
+        return build_nse(nse_cfg)
+    extractor = ImageNetExtractor(name, weights, random_weights=random_weights)
+    if is_main_process():
+        log.info("%s", extractor.summary())
+    return extractor
 
 
 def build_context_predictor(cfg: NSEConfig, num_context: int) -> ContextPredictor:

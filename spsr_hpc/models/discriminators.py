@@ -160,18 +160,37 @@ class VGGDiscriminator(_PairedConvDiscriminator):
         )
 
 
-class StructureDiscriminator(_PairedConvDiscriminator):
-    """Structure D on NSE feature maps (docs/method.md §3, ours in detail).
+def structure_stages(input_size: int) -> int:
+    """Stride-2 stages that bring a structure-feature map to 4×4 (32 → 3, 16 → 2, 8 → 1), within [1, 3]."""
+    stages = 0
+    while stages < 3 and input_size >= 8:
+        input_size //= 2
+        stages += 1
+    return max(stages, 1)
 
-    Input: (B, 32, 32, 32) NSE features of a 128 patch (stride 4). The same VGG recipe as the
-    image D with three stride-2 stages instead of five, because the map is already 4× smaller:
-    channels 64,64,128,128,256,256 (BN except the first), 32→16→8→4, then
-    Linear(256·4·4 → 100), LeakyReLU, Linear(100 → 1). The final 4×4 map matches the image D.
+
+class StructureDiscriminator(_PairedConvDiscriminator):
+    """Structure D on structure-extractor feature maps (docs/method.md §3, ours in detail).
+
+    Input: (B, 32, 32, 32) NSE features of a 128 patch (stride 4), or (B, 512, 8, 8) VGG conv5 /
+    (B, 256, 8, 8) ResNet18 layer3 features (stride 16, SPSR-VGG / SPSR-ResNet). The same VGG recipe
+    as the image D with as many stride-2 stages as bring the map to 4×4 like the image D's final map
+    (``structure_stages``: three for the NSE's 32×32 instead of the image D's five, one for 8×8):
+    channels nf, 2nf, 4nf for stages 1..3 (BN except the first conv), then
+    Linear(C·4·4 → 100), LeakyReLU, Linear(100 → 1). NSE default: 32→16→8→4, 2,175,689 parameters.
 
     Args:
-        in_ch: NSE feature dimension (32). nf: base width (64). input_size: feature-map size (32).
-        sync_bn: as for VGGDiscriminator.
+        in_ch: feature channels (32 for the NSE). nf: base width (64). input_size: feature-map size
+        (32). sync_bn: as for VGGDiscriminator. stages: stride-2 stages; None = structure_stages(input_size).
     """
 
-    def __init__(self, in_ch: int = 32, nf: int = 64, input_size: int = 32, sync_bn: bool = False) -> None:
-        super().__init__(in_ch, [nf, 2 * nf, 4 * nf], input_size, 100, "StructureDiscriminator", sync_bn)
+    def __init__(
+        self, in_ch: int = 32, nf: int = 64, input_size: int = 32, sync_bn: bool = False,
+        stages: int | None = None,
+    ) -> None:
+        if stages is None:
+            stages = structure_stages(input_size)
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 3:
+            raise ValueError(f"StructureDiscriminator: stages must be 1, 2 or 3, got {stages!r}")
+        channels = [nf, 2 * nf, 4 * nf][:stages]
+        super().__init__(in_ch, channels, input_size, 100, "StructureDiscriminator", sync_bn)

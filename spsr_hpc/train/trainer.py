@@ -95,7 +95,7 @@ class Trainer:
 
     def __init__(self, cfg: Any, *, source: str = "<config>", loader: Iterable[dict] | None = None) -> None:
         from spsr_hpc.losses import PerceptualLoss, SRObjective
-        from spsr_hpc.models import build_discriminator, build_generator, build_nse
+        from spsr_hpc.models import build_discriminator, build_generator, build_structure_extractor
 
         self.cfg, self.source = cfg, source
         tc = cfg.train
@@ -120,15 +120,19 @@ class Trainer:
         # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
         _seed_all(tc.seed)
         generator = build_generator(cfg.model.generator)
-        nse = None
+        nse = None  # the structure extractor: the NSE, or ImageNet VGG/ResNet features (Table VI)
+        mc = cfg.model
         if cfg.loss.needs_nse():
-            if not (cfg.model.nse.pretrained or cfg.model.nse.random_init):
+            if mc.structure_extractor == "nse" and not (mc.nse.pretrained or mc.nse.random_init):
                 raise ValueError(
                     f"{source}: loss.method={cfg.loss.method} uses structure losses and needs a pretrained "
                     "NSE: set model.nse.pretrained (launch/pretrain_nse.py writes one), "
                     "model.nse.random_init=true (SPSR-R) or loss.no_structure_loss=true"
                 )
-            nse = build_nse(cfg.model.nse)
+            nse = build_structure_extractor(mc.structure_extractor, mc.nse, mc.structure_weights,
+                                            random_weights=mc.structure_random_weights)
+            if sdist.is_main_process() and mc.structure_extractor != "nse":
+                print(f"[spsr] structure extractor: {nse.summary()}", flush=True)
         perceptual = None
         if cfg.loss.needs_perceptual():
             pc = cfg.perceptual
@@ -163,7 +167,10 @@ class Trainer:
         self.g_engine = build_engine(generator, ds, lr=o.lr_g, **opt_kw)
         self.d_engines: dict[str, Any] = {}
         for name in self.objective.discriminator_names:
-            d = build_discriminator(cfg.model.discriminator(name))
+            d_cfg = cfg.model.discriminator(name)
+            if name == "structure":
+                d_cfg = self._structure_d_config(d_cfg, nse)
+            d = build_discriminator(d_cfg)
             self.d_engines[name] = build_engine(d, ds, lr=o.lr_d, **opt_kw)
         if tc.channels_last:
             # After deepspeed.initialize (its parameter broadcast needs contiguous tensors); the
@@ -562,6 +569,23 @@ class Trainer:
                 print(f"[spsr] validation without LPIPS: {e}", flush=True)
                 self._lpips = None
         return self._lpips
+
+    def _structure_d_config(self, d_cfg: Any, extractor: nn.Module) -> Any:
+        """The structure D sized from the extractor's actual output on an HR training patch
+        (channels and spatial size); explicit config values must agree with it."""
+        import dataclasses
+
+        hr = self.cfg.data.patch_size * self.cfg.data.scale
+        with torch.no_grad():
+            c, h, w = extractor(torch.zeros(1, 3, hr, hr, device=self.device)).shape[1:]
+        for key, got, want in (("in_ch", d_cfg.in_ch, c), ("input_size", d_cfg.input_size, h)):
+            if got is not None and got != want:
+                raise ValueError(
+                    f"{self.source}: model.discriminators.structure.{key}={got}, but the "
+                    f"{self.cfg.model.structure_extractor} features of {hr}×{hr} patches are {c}×{h}×{w}; "
+                    f"set it to {want} or null"
+                )
+        return dataclasses.replace(d_cfg, in_ch=int(c), input_size=int(h))
 
     def export(self, path: str | Path | None = None) -> list[Path]:
         """Rank 0: generator (and EMA) as safetensors, loadable by spsr_hpc.models.load_pretrained."""
