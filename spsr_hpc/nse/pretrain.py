@@ -50,6 +50,7 @@ from spsr_hpc.train.faults import (
     CollectiveTimeoutError,
     RunFailure,
     Watchdog,
+    collective_failure,
     error_line,
     grace_s,
     is_collective_failure,
@@ -301,11 +302,7 @@ class NSEPretrainer:
             self._dog.pause()
             if isinstance(e, RunFailure) or not is_collective_failure(e):
                 raise
-            raise CollectiveTimeoutError(
-                f"{self._dog.phase} did not complete within train.collective_timeout_s={timeout:g} s: a peer "
-                f"rank is frozen or gone ({type(e).__name__}: {' '.join(str(e).split())[:300]}). Newest "
-                f"intact checkpoint: {ckpt.find_latest(self.ckpt_dir) or 'none'}; re-run to resume from it"
-            ) from e
+            raise collective_failure(self._dog.phase, e, timeout, ckpt.find_latest(self.ckpt_dir)) from e
         finally:
             logger.close()
         return self.export_path

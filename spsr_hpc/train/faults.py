@@ -113,6 +113,22 @@ def is_collective_failure(exc: BaseException) -> bool:
     return any(m in text for m in marks)
 
 
+def collective_failure(
+    phase: str, exc: BaseException, timeout_s: float, newest: object
+) -> CollectiveTimeoutError:
+    """The error for a collective that timed out or lost its peer during ``phase``."""
+    text = " ".join(str(exc).split())[:300]
+    if "Timed out" in text or "timeout" in text.lower():
+        what = (f"did not complete within train.collective_timeout_s={timeout_s:g} s: a peer rank is "
+                "frozen or gone")
+    else:
+        what = "failed: a peer rank is gone (killed, crashed, or its node lost)"
+    return CollectiveTimeoutError(
+        f"{phase} {what} ({type(exc).__name__}: {text}). Newest intact checkpoint: {newest or 'none'}. "
+        f"Exit status {EXIT_COLLECTIVE}; re-run to resume from it (checkpoint.resume=auto)"
+    )
+
+
 def error_line(exc: BaseException, rank: int | None = None) -> str:
     """``error: ...`` (one line) for a RunFailure; ``rank k:`` prefixed when given."""
     text = " ".join(str(exc).split())
@@ -184,5 +200,6 @@ class Watchdog:
 __all__ = [
     "EXIT_CHECKPOINT", "EXIT_CODES", "EXIT_COLLECTIVE", "EXIT_CONFIG", "EXIT_DATA", "EXIT_ERROR",
     "EXIT_NONFINITE", "EXIT_OK", "EXIT_STOPPED", "CollectiveTimeoutError", "RunFailure", "Watchdog",
-    "error_line", "grace_s", "is_collective_failure", "set_nccl_env_defaults", "timedelta",
+    "collective_failure", "error_line", "grace_s", "is_collective_failure", "set_nccl_env_defaults",
+    "timedelta",
 ]

@@ -65,13 +65,13 @@ from spsr_hpc.train.engines import (
     set_trainable,
 )
 from spsr_hpc.train.faults import (
-    EXIT_COLLECTIVE,
     EXIT_DATA,
     EXIT_OK,
     EXIT_STOPPED,
     CollectiveTimeoutError,
     RunFailure,
     Watchdog,
+    collective_failure,
     error_line,
     grace_s,
     is_collective_failure,
@@ -650,13 +650,7 @@ class Trainer:
             dog.pause()
             if isinstance(e, RunFailure) or not is_collective_failure(e):
                 raise
-            first = " ".join(str(e).split())[:300]
-            raise CollectiveTimeoutError(
-                f"{dog.phase} did not complete within train.collective_timeout_s={timeout:g} s: a peer "
-                f"rank is frozen or gone ({type(e).__name__}: {first}). Newest intact checkpoint: "
-                f"{self._newest_checkpoint() or 'none'}. Exit status {EXIT_COLLECTIVE}; re-run to resume "
-                "from it (checkpoint.resume=auto)"
-            ) from e
+            raise collective_failure(dog.phase, e, timeout, self._newest_checkpoint()) from e
         if stopped_by:
             self.logger.message(
                 f"[spsr] stopped by {stopped_by} at step {self.step}; checkpoint {self.last_checkpoint}; "
