@@ -151,3 +151,35 @@ def test_dali_pipeline_error_becomes_one_error_naming_shards_and_fix(monkeypatch
     assert "rank 1" in msg and "batch 1" in msg and "/d/a.tar, /d/b.tar" in msg
     assert "could not decode a.tar:p_3.hr.png" in msg and "Stacktrace" not in msg
     assert "data.loader=webdataset" in msg and "make_shards" in msg
+
+
+def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
+    """launch/pretrain_nse.py: a truncated shard is refused at start (rc 2); with
+    data.verify_shards=off it trains and logs the lost samples as samples."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "hr").mkdir()
+    for i in range(N):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "hr" / f"{i}.png")
+    write_shards(tmp_path / "hr", tmp_path / "shards", scale=4, workers=0, progress=False)
+    shard = _shard(tmp_path / "shards")
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    readable = _readable_samples(shard)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain_nse.py"), "--config",
+           str(REPO / "configs" / "tiny_nse_contrastive.yaml"), f"data.shards={tmp_path / 'shards'}",
+           f"logging.run_dir={run}", "train.max_steps=4", "logging.log_every=1", "logging.progress_bar=false",
+           "logging.tensorboard=false", "checkpoint.every=0", "data.hr_patch_size=64", "data.batch_size=2",
+           "data.shuffle_buffer=1", "data.batches_per_epoch=8"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "differ from their manifest" in r.stderr, r.stderr[-3000:]
+    r = subprocess.run([*cmd, "data.verify_shards=off"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import json
+
+    last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    lost = last["data/skipped/unreadable_tar"]
+    # 4 steps x 2 samples = 8 > readable: at least one pass over the shard ended.
+    assert lost >= N - readable and lost % (N - readable) == 0, (lost, N, readable)
+    assert last["data/skipped"] == lost

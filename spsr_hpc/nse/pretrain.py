@@ -214,6 +214,18 @@ class NSEPretrainer:
         return path
 
     # ---------------------------------------------------------------- training
+    def _data_skips(self) -> dict[str, float]:
+        """Collective (at log steps): data samples skipped or lost so far in this session, summed
+        over ranks, per reason (``data/skipped/<reason>``; lost samples of an unreadable shard
+        count as ``unreadable_tar``, as in the SR trainer's metrics)."""
+        counts_fn = getattr(self.loader, "skip_counts", None)
+        if counts_fn is None:
+            return {}
+        now = sdist.sum_over_ranks(counts_fn().sum(0)).tolist()
+        out = {"data/skipped": float(sum(now))}
+        out.update({f"data/skipped/{r}": float(n) for r, n in zip(self.loader.skip_reasons, now)})
+        return out
+
     def _batches(self):
         while True:
             yield from self.loader
@@ -281,6 +293,7 @@ class NSEPretrainer:
                             "lr": engine_lr(self.engine), "epoch": self.step / self.steps_per_epoch,
                             "anchors_per_s": anchors_since / dt, "images_per_s": images_since / dt,
                         })  # fmt: skip
+                        metrics.update(self._data_skips())
                         logger.log(self.step, metrics, samples=anchors_since)
                         anchors_since = images_since = n_acc = 0
                         metrics_acc = {}
