@@ -328,6 +328,15 @@ class TrainConfig:
     channels_last: bool = False
     """Generator, discriminators and batches in channels_last memory format (same maths; ZeRO 0
     only). Off by default: not faster on the 2-core CPU (docs/training.md)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in one collective (all-reduce, barrier) once training runs before it
+    gives up with exit status 5, naming the step and the newest checkpoint; a watchdog ends a
+    rank that makes no progress for this + a grace (10 %, 10-60 s). Choose it above the longest
+    time one rank can spend while the others wait: a step (the first one compiles), a checkpoint
+    save, rank 0's validation (docs/cluster.md)."""
+    init_timeout_s: float = 1800.0
+    """Seconds for the start-up: the rendezvous of every rank, building the engines, loading the
+    checkpoint to resume (all nodes must have started within it)."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
@@ -346,6 +355,9 @@ class TrainConfig:
             raise ConfigError("fusion_warmup_steps", f"must be >= 0, got {self.fusion_warmup_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
+        for name in ("collective_timeout_s", "init_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0 seconds, got {getattr(self, name)}")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError("compile_mode", f"{self.compile_mode!r} needs train.compile=true")
 

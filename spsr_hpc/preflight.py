@@ -33,6 +33,20 @@ def data_problems(data: Any) -> list[str]:
     except (ValueError, OSError) as e:
         problems.append(str(e))
         shards = []
+    mode = getattr(data, "verify_shards", "off")
+    if shards and mode != "off":
+        from spsr_hpc.data.shards import verify_shards
+
+        bad = verify_shards(shards, mode)
+        if bad:
+            named = "; ".join(f"{sh}: {what}" for sh, what in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            problems.append(
+                f"{len(bad)} shard(s) differ from their manifest (data.verify_shards={mode}): {named}. The "
+                "shards were truncated or changed after make_shards wrote them (a copy that did not finish, "
+                "a full disk): re-run launch/make_shards.py (or copy them again), or set "
+                "data.verify_shards=off to train on them anyway (lost samples are then counted and "
+                "limited by train.max_skip_rate)"
+            )
     if data.loader == "dali":
         msg = dali_missing_message()
         if msg:

@@ -57,5 +57,8 @@ def test_skips_counted_per_shard_and_reason(shards):
     assert counts[good].sum() == 0, "the good shard had skips"
     reason = {r: int(counts[bad, i]) for i, r in enumerate(SKIP_REASONS)}
     assert reason["bad_image"] >= 1
-    assert reason["unreadable_tar"] + reason["missing_member"] >= 1, reason
+    # The truncation cuts the last member of the last sample, its .json: both images are whole,
+    # so no sample is lost (samples are counted, not tar errors; test_data_faults.py truncates
+    # whole samples away).
+    assert reason["unreadable_tar"] == 0 and reason["missing_member"] == 0, reason
     assert loader.num_skipped == int(counts.sum())

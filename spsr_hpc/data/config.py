@@ -8,6 +8,7 @@ from typing import Any
 
 LOADERS = ("webdataset", "dali")
 DALI_DEVICES = ("auto", "gpu", "cpu")
+VERIFY_MODES = ("size", "sha256", "off")
 
 
 def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -66,6 +67,10 @@ class DataConfig:
     dali_threads: int = 4
     # DALI: batches prefetched by the pipeline.
     dali_prefetch: int = 2
+    # Before any model is built, compare each shard of a make_shards folder with its manifest
+    # entry: "size" (byte size; a stat per shard), "sha256" (reads every byte once) or "off"
+    # (YAML reads a bare off as false, which means the same).
+    verify_shards: str | bool = "size"
     # Evaluation reader: folders of HR images (one per benchmark set), keyed by set name.
     val_hr_dirs: dict[str, str] = field(default_factory=dict)
     # Evaluation reader: matching LR folders by set name; a set without one gets LR made by
@@ -81,6 +86,10 @@ class DataConfig:
             raise ValueError(f"data.shards must be a string or a list of strings, got {self.shards!r}")
         if self.loader not in LOADERS:
             raise ValueError(f"data.loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.verify_shards is False:
+            self.verify_shards = "off"
+        if self.verify_shards not in VERIFY_MODES:
+            raise ValueError(f"data.verify_shards must be one of {VERIFY_MODES}, got {self.verify_shards!r}")
         if self.dali_device not in DALI_DEVICES:
             raise ValueError(f"data.dali_device must be one of {DALI_DEVICES}, got {self.dali_device!r}")
         for name in (

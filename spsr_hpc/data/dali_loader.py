@@ -18,8 +18,13 @@ Determinism and resume: the pipeline is rebuilt at every epoch start with seeds 
 (seed, rank, epoch), and the shard order (``shuffle_after_epoch_seed``) from (seed, epoch),
 the same on every rank. Resuming mid-epoch rebuilds that epoch's pipeline and runs and
 discards the consumed batches, so the resume is exact to the batch but costs replaying them.
-Corrupt images are NOT skipped here (DALI's decoder fails the pipeline): make_shards writes
-only images it decoded, and the WebDataset loader is the tolerant one.
+Corrupt images are NOT skipped here: DALI's decoder raises inside ``pipe.run()`` and the
+pipeline object is unusable afterwards, so a sample cannot be skipped and counted. The loader
+turns that into :class:`~spsr_hpc.data.loader_state.ShardReadError` naming this rank's shards,
+DALI's own message without its stack (the operator, and usually the sample) and the fix (the trainer: one
+``error:`` line, exit status 6). make_shards writes only images it decoded, so this means the
+shards were damaged afterwards: ``data.verify_shards=sha256`` finds which, and the WebDataset
+loader skips and counts bad samples instead.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 import torch
 
 from spsr_hpc.data.config import DataConfig
-from spsr_hpc.data.loader_state import LoaderState, derive_seed, epoch_batches, index_path
+from spsr_hpc.data.loader_state import LoaderState, ShardReadError, derive_seed, epoch_batches, index_path
 
 DALI_EXTRAS = "pip install 'spsr-hpc[dali-cuda12]' (CUDA 12 driver) or 'spsr-hpc[dali-cuda13]' (CUDA 13)"
 
@@ -224,6 +229,28 @@ class DaliLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.load_state_dict(state, batch_size=self.cfg.batch_size)
 
+    def _run(self, pipe: Any) -> Any:
+        """``pipe.run()``; DALI's error (an undecodable image, unreadable tar data) becomes a
+        ShardReadError naming this rank's shards and the fix."""
+        try:
+            return pipe.run()
+        except Exception as e:  # DALI raises RuntimeError (and its own types) for data errors
+            lines = []
+            for ln in str(e).splitlines():  # DALI: "Critical error in pipeline:", the error, a stack
+                if ln.strip().startswith(("Stacktrace", "Current pipeline object")) or len(lines) == 3:
+                    break
+                if ln.strip():
+                    lines.append(ln.strip())
+            first = " ".join(lines) or type(e).__name__
+            more = f" ... ({len(self.shards)} in all)" if len(self.shards) > 4 else ""
+            shards = ", ".join(self.shards[:4]) + more
+            raise ShardReadError(
+                f"rank {self.rank}: DALI stopped at epoch {self.state.epoch}, batch {self.state.consumed}: "
+                f"{first[:400]} (shards {shards}). DALI cannot skip a bad sample: check the shards with "
+                "data.verify_shards=sha256 and re-run launch/make_shards.py, or train with "
+                "data.loader=webdataset, which names, skips and counts bad samples"
+            ) from e
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         st = self.state
         pipe = _build_pipeline(
@@ -238,9 +265,9 @@ class DaliLoader:
         )
         try:
             for _ in range(st.consumed):  # resume: replay and discard
-                pipe.run()
+                self._run(pipe)
             for _ in range(st.consumed, st.batches_per_epoch):
-                outs = pipe.run()
+                outs = self._run(pipe)
                 st.advance()
                 if self.cfg.hr_only:
                     yield {"hr": _to_torch(outs[0], self.device)}

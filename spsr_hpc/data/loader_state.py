@@ -27,6 +27,11 @@ class TrainLoader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class ShardReadError(RuntimeError):
+    """A loader cannot go on reading its shards (DALI stops its pipeline at an undecodable
+    image); the message names the shards and the fix. The trainer ends with exit status 6."""
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, rank, worker, epoch, ...), stable across runs and platforms."""
     digest = hashlib.sha256(json.dumps([int(p) for p in parts]).encode()).digest()
@@ -119,6 +124,7 @@ class LoaderState:
 
 __all__ = [
     "LoaderState",
+    "ShardReadError",
     "TrainLoader",
     "count_samples",
     "derive_seed",

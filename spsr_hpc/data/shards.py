@@ -311,6 +311,52 @@ def read_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shards(shards: list[str], mode: str = "size") -> list[tuple[str, str]]:
+    """Compare shards with the manifest entries of their folders (``data.verify_shards``).
+
+    ``mode`` "size" compares the byte size (a stat per shard), "sha256" also the content hash
+    (reads every byte), "off" nothing. Shards whose folder has no manifest.json, or which it does
+    not list, are not checked. Returns (shard, what differs) for each mismatch.
+    """
+    if mode == "off":
+        return []
+    if mode not in ("size", "sha256"):
+        raise ValueError(f"verify mode must be size, sha256 or off, got {mode!r}")
+    by_dir: dict[Path, list[Path]] = {}
+    for sh in shards:
+        by_dir.setdefault(Path(sh).parent, []).append(Path(sh))
+    out: list[tuple[str, str]] = []
+    for folder, paths in by_dir.items():
+        if not (folder / MANIFEST_NAME).is_file():
+            continue
+        try:
+            entries = {e["name"]: e for e in read_manifest(folder)["shards"]}
+        except (ValueError, KeyError, TypeError):
+            continue  # an unreadable manifest is reported by the shard resolution itself
+        for path in paths:
+            entry = entries.get(path.name)
+            if entry is None:
+                continue
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                out.append((str(path), f"cannot be read ({e.strerror})"))
+                continue
+            if "bytes" in entry and size != int(entry["bytes"]):
+                out.append((str(path), f"{size} bytes, the manifest says {entry['bytes']}"))
+            elif mode == "sha256" and entry.get("sha256") and _sha256_file(path) != entry["sha256"]:
+                out.append((str(path), "sha256 differs from the manifest's (same size: the content changed)"))
+    return out
+
+
 def write_shards(
     hr_dir: str | Path,
     out_dir: str | Path,

@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting
 SKIP_REASONS = ("unreadable_tar", "missing_member", "bad_image", "size_mismatch", "too_small")
 """Why a sample was skipped: tar data that cannot be read, a sample without hr.png/lr.png, an
-image that does not decode, LR x scale != HR, an image smaller than the patch."""
+image that does not decode, LR x scale != HR, an image smaller than the patch.
+
+Counts are samples, not events: when a shard's tar data stops being readable (a truncated or
+damaged shard), the samples lost are the shard's count (manifest / .idx: ``counts``) that this
+stream should have read from it minus those it did read, counted as ``unreadable_tar`` at each
+pass over the shard; they enter the trainer's skip metrics and train.max_skip_rate."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class StreamPlan:
     modulo: int
     residue: int
     num_samples: int
+    counts: tuple[int, ...] = ()  # samples of each shard (manifest / .idx), for lost-sample counts
+
+    def expected(self, si: int) -> int:
+        """Samples this stream should read from its shard ``si`` in one pass."""
+        return _count_residue(self.offsets[si], self.offsets[si] + self.counts[si], self.modulo, self.residue)
 
 
 def _count_residue(a: int, b: int, m: int, r: int) -> int:
@@ -74,7 +84,8 @@ def _plan(shards: list[str], counts: list[int], idx: list[int], modulo: int, res
         offsets.append(total)
         total += counts[i]
     n = sum(_count_residue(o, o + counts[i], modulo, residue) for o, i in zip(offsets, idx))
-    return StreamPlan(tuple(shards[i] for i in idx), tuple(offsets), modulo, residue, n)
+    return StreamPlan(tuple(shards[i] for i in idx), tuple(offsets), modulo, residue, n,
+                      tuple(counts[i] for i in idx))
 
 
 def plan_streams(
@@ -124,18 +135,34 @@ class _EpochStream(IterableDataset):
         self.skipped = skipped  # multiprocessing.Array (shard x reason) shared with the loader
         self.shard_index = shard_index
         self._shard = 0  # index of the shard being read (for tar errors)
+        self._tar_error: str | None = None  # the last tar error of the shard being read
         self._warned = 0
 
-    def _note_skip(self, what: str, reason: str, shard: int) -> None:
+    def _note_skip(self, what: str, reason: str, shard: int, n: int = 1) -> None:
         with self.skipped.get_lock():
-            self.skipped[shard * len(SKIP_REASONS) + SKIP_REASONS.index(reason)] += 1
+            self.skipped[shard * len(SKIP_REASONS) + SKIP_REASONS.index(reason)] += n
         if self._warned < _MAX_WARNINGS:
             self._warned += 1
-            log.warning("data: skipping a sample (%s): %s", reason, what)
+            log.warning("data: skipping %s (%s): %s", "a sample" if n == 1 else f"{n} samples", reason, what)
 
     def _tar_handler(self, exc: Exception) -> bool:
-        self._note_skip(f"unreadable tar data ({type(exc).__name__}: {exc})", "unreadable_tar", self._shard)
+        # Counted in samples once the shard's pass ends (_raw_samples): expected - read.
+        self._tar_error = f"{type(exc).__name__}: {exc}"
         return True
+
+    def _note_lost(self, plan: StreamPlan, si: int, read: int) -> None:
+        """End of a pass over shard ``si``: count the samples it should have given and did not."""
+        lost = plan.expected(si) - read
+        if lost > 0:
+            self._note_skip(
+                f"{plan.shards[si]}: {lost} of its samples lost, the tar data stops being readable after "
+                f"{read} ({self._tar_error or 'the shard ends early'}); re-run make_shards",
+                "unreadable_tar", self._shard, lost,
+            )
+        elif self._tar_error and self._warned < _MAX_WARNINGS:
+            self._warned += 1
+            log.warning("data: %s: unreadable tar data after its last sample (%s)", plan.shards[si],
+                        self._tar_error)
 
     def _raw_samples(self, plan: StreamPlan, worker: int) -> Iterator[dict]:
         """The infinite, shuffled stream of undecoded samples of one logical worker."""
@@ -151,17 +178,22 @@ class _EpochStream(IterableDataset):
             for si in order:
                 self._shard = self.shard_index[plan.shards[si]]
                 src = [{"url": plan.shards[si]}]
+                self._tar_error = None
                 samples = wds.tarfile_samples(src, handler=self._tar_handler, select_files=select)
+                read = 0
                 for pos, sample in enumerate(samples):
                     if (plan.offsets[si] + pos) % plan.modulo != plan.residue:
                         continue
                     accepted += 1
+                    read += 1
                     if len(buffer) < capacity:
                         buffer.append(sample)
                         continue
                     j = rng.randrange(len(buffer))
                     out, buffer[j] = buffer[j], sample
                     yield out
+                if plan.counts:
+                    self._note_lost(plan, si, read)
             if accepted == 0:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: a full pass over its {len(plan.shards)} shard(s) "

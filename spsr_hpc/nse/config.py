@@ -84,8 +84,16 @@ class PretrainTrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     """bf16 engine (GPU only)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in one collective once training runs (as the SR trainer's
+    train.collective_timeout_s; docs/cluster.md)."""
+    init_timeout_s: float = 1800.0
+    """Seconds for the start-up: rendezvous, engine, resume."""
 
     def validate(self) -> None:
+        for name in ("collective_timeout_s", "init_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0 seconds, got {getattr(self, name)}")
         for name in ("epochs", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,18 @@ from spsr_hpc.train.engines import (
     engine_lr,
     init_distributed,
     module_dtype,
+    set_collective_timeout,
+)
+from spsr_hpc.train.faults import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    CollectiveTimeoutError,
+    RunFailure,
+    Watchdog,
+    collective_failure,
+    error_line,
+    grace_s,
+    is_collective_failure,
 )
 from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, first_nonfinite, sync_flags
 from spsr_hpc.train.logging import RunLogger
@@ -121,7 +134,7 @@ class NSEPretrainer:
         ckpt_dir = Path(cfg.checkpoint.dir)
         self.ckpt_dir = ckpt_dir if ckpt_dir.is_absolute() else self.run_dir / ckpt_dir
         self.export_path = self.run_dir / EXPORT_NAME
-        init_distributed(cfg.deepspeed.backend)
+        init_distributed(cfg.deepspeed.backend, timeout_s=cfg.train.init_timeout_s)
         self.rank, self.world = sdist.get_rank(), sdist.get_world_size()
         self.device = _device(cfg.train.device)
         tc = cfg.train
@@ -153,6 +166,7 @@ class NSEPretrainer:
         )  # fmt: skip
         self.step = 0
         self.micro_step = 0
+        self.stopped = False
 
     @property
     def objective(self) -> nn.Module:
@@ -200,6 +214,18 @@ class NSEPretrainer:
         return path
 
     # ---------------------------------------------------------------- training
+    def _data_skips(self) -> dict[str, float]:
+        """Collective (at log steps): data samples skipped or lost so far in this session, summed
+        over ranks, per reason (``data/skipped/<reason>``; lost samples of an unreadable shard
+        count as ``unreadable_tar``, as in the SR trainer's metrics)."""
+        counts_fn = getattr(self.loader, "skip_counts", None)
+        if counts_fn is None:
+            return {}
+        now = sdist.sum_over_ranks(counts_fn().sum(0)).tolist()
+        out = {"data/skipped": float(sum(now))}
+        out.update({f"data/skipped/{r}": float(n) for r, n in zip(self.loader.skip_reasons, now)})
+        return out
+
     def _batches(self):
         while True:
             yield from self.loader
@@ -210,6 +236,10 @@ class NSEPretrainer:
         if sdist.is_main_process():
             save_resolved(cfg, self.run_dir / "config.yaml")
         resumed = self.maybe_resume()
+        timeout = cfg.train.collective_timeout_s
+        set_collective_timeout(timeout)
+        self._dog = Watchdog(timeout + grace_s(timeout), newest=lambda: ckpt.find_latest(self.ckpt_dir),
+                             rank=self.rank)
         logger = RunLogger(
             self.run_dir, total_steps=self.total_steps, start_step=self.step,
             tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar, sample_unit="anchor",
@@ -234,9 +264,10 @@ class NSEPretrainer:
         metrics_acc: dict[str, float] = {}
         n_acc = 0
         try:
-            with StopSignal() as stop:
+            with StopSignal() as stop, self._dog:
                 batches = self._batches()
                 while self.step < self.total_steps:
+                    self._dog.beat(f"step {self.step + 1}: reading its batch or the step's collectives")
                     for _ in range(cfg.train.grad_accum):
                         hr = next(batches)["hr"].to(self.device, dtype=dtype, non_blocking=True)
                         # Anchor/permutation draws are a function of (seed, rank, micro step): resumable.
@@ -262,6 +293,7 @@ class NSEPretrainer:
                             "lr": engine_lr(self.engine), "epoch": self.step / self.steps_per_epoch,
                             "anchors_per_s": anchors_since / dt, "images_per_s": images_since / dt,
                         })  # fmt: skip
+                        metrics.update(self._data_skips())
                         logger.log(self.step, metrics, samples=anchors_since)
                         anchors_since = images_since = n_acc = 0
                         metrics_acc = {}
@@ -269,13 +301,21 @@ class NSEPretrainer:
                     every = cfg.checkpoint.every
                     stop_now = sync_flags(stop.requested)[0]
                     if (every and self.step % every == 0) or stop_now:
+                        self._dog.beat(f"step {self.step}: the checkpoint save")
                         last_ckpt = str(self.save())
                     if stop_now:
-                        logger.message(f"stopped by signal at step {self.step}; checkpoint {last_ckpt}")
+                        logger.message(f"stopped by signal at step {self.step}; checkpoint {last_ckpt}; "
+                                       f"exit status {EXIT_STOPPED}, re-run the same command to resume")
+                        self.stopped = True
                         return self.export_path
             if last_ckpt is None or not last_ckpt.endswith(ckpt.checkpoint_name(self.step)):
                 self.save()
             logger.message(f"done: {self.total_steps} steps; NSE weights in {self.export_path}")
+        except Exception as e:
+            self._dog.pause()
+            if isinstance(e, RunFailure) or not is_collective_failure(e):
+                raise
+            raise collective_failure(self._dog.phase, e, timeout, ckpt.find_latest(self.ckpt_dir)) from e
         finally:
             logger.close()
         return self.export_path
@@ -321,10 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         print(f"config {args.config}: OK", file=sys.stderr)
         return 0
-    path = pretrain(cfg)
+    try:
+        trainer = NSEPretrainer(cfg)
+        path = trainer.train()
+    except RunFailure as e:
+        if e.every_rank or sdist.is_main_process():
+            print(error_line(e, sdist.get_rank() if e.every_rank else None), file=sys.stderr, flush=True)
+        if isinstance(e, CollectiveTimeoutError):
+            sys.stdout.flush()
+            os._exit(e.exit_code)  # tearing the group down could wait on the lost peer again
+        destroy_distributed()
+        return e.exit_code
+    except BaseException:
+        destroy_distributed()
+        raise
+    destroy_distributed()
     if sdist.is_main_process():
         print(f"NSE weights: {path}")
-    return 0
+    return EXIT_STOPPED if trainer.stopped else EXIT_OK
 
 
 __all__ = ["NSEPretrainer", "build_objective", "lr_milestones", "main", "pretrain"]

@@ -15,6 +15,14 @@ damaged ones and stale ``.tmp`` folders. A crash at any point leaves the previou
 the newest valid one. The folder must be on a filesystem all ranks see (one node: local disk;
 several nodes: a shared filesystem).
 
+A write that fails on any rank (ENOSPC, EDQUOT, EFBIG, EIO, or torch's ``inline_container``
+error that a short write becomes inside ``torch.save``) is caught, the ranks agree on it (an
+all-gather of each rank's failure after the writes), the ``.tmp`` folder is removed and every
+rank raises :class:`CheckpointWriteError`: the path, the OS reason, the newest intact checkpoint
+(exit status 4 in launch/train.py). Before a write, rank 0 compares the free space with the size
+of the newest checkpoint: a warning when the next one may not fit (< 1.25x its size free), the
+same error at once when it cannot (less than its size free).
+
 Verification (:func:`verify_checkpoint`): meta.json complete, every manifest file present with
 its size (a truncated or missing engine file, engine folder or rank file fails). ``resume: auto``
 takes the newest checkpoint that verifies and reports each newer one it passes over, with what is
@@ -26,11 +34,13 @@ Loading: our own files use ``torch.load(weights_only=True)``. DeepSpeed's engine
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,7 @@ import numpy as np
 import torch
 
 from spsr_hpc import distributed as sdist
+from spsr_hpc.train.faults import EXIT_CHECKPOINT, RunFailure
 
 CHECKPOINT_PREFIX = "step_"
 META_NAME = "meta.json"
@@ -46,6 +57,7 @@ TRAINER_NAME = "trainer.pt"
 _NAME_RE = re.compile(r"^step_(\d+)$")
 
 __all__ = [
+    "CheckpointWriteError",
     "capture_rng_state",
     "checkpoint_name",
     "find_latest",
@@ -263,6 +275,131 @@ def _fsync_tree(root: Path) -> None:
         _fsync_file(Path(dirpath))
 
 
+class CheckpointWriteError(RunFailure):
+    """A checkpoint could not be written (on some rank); nothing of it is left behind."""
+
+    exit_code = EXIT_CHECKPOINT
+
+    def __init__(self, path: Path, reason: str, newest: Path | None) -> None:
+        self.path, self.reason, self.newest = path, reason, newest
+        super().__init__(
+            f"could not write checkpoint {path}: {reason}. Newest intact checkpoint: "
+            f"{newest or 'none'}. Free space there (or raise the quota, or lower checkpoint.keep_last, "
+            "or set checkpoint.dir to another filesystem), then re-run the same command: it resumes "
+            "from that checkpoint (checkpoint.resume=auto)"
+        )
+
+
+_SHORT_WRITE = ("unexpected pos", "inline_container", "PytorchStreamWriter failed")
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """The OS reason of a failed write in words: ``[Errno 28] No space left on device (ENOSPC)``."""
+    if isinstance(exc, _NoSpace):
+        return exc.reason
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)} ({name}){where}"
+    text = " ".join(str(exc).split())
+    if any(m in text for m in _SHORT_WRITE):
+        return (
+            f"the file was not written in full ({type(exc).__name__}: {text[:160]}): the disk or the "
+            "quota is full, or a file size limit (ulimit -f: EFBIG) was reached"
+        )
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+class _Writes:
+    """This rank's failed writes during one save (the first one is reported)."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def attempt(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # OSError, torch's serialization RuntimeError, pickling errors
+            self.error = f"rank {sdist.get_rank()}: writing {what}: {describe_write_error(e)}"
+            return None
+
+
+def _agree(error: str | None) -> list[str]:
+    """Collective (also a barrier): every rank's failure message; [] when no rank failed."""
+    if not sdist.is_initialized() or sdist.get_world_size() == 1:
+        return [error] if error else []
+    import torch.distributed as dist
+
+    box: list[Any] = [None] * sdist.get_world_size()
+    dist.all_gather_object(box, error)
+    return [e for e in box if e]
+
+
+class _GuardedEngineWrites:
+    """Within the block, the engine's checkpoint writer records a failed write in ``writes``
+    and returns instead of raising, so the rank keeps taking part in DeepSpeed's barriers of
+    that save (a rank that left them would leave the others waiting); the caller then agrees."""
+
+    def __init__(self, engine: Any, writes: _Writes, what: str) -> None:
+        self.ce = getattr(engine, "checkpoint_engine", None)
+        self.writes, self.what = writes, what
+
+    def __enter__(self) -> None:
+        if self.ce is None:
+            return
+        save, makedirs = self.ce.save, self.ce.makedirs
+        self.ce.save = lambda state_dict, path, *a, **k: self.writes.attempt(
+            f"{self.what} {path}", save, state_dict, path, *a, **k
+        )
+        self.ce.makedirs = lambda path, *a, **k: self.writes.attempt(
+            f"{self.what} {path}", makedirs, path, *a, **k
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ce is not None:
+            for name in ("save", "makedirs"):
+                self.ce.__dict__.pop(name, None)
+
+
+SPACE_WARN_FACTOR = 1.25
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a complete checkpoint (the sizes in its meta.json manifest; 0 without one)."""
+    meta = read_meta(path) or {}
+    files = meta.get("files")
+    return sum(int(v) for v in files.values()) if isinstance(files, dict) else 0
+
+
+def check_free_space(ckpt_dir: str | Path, *, log: Any = None) -> str | None:
+    """Compare the free space of ``ckpt_dir``'s filesystem with the newest checkpoint's size:
+    returns the reason when the next checkpoint certainly does not fit (less free than that
+    size), warns through ``log`` when it may not (less than 1.25x), else None."""
+    root = Path(ckpt_dir)
+    latest = list_checkpoints(root)
+    if not latest:
+        return None
+    need = checkpoint_bytes(latest[-1][1])
+    if need <= 0:
+        return None
+    free = shutil.disk_usage(root).free
+    mb = 1024 * 1024
+    if free < need:
+        return (
+            f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} (ENOSPC): {free / mb:.1f} MiB free on the "
+            f"filesystem of {root}, the previous checkpoint {latest[-1][1].name} took {need / mb:.1f} MiB "
+            "(checked before writing)"
+        )
+    if free < SPACE_WARN_FACTOR * need and log is not None:
+        log(
+            f"[spsr] warning: {free / mb:.1f} MiB free on the filesystem of {root}, a checkpoint takes "
+            f"{need / mb:.1f} MiB: the next one may not fit (free space, or lower checkpoint.keep_last)"
+        )
+    return None
+
+
 def _torch_save(obj: Any, path: Path) -> None:
     with path.open("wb") as f:
         torch.save(obj, f)
@@ -293,43 +430,80 @@ def save_checkpoint(
     name = checkpoint_name(step)
     final = root / name
     tmp = root / f"{name}.tmp"
+    writes = _Writes()
+
+    def fail(errors: list[str]) -> None:
+        if sdist.is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        sdist.barrier()  # the .tmp folder is gone before any rank reports
+        reason = errors[0] + (f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else "")
+        raise CheckpointWriteError(final, reason, find_latest(root) if root.is_dir() else None)
+
     if sdist.is_main_process():
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    sdist.barrier()
+        def prepare() -> None:
+            root.mkdir(parents=True, exist_ok=True)
+            space = check_free_space(root, log=lambda m: print(m, file=sys.stderr, flush=True))
+            if space is not None:
+                raise _NoSpace(space)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+
+        writes.attempt(f"the folder {tmp}", prepare)
+    errors = _agree(writes.error)
+    if errors:
+        fail(errors)
     for ename, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=ename, save_latest=False)
-    _torch_save(rank_state, tmp / f"rank_{sdist.get_rank():05d}.pt")
+        with _GuardedEngineWrites(engine, writes, f"engine '{ename}'"):
+            writes.attempt(
+                f"engine '{ename}'", engine.save_checkpoint, str(tmp), tag=ename, save_latest=False
+            )
+    rank_file = tmp / f"rank_{sdist.get_rank():05d}.pt"
+    writes.attempt(str(rank_file), _torch_save, rank_state, rank_file)
     if sdist.is_main_process():
-        _torch_save(trainer_state, tmp / TRAINER_NAME)
+        writes.attempt(str(tmp / TRAINER_NAME), _torch_save, trainer_state, tmp / TRAINER_NAME)
     sdist.barrier()
     # Each rank flushes what it (and DeepSpeed) wrote; cheap for files already on disk.
-    _fsync_tree(tmp)
-    sdist.barrier()
+    writes.attempt(f"(fsync) {tmp}", _fsync_tree, tmp)
+    errors = _agree(writes.error)
+    if errors:
+        fail(errors)
     if sdist.is_main_process():
-        info = {
-            "complete": True,
-            "step": int(step),
-            "world_size": sdist.get_world_size(),
-            "engines": sorted(engines),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(meta or {}),
-            "files": _manifest(tmp),
-        }
-        meta_path = tmp / META_NAME
-        with meta_path.open("w") as f:
-            json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_file(root)
-        prune_checkpoints(root, keep_last, keep=final)
-    sdist.barrier()
+        def commit() -> None:
+            info = {
+                "complete": True,
+                "step": int(step),
+                "world_size": sdist.get_world_size(),
+                "engines": sorted(engines),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(meta or {}),
+                "files": _manifest(tmp),
+            }
+            meta_path = tmp / META_NAME
+            with meta_path.open("w") as f:
+                json.dump(info, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_file(root)
+
+        writes.attempt(str(tmp / META_NAME), commit)
+        if writes.error is None:
+            prune_checkpoints(root, keep_last, keep=final)
+    errors = _agree(writes.error)
+    if errors:
+        fail(errors)
     return final
+
+
+class _NoSpace(OSError):
+    """Raised by the free-space check before a write (its message is the whole reason)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.ENOSPC, reason)
+        self.reason = reason
 
 
 def load_checkpoint(

@@ -50,12 +50,14 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def init_distributed(backend: str = "auto") -> None:
+def init_distributed(backend: str = "auto", *, timeout_s: float | None = None) -> None:
     """Start the process group under deepspeed, torchrun, or plain python.
 
     The launchers set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under ``srun`` without
     a launcher they come from SLURM (:func:`spsr_hpc.distributed.export_slurm_env`); under plain
     python none is set and a one-process group on a free local port is created. Idempotent.
+    ``timeout_s``: the process group's timeout for the rendezvous and every collective until
+    :func:`set_collective_timeout` shortens it (None: torch's default); see :func:`_timeout_kwargs`.
     """
     global _STARTED_GROUP
     if sdist.is_initialized():
@@ -70,8 +72,45 @@ def init_distributed(backend: str = "auto") -> None:
         )
     if torch.cuda.is_available():
         torch.cuda.set_device(sdist.local_device())
-    deepspeed.init_distributed(dist_backend=resolve_backend(backend), verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=resolve_backend(backend), verbose=False, **_timeout_kwargs(timeout_s)
+    )
     _STARTED_GROUP = True
+
+
+def _timeout_kwargs(timeout_s: float | None) -> dict[str, Any]:
+    """``timeout=`` for the process group, plus the NCCL watchdog variables a user has not set
+    (spsr_hpc.train.faults.set_nccl_env_defaults), which must exist before the group starts."""
+    if timeout_s is None:
+        return {}
+    from spsr_hpc.train.faults import set_nccl_env_defaults, timedelta
+
+    set_nccl_env_defaults(timeout_s)
+    return {"timeout": timedelta(timeout_s)}
+
+
+def set_collective_timeout(timeout_s: float) -> int:
+    """Give every existing process group (the world and the ones DeepSpeed created for its
+    engines) the timeout ``timeout_s`` for the collectives from now on; returns how many groups
+    took it (0 where this torch lacks the private setter: then the watchdog still ends a hang)."""
+    if not sdist.is_initialized():
+        return 0
+    import torch.distributed.distributed_c10d as c10d
+
+    from spsr_hpc.train.faults import timedelta
+
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    world = getattr(c10d, "_world", None)
+    if setter is None or world is None:
+        return 0
+    n = 0
+    for group in list(getattr(world, "pg_map", {})):
+        try:
+            setter(timedelta(timeout_s), group)
+            n += 1
+        except (RuntimeError, ValueError, AttributeError):
+            pass
+    return n
 
 
 def destroy_distributed() -> None:

@@ -1,4 +1,4 @@
-"""Stopping cleanly: Ctrl-C / SIGTERM at a step boundary, and non-finite losses.
+"""Stopping cleanly: Ctrl-C / SIGTERM / SIGUSR1 at a step boundary, and non-finite losses.
 
 Signals only set a flag; the loop checks :func:`sync_flags` once per step (one tiny all-reduce,
 so every rank agrees and saves together) and then checkpoints and exits. A second Ctrl-C
@@ -14,10 +14,13 @@ from types import FrameType
 import torch
 
 from spsr_hpc import distributed as sdist
+from spsr_hpc.train.faults import EXIT_DATA, EXIT_NONFINITE, RunFailure
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailure):
     """A loss term became NaN/inf. Carries the step, the term and the last good checkpoint."""
+
+    exit_code = EXIT_NONFINITE
 
     def __init__(self, step: int, term: str, last_checkpoint: str | None) -> None:
         self.step, self.term, self.last_checkpoint = step, term, last_checkpoint
@@ -28,12 +31,21 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-class DataSkipRateError(RuntimeError):
-    """Too many data samples were unusable; the message names the reasons and the shards."""
+class DataSkipRateError(RunFailure):
+    """Too many data samples were unusable or lost; the message names the reasons and the shards."""
+
+    exit_code = EXIT_DATA
+
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+"""SIGUSR1 is what ``sbatch --signal=B:USR1@<s>`` forwards before the time limit
+(launch/slurm_train.sbatch): handled like SIGTERM."""
 
 
 class StopSignal:
-    """Context manager: SIGINT/SIGTERM set ``self.requested`` instead of killing the process."""
+    """Context manager: SIGINT/SIGTERM/SIGUSR1 set ``self.requested`` instead of killing the process."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -49,7 +61,7 @@ class StopSignal:
     def __enter__(self) -> StopSignal:
         # Signal handlers can only be installed from the main thread (not e.g. in a notebook worker).
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 

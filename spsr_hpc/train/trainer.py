@@ -61,7 +61,20 @@ from spsr_hpc.train.engines import (
     discard_accumulated_gradients,
     engine_lr,
     init_distributed,
+    set_collective_timeout,
     set_trainable,
+)
+from spsr_hpc.train.faults import (
+    EXIT_DATA,
+    EXIT_OK,
+    EXIT_STOPPED,
+    CollectiveTimeoutError,
+    RunFailure,
+    Watchdog,
+    collective_failure,
+    error_line,
+    grace_s,
+    is_collective_failure,
 )
 from spsr_hpc.train.guards import DataSkipRateError, NonFiniteLossError, StopSignal, reduce_step_values
 from spsr_hpc.train.logging import RunLogger, image_grid
@@ -142,7 +155,7 @@ class Trainer:
                 print(f"[spsr] perceptual loss: {perceptual.layer} of {perceptual.source}", flush=True)
         self.objective = SRObjective(cfg.loss, perceptual=perceptual, nse=nse).to(self.device)
 
-        init_distributed(cfg.deepspeed.backend)
+        init_distributed(cfg.deepspeed.backend, timeout_s=tc.init_timeout_s)
         if (sdist.get_rank(), sdist.get_world_size()) != (self.rank, self.world):
             raise RuntimeError("rank/world size changed when the process group started")
         ds = deepspeed_config(
@@ -212,6 +225,9 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         self._apply_fusion_warmup()
+        # Start-up (rendezvous, engines, resume) ran under train.init_timeout_s; from here on
+        # every collective of every group gets train.collective_timeout_s.
+        set_collective_timeout(tc.collective_timeout_s)
 
     # ---------------------------------------------------------------------------------------
     # state
@@ -624,7 +640,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps (or until a signal); returns a summary dict."""
-        cfg, lc, cc = self.cfg, self.cfg.logging, self.cfg.checkpoint
+        cfg, lc = self.cfg, self.cfg.logging
         if sdist.is_main_process():
             save_resolved(cfg, self.run_dir / "config.yaml")
         self.logger = RunLogger(
@@ -642,55 +658,31 @@ class Trainer:
             f"ZeRO {cfg.deepspeed.zero_stage}, engines {list(self.engines)}, start step {self.step}"
             + (f", fusion warm-up until step {cfg.train.fusion_warmup_steps}" if self.fusion_active else "")
         )
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)  # a skipped window contributes no loss values
-        samples_since, last_record = 0, {}
         saved_at = self.step if self.last_checkpoint is not None else -1
         stopped_by = None
-        with StopSignal() as sig:
-            self._signal = sig
-            while self.step < cfg.train.max_steps:
-                metrics = self.train_step()
-                for k, v in metrics.items():
-                    sums[k] += v
-                    counts[k] += 1
-                samples_since += self.global_batch
-                step = self.step
-                self.logger.progress(step, metrics)  # the bar shows this step's losses
-                if step % lc.log_every == 0 or step == cfg.train.max_steps or self._stop_requested:
-                    record = {k: v / counts[k] for k, v in sums.items()}
-                    record.update({f"lr/{n}": engine_lr(e) for n, e in self.engines.items()})
-                    record.update(self._health_record())
-                    last_record = self.logger.log(step, record, samples=samples_since)
-                    sums, counts, samples_since = defaultdict(float), defaultdict(int), 0
-                if lc.image_every and step % lc.image_every == 0:
-                    self._log_images()
-                if cfg.val.every and cfg.val.dir and step % cfg.val.every == 0:
-                    val = self.validate()
-                    if val:
-                        self.logger.log(step, val)
-                        self.logger.message(
-                            f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
-                        )
-                if cc.every and step % cc.every == 0:
+        timeout = cfg.train.collective_timeout_s
+        dog = Watchdog(timeout + grace_s(timeout), newest=self._newest_checkpoint, rank=self.rank)
+        try:
+            with dog:
+                stopped_by, saved_at, last_record = self._loop(dog, saved_at)
+                if saved_at != self.step:
+                    dog.beat(f"step {self.step}: the final checkpoint save")
                     self.save()
-                    saved_at = step
-                if cc.export_every and step % cc.export_every == 0:
-                    self.export()
-                if self._stop_requested:
-                    stopped_by = sig.signal_name or "signal on another rank"
-                    break
-            self._signal = None
-        if saved_at != self.step:
-            self.save()
-        exports = self.export()
+                dog.beat(f"step {self.step}: the export")
+                exports = self.export()
+        except Exception as e:
+            dog.pause()
+            if isinstance(e, RunFailure) or not is_collective_failure(e):
+                raise
+            raise collective_failure(dog.phase, e, timeout, self._newest_checkpoint()) from e
         if stopped_by:
             self.logger.message(
-                f"[spsr] stopped by {stopped_by} at step {self.step}; checkpoint {self.last_checkpoint}"
+                f"[spsr] stopped by {stopped_by} at step {self.step}; checkpoint {self.last_checkpoint}; "
+                f"exit status {EXIT_STOPPED}, re-run the same command to resume"
             )
         if self.skipped_total or any(self.data_skipped.values()):
             self.logger.message(
-                f"[spsr] {self.skipped_total} step(s) skipped (non-finite); data samples skipped: "
+                f"[spsr] {self.skipped_total} step(s) skipped (non-finite); data samples skipped or lost: "
                 + (", ".join(f"{r} {n}" for r, n in self.data_skipped.items() if n) or "none")
             )
         return {
@@ -703,6 +695,60 @@ class Trainer:
             "last_metrics": last_record,
             "run_dir": str(self.run_dir),
         }
+
+    def _newest_checkpoint(self) -> str | None:
+        """The newest checkpoint that verifies (reads meta.json files and stats only)."""
+        found = find_latest(self.ckpt_dir)
+        return str(found) if found is not None else None
+
+    def _loop(self, dog: Watchdog, saved_at: int) -> tuple[str | None, int, dict[str, Any]]:
+        """The steps of :meth:`fit`; returns (stopped_by, step of the last save, last record)."""
+        cfg, lc, cc = self.cfg, self.cfg.logging, self.cfg.checkpoint
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)  # a skipped window contributes no loss values
+        samples_since, last_record = 0, {}
+        stopped_by = None
+        with StopSignal() as sig:
+            self._signal = sig
+            while self.step < cfg.train.max_steps:
+                dog.beat(f"step {self.step + 1}: reading its batch or the step's collectives (the all-reduce "
+                         "of the losses and stop flag, the gradient all-reduce)")
+                metrics = self.train_step()
+                for k, v in metrics.items():
+                    sums[k] += v
+                    counts[k] += 1
+                samples_since += self.global_batch
+                step = self.step
+                self.logger.progress(step, metrics)  # the bar shows this step's losses
+                if step % lc.log_every == 0 or step == cfg.train.max_steps or self._stop_requested:
+                    dog.beat(f"step {step}: the all-reduce of the data-skip counts (logging)")
+                    record = {k: v / counts[k] for k, v in sums.items()}
+                    record.update({f"lr/{n}": engine_lr(e) for n, e in self.engines.items()})
+                    record.update(self._health_record())
+                    last_record = self.logger.log(step, record, samples=samples_since)
+                    sums, counts, samples_since = defaultdict(float), defaultdict(int), 0
+                if lc.image_every and step % lc.image_every == 0:
+                    self._log_images()
+                if cfg.val.every and cfg.val.dir and step % cfg.val.every == 0:
+                    dog.beat(f"step {step}: validation (rank 0 validates, the others wait in a barrier)")
+                    val = self.validate()
+                    if val:
+                        self.logger.log(step, val)
+                        self.logger.message(
+                            f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                        )
+                if cc.every and step % cc.every == 0:
+                    dog.beat(f"step {step}: the checkpoint save (its barriers and all-gathers)")
+                    self.save()
+                    saved_at = step
+                if cc.export_every and step % cc.export_every == 0:
+                    dog.beat(f"step {step}: the export")
+                    self.export()
+                if self._stop_requested:
+                    stopped_by = sig.signal_name or "signal on another rank"
+                    break
+            self._signal = None
+        return stopped_by, saved_at, last_record
 
     def close(self) -> None:
         if self.logger is not None:
@@ -731,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: config errors fail here, before any process group or engine exists."""
+    from spsr_hpc.data.loader_state import ShardReadError
     from spsr_hpc.preflight import check_run_inputs, print_errors
 
     args = build_parser().parse_args(argv)
@@ -755,11 +802,28 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         summary = run(cfg, source=args.config)
+    except RunFailure as e:
+        return _report_failure(e)
+    except ShardReadError as e:  # this rank's loader; the others end at their collective timeout
+        print(error_line(e, sdist.get_rank()), file=sys.stderr, flush=True)
+        return EXIT_DATA
     finally:
         destroy_distributed()
     if sdist.is_main_process():
         print(json.dumps({**summary, "wall_s": round(time.time() - t0, 1)}, default=str), flush=True)
-    return 0
+    return EXIT_STOPPED if summary.get("stopped_by") else EXIT_OK
+
+
+def _report_failure(e: RunFailure) -> int:
+    """One ``error:`` line (rank 0; every rank for a lost peer, where rank 0 may be the one
+    lost) and the exit status of :mod:`spsr_hpc.train.faults`. After a lost peer the process
+    ends at once: tearing the process group down could wait on the peer again."""
+    if e.every_rank or sdist.is_main_process():
+        print(error_line(e, sdist.get_rank() if e.every_rank else None), file=sys.stderr, flush=True)
+    if isinstance(e, CollectiveTimeoutError):
+        sys.stdout.flush()
+        os._exit(e.exit_code)
+    return e.exit_code
 
 
 __all__ = ["Trainer", "build_parser", "main", "run"]
