@@ -21,7 +21,8 @@ import torch
 from spsr_hpc.device import device_name  # re-exported: the benchmarks import it from here
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+# SPSR_RESULTS_DIR redirects every benchmark's CSV (scripts/gpu_check.sh --results DIR; tests).
+RESULTS_DIR = Path(os.environ.get("SPSR_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results")
 
 # Roofline peaks, by a substring of torch.cuda.get_device_name() (first match wins, so the
 # specific names precede the generic "H100"). Sources:
