@@ -10,6 +10,7 @@ before any CUDA memory is touched. Prints one JSON line.
 
 Scenarios:
   cpu_trainer        train.device=cpu on the GPU host: a tiny SPSR-G Trainer and one step.
+  cpu_trainer_after_import   the same after deepspeed was imported and chose CUDA.
   one_gpu_per_task   LOCAL_RANK=1 with one visible device (SLURM --gpus-per-task=1):
                      init_distributed on this rank's CUDA device, then DeepSpeed's own engine
                      code that reads LOCAL_RANK (_configure_with_arguments, _set_distributed_vars).
@@ -110,6 +111,11 @@ def main() -> int:
     fake_cuda(count)
     if scenario == "cpu_trainer":
         out = cpu_trainer(sys.argv[3])
+    elif scenario == "cpu_trainer_after_import":
+        # deepspeed imported (and its accelerator chosen: CUDA here) before the trainer starts.
+        from deepspeed.accelerator import get_accelerator
+
+        out = {"accelerator_before": get_accelerator().device_name(), **cpu_trainer(sys.argv[3])}
     elif scenario == "one_gpu_per_task":
         out = one_gpu_per_task()
     else:

@@ -77,10 +77,14 @@ def test_align_local_rank_one_gpu_per_task(monkeypatch):
     assert os.environ["LOCAL_RANK"] == "0"
 
 
-def test_cpu_training_on_a_gpu_host_stays_on_cpu(tmp_path):
+@pytest.mark.parametrize("scenario", ["cpu_trainer", "cpu_trainer_after_import"])
+def test_cpu_training_on_a_gpu_host_stays_on_cpu(tmp_path, scenario):
     """train.device=cpu with two visible GPUs: DeepSpeed's CPU accelerator, gloo, every engine's
-    parameters on the CPU after one SPSR-G step (DeepSpeed used to pick CUDA and move them)."""
-    out = _fake_host(tmp_path, "cpu_trainer", "2", str(tmp_path / "run"))
+    parameters on the CPU after one SPSR-G step (DeepSpeed used to pick CUDA and move them), also
+    when deepspeed had already been imported and had chosen CUDA."""
+    out = _fake_host(tmp_path, scenario, "2", str(tmp_path / "run"))
+    if scenario == "cpu_trainer_after_import":
+        assert out["accelerator_before"] == "cuda"
     assert out["rank_device"] == "cuda:0"  # the host does look like a GPU host
     assert out["accelerator"] == "cpu"
     assert out["backend"] == "gloo"
