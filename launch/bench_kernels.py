@@ -87,7 +87,7 @@ def _masked_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_static(no_csv: bool) -> int:
+def run_static(no_csv: bool, only: str = "") -> int:
     """Compile every shipped configuration for sm_90 and report what the SASS shows."""
     sys.path.insert(0, str(REPO))
     import torch
@@ -97,7 +97,8 @@ def run_static(no_csv: bool) -> int:
     prov = common.provenance(torch.device("cpu"))  # before the (minutes-long) compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = REPO / "tests" / "aot_compile_kernels.py"
-    proc = subprocess.run([sys.executable, str(script), "--sass"], env=env, capture_output=True, text=True)
+    cmd = [sys.executable, str(script), "--sass", *(["--only", only] if only else [])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = proc.stdout.splitlines()
     records = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("AOT_KERNEL")]
     errors = [line for line in lines if line.startswith(("AOT_ERROR", "AOT_SKIP"))]
@@ -138,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--static", action="store_true", help="sm_90 compiled-code report instead of timings (no GPU needed)"
     )
+    parser.add_argument(
+        "--static-only", default="", metavar="TEXT",
+        help="--static: only the cases whose name contains TEXT (e.g. 'gradient_map torch.float32 padding=1')"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.static:
-        return run_static(args.no_csv)
+        return run_static(args.no_csv, args.static_only)
     if rest and args.op == "all":
         parser.error(f"options {rest} are op-specific; pick one with --op")
     common = [*(["--quick"] if args.quick else []), *(["--no-csv"] if args.no_csv else []),

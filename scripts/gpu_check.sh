@@ -1,92 +1,233 @@
 #!/usr/bin/env bash
-# GPU check of the fused kernels on a CUDA machine, from the repo root, in under 8 minutes:
-#   bash scripts/gpu_check.sh            # total budget 470 s (override: GPU_CHECK_BUDGET=...)
+# First check on a GPU machine, from the repo root, in under 8 minutes, with no network:
+#   bash scripts/gpu_check.sh                      # everything; total budget 470 s
+#   bash scripts/gpu_check.sh --wheels .whl        # + a one-step bf16 SPSR-G run (deepspeed etc. from wheels)
+#   bash scripts/gpu_check.sh --no-gpu             # only the steps that need no GPU (CI runs this)
+# Options: --budget S (default 470, or GPU_CHECK_BUDGET), --results DIR (default benchmarks/results),
+#          --static-only TEXT (only the static-report cases whose name contains TEXT),
+#          --python PY (default: $SPSR_PYTHON, else .venv/bin/python, else python3).
 #
-# Steps, each under its own `timeout` and clipped to what is left of the budget, none able to
-# stop the ones after it:
-#   1. the device (nvidia-smi: name, memory, max clocks) -> <run dir>/device.txt
-#   2. the kernel tests natively (compiled Triton, no interpreter; `gpu` tests included), one
-#      step per file -> <run dir>/tests_{gradient_map,info_nce}.xml (JUnit, one record per test)
-#   3. gradient-map benchmark, Triton vs eager (conv, slices) vs torch.compile, fwd / bwd /
-#      fwd+bwd, fp32 then bf16 -> rows in benchmarks/results/gradient_map.csv
-#   4. InfoNCE benchmark, Triton vs chunked vs naive vs torch.compile(naive), fwd+bwd, with the
-#      NSE's exclusion (radius 4, 3 centres), N = M = 1024 and 10^4 (a 100x100 map) at B = 1, 8,
-#      fp32 then bf16; then the NSE's full batch (B = 48) for the memory-frugal providers
-#      -> rows in benchmarks/results/info_nce.csv, each written as soon as it is measured
-#   5. the sm_90 compiled-code report (launch/bench_kernels.py --static; needs no GPU, so it
-#      runs last and only if time is left) -> benchmarks/results/kernels_static.{csv,md}
-# Every row carries the device name, versions and git revision. The whole output is logged to
-# <run dir>/log.txt and each step's exit status to <run dir>/steps.txt, with <run dir> =
-# benchmarks/results/gpu_check_<UTC time>/. A failing or timed-out step is recorded and the
-# next one runs; figures already written stay. Commit benchmarks/results/ afterwards.
+# Works on a bare machine with Python >= 3.10, torch >= 2.11, triton >= 3.6, numpy, pytest,
+# setuptools (the lent GPU machines: Python 3.12, torch 2.11 cu130, triton 3.6, pytest, pytest-xdist,
+# scikit-image, matplotlib, pyyaml, pillow; no deepspeed, webdataset, lpips or DALI).
+#
+# Steps, each under its own `timeout -s INT` (pytest and the benchmarks then stop cleanly and keep
+# what they wrote) and clipped to what is left of the budget; a failed or timed-out step is
+# recorded and the next one runs:
+#   install   offline: pip install --no-deps --no-build-isolation --no-index --target <tmp>/site .
+#             (wheels from --wheels DIR into the same folder); PYTHONPATH=<tmp>/site:<repo>
+#   imports   spsr_kernels, spsr_hpc, versions against the floors; device.txt (GPU name, driver)
+#   warm-up   (GPU) the kernel tests with every core (pytest-xdist when present): each Triton
+#             specialisation is compiled once into the cache before anything is timed
+#   tests     (GPU) each kernel test file natively -> <run>/tests_<file>.xml (JUnit, written
+#             also when the step's time runs out; per-test limit with pytest-timeout when present)
+#   benches   (GPU) gradient-map and InfoNCE benchmarks, fp32 then bf16 -> <results>/*.csv, each
+#             row appended as soon as it is measured
+#   static    sm_90 compiled-code report (no GPU) -> <results>/kernels_static.{csv,md}
+#   train     (GPU, with deepspeed importable) one bf16 SPSR-G run of 2 steps on one GPU
+# The whole output goes to <run>/log.txt and each step's status to <run>/steps.txt, with
+# <run> = <results>/gpu_check_<UTC time>/. Exit 0 when every step that ran passed.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-if [[ -x "${SPSR_VENV:-$repo/.venv}/bin/python" ]]; then
-    py="${SPSR_VENV:-$repo/.venv}/bin/python"
-else
-    py="$(command -v python || command -v python3)"
-fi
-budget="${GPU_CHECK_BUDGET:-470}"
-run_dir="benchmarks/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)"
-mkdir -p "$run_dir"
-steps="$run_dir/steps.txt"
-# The interpreter must stay off: these checks are about the compiled kernels.
-unset TRITON_INTERPRET
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$run_dir/log.txt") 2>&1
 
-echo "== gpu_check $(date -u +%FT%TZ) on $(hostname); python: $py; budget ${budget}s; results: $run_dir"
-if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_check: no usable CUDA device; nothing to check" | tee -a "$steps"
+no_gpu=0
+wheels=""
+budget="${GPU_CHECK_BUDGET:-470}"
+results="benchmarks/results"
+static_only=""
+py="${SPSR_PYTHON:-}"
+while (($#)); do
+    case "$1" in
+        --no-gpu) no_gpu=1 ;;
+        --wheels) wheels="${2:?--wheels needs a folder}"; shift ;;
+        --budget) budget="${2:?--budget needs seconds}"; shift ;;
+        --results) results="${2:?--results needs a folder}"; shift ;;
+        --static-only) static_only="${2?--static-only needs text}"; shift ;;
+        --python) py="${2:?--python needs an interpreter}"; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [[ -z "$py" ]]; then
+    if [[ -x "$repo/.venv/bin/python" ]]; then py="$repo/.venv/bin/python"; else py="$(command -v python3 || command -v python)"; fi
+fi
+if [[ -n "$wheels" && ! -d "$wheels" ]]; then
+    echo "error: --wheels $wheels is not a folder; make one with scripts/gpu_wheels.sh" >&2
     exit 2
 fi
-{
-    "$py" -c "import torch, triton; print('device:', torch.cuda.get_device_name(0)); print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>/dev/null
-    git rev-parse --short HEAD 2>/dev/null
-} | tee "$run_dir/device.txt"
+mkdir -p "$results"
+results="$(cd "$results" && pwd)"
+run_dir="$results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$run_dir"
+steps="$run_dir/steps.txt"
+: >"$steps"
+site="$(mktemp -d "${TMPDIR:-/tmp}/spsr_gpu_check.XXXXXX")"
+trap 'rm -rf "$site"' EXIT
+# The interpreter must stay off: these checks are about the compiled kernels.
+unset TRITON_INTERPRET
+export SPSR_RESULTS_DIR="$results" PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+exec > >(tee -a "$run_dir/log.txt") 2>&1
+
+mode="GPU"
+((no_gpu)) && mode="no-GPU"
+echo "== gpu_check ($mode) $(date -u +%FT%TZ) on $(hostname); python: $py; budget ${budget}s; results: $results; run: $run_dir"
 
 status=0
 # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of the budget); log the result.
+# SIGINT first (pytest writes its JUnit file and the benchmarks keep their rows), KILL 15 s later.
 step() {
     local name="$1" limit="$2"
     shift 2
     local left=$((budget - SECONDS))
-    if ((left < 20)); then
+    if ((left < 15)); then
         echo "$name: skipped, ${left}s of the budget left" | tee -a "$steps"
         status=1
-        return
+        return 1
     fi
     ((limit > left - 5)) && limit=$((left - 5))
     echo "== $name (limit ${limit}s, ${SECONDS}s elapsed)"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@"
-    local rc=$?
+    local t0=$SECONDS rc
+    if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]] && [[ "$name" != install && "$name" != imports ]]; then
+        printf 'DRY %s:' "$name"; printf ' %q' "$@"; printf '\n'  # tests: the plan, nothing run
+        rc=0
+    else
+        timeout -s INT --kill-after=15 "$limit" "$@"
+        rc=$?
+    fi
     local verdict="ok"
     ((rc == 124 || rc == 137)) && verdict="timed out"
     ((rc != 0 && rc != 124 && rc != 137)) && verdict="failed"
     echo "$name: $verdict (exit $rc) in $((SECONDS - t0))s" | tee -a "$steps"
     ((rc != 0)) && status=1
+    return "$rc"
 }
+skip() { echo "$1: skipped ($2)" | tee -a "$steps"; }
 
-# One step per file, each with its own JUnit record: a file that runs out of time (every kernel
-# variant compiles on first use) loses only its own record.
-step "tests gradient_map" 90 "$py" -m pytest tests/test_gradient_map.py -m "gpu or not slow" \
-    -q -p no:cacheprovider --durations=10 --junitxml="$run_dir/tests_gradient_map.xml"
-step "tests info_nce" 110 "$py" -m pytest tests/test_info_nce.py -m "gpu or not slow" \
-    -q -p no:cacheprovider --durations=10 --junitxml="$run_dir/tests_info_nce.xml"
-for dtype in float32 bfloat16; do
-    step "gradient_map bench $dtype" 50 "$py" launch/bench_kernels.py --op gradient_map --dtype "$dtype"
-done
-for dtype in float32 bfloat16; do
-    step "info_nce bench $dtype" 80 "$py" launch/bench_kernels.py --op info_nce --dtype "$dtype" \
-        --sizes 1024 10000 --batches 1 8
-done
-step "info_nce bench NSE batch" 45 "$py" launch/bench_kernels.py --op info_nce --dtype bfloat16 \
-    --sizes 10000 --batches 48 --providers triton chunked
-# Needs no GPU (it is committed from CPU runs too): only with time to spare.
-step "static report" 90 "$py" launch/bench_kernels.py --static
+# --- install (offline) ---------------------------------------------------------------------------
+install() {
+    "$py" -m pip install --quiet --no-deps --no-build-isolation --no-index --target "$site/site" "$repo" || return 1
+    rm -rf "$repo/build"  # setuptools' build folder (the egg-info is gitignored and harmless)
+    if [[ -n "$wheels" ]]; then
+        shopt -s nullglob
+        local whl=("$wheels"/*.whl)
+        ((${#whl[@]})) || { echo "no .whl files in $wheels"; return 1; }
+        "$py" -m pip install --quiet --no-deps --no-index --no-compile --target "$site/site" "${whl[@]}" || return 1
+    fi
+}
+export py site repo wheels run_dir
+export -f install
+if ! step "install" 120 bash -c install; then
+    echo "gpu_check: the offline install failed; nothing else can run"
+    cat "$steps"
+    exit 1
+fi
+export PYTHONPATH="$site/site:$repo"
+
+# --- imports and versions ------------------------------------------------------------------------
+step "imports" 60 "$py" - <<'EOF' > >(tee "$run_dir/device.txt")
+import platform, subprocess, sys
+import torch
+import spsr_kernels
+from spsr_kernels._triton import HAS_TRITON, TORCH_MIN, TRITON_MIN, TRITON_MISSING, version_tuple
+import spsr_hpc, spsr_hpc.bench.gradient_map, spsr_hpc.bench.info_nce, spsr_hpc.config  # noqa: F401
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "missing"
+print(f"python {platform.python_version()}  torch {torch.__version__}  triton {tv}  cuda {torch.version.cuda}")
+print(f"spsr_kernels from {spsr_kernels.__file__}")
+bad = []
+if version_tuple(torch.__version__) < TORCH_MIN:
+    bad.append(f"torch {torch.__version__} < {'.'.join(map(str, TORCH_MIN))}")
+if not HAS_TRITON:
+    bad.append(TRITON_MISSING)
+import importlib.util
+for name in ("deepspeed", "webdataset", "lpips", "nvidia.dali"):  # only the training step needs them
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        found = False
+    print(f"{name}: {'installed' if found else 'absent'}")
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB {p.multi_processor_count} SMs")
+    try:
+        print(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version",
+                              "--format=csv"], capture_output=True, text=True, timeout=20).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+else:
+    print("no CUDA device visible")
+try:
+    print("git", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+except OSError:
+    pass
+if bad:
+    sys.exit("error: below the supported versions: " + "; ".join(bad))
+EOF
+
+has_cuda=0
+if ((!no_gpu)) && { [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]] ||
+                    "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; }; then
+    has_cuda=1  # a dry run (GPU_CHECK_DRY_RUN=1, tests) prints the GPU steps' commands instead
+fi
+if ((!no_gpu && !has_cuda)); then
+    echo "gpu_check: no usable CUDA device; the GPU steps are skipped (use --no-gpu to say so)" | tee -a "$steps"
+    status=1
+fi
+
+timeout_opt=()
+"$py" -c "import pytest_timeout" 2>/dev/null && timeout_opt=(-p timeout --timeout=90)
+kernel_tests=(tests/test_gradient_map.py tests/test_info_nce.py)
+if ((has_cuda)); then
+    # --- warm-up: compile every specialisation the tests and benchmarks use, on every core -------
+    xdist=()
+    "$py" -c "import xdist" 2>/dev/null && xdist=(-n "$(($(nproc) > 8 ? 8 : $(nproc)))")
+    step "warm-up (compile)" 150 "$py" -m pytest "${kernel_tests[@]}" -m "gpu or not slow" -q -p no:cacheprovider \
+        "${xdist[@]}" --junitxml="$run_dir/warmup.xml"
+    # --- kernel tests natively, one JUnit file per file --------------------------------------------
+    for f in "${kernel_tests[@]}"; do
+        name="$(basename "$f" .py)"
+        step "tests ${name#test_}" 75 "$py" -m pytest "$f" -m "gpu or not slow" -q -p no:cacheprovider \
+            --durations=10 "${timeout_opt[@]}" --junitxml="$run_dir/tests_${name#test_}.xml"
+    done
+    # --- benchmarks: each row appended as soon as it is measured -----------------------------------
+    for dtype in float32 bfloat16; do
+        step "gradient_map bench $dtype" 45 "$py" launch/bench_kernels.py --op gradient_map --dtype "$dtype"
+    done
+    for dtype in float32 bfloat16; do
+        step "info_nce bench $dtype" 60 "$py" launch/bench_kernels.py --op info_nce --dtype "$dtype" \
+            --sizes 1024 10000 --batches 1 8
+    done
+    step "info_nce bench NSE batch" 35 "$py" launch/bench_kernels.py --op info_nce --dtype bfloat16 \
+        --sizes 10000 --batches 48 --providers triton chunked
+elif ((no_gpu)); then
+    skip "warm-up, tests, benchmarks" "--no-gpu"
+fi
+
+# --- one bf16 SPSR-G run on one GPU (needs deepspeed, webdataset: --wheels) ----------------------
+# Into the throwaway folder: the log keeps the losses and the summary line.
+if ((has_cuda)) && "$py" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
+    step "train: shards of the bundled photos" 60 "$py" launch/make_shards.py --bundled --out "$site/shards" \
+        --crop 128 --step 128 --workers 4 --no-progress &&
+    step "train bf16 SPSR-G (2 steps, 1 GPU)" 120 "$py" launch/train.py --config configs/tiny_spsr_g.yaml \
+        "data.shards=$site/shards" "logging.run_dir=$site/train" train.device=cuda train.bf16=true \
+        train.max_steps=2 train.fusion_warmup_steps=1 checkpoint.every=0 logging.image_every=0 \
+        logging.tensorboard=false logging.progress_bar=false logging.log_every=1 val.dir=null
+elif ((has_cuda)); then
+    skip "train bf16 SPSR-G" "deepspeed/webdataset not importable: pass --wheels DIR (scripts/gpu_wheels.sh)"
+else
+    skip "train bf16 SPSR-G" "needs a GPU"
+fi
+
+# --- static sm_90 report (no GPU needed) ---------------------------------------------------------
+static_limit=150  # on the GPU machine: what is left after the GPU steps (a CPU run can make it later)
+((no_gpu)) && static_limit=600  # alone here: ~70 s of one core, minutes on a loaded 2-core machine
+step "static sm_90 report" "$static_limit" "$py" launch/bench_kernels.py --static --static-only "$static_only"
 
 echo "== gpu_check done in ${SECONDS}s, status $status"
 cat "$steps"

@@ -45,10 +45,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA ordinal of the rank with local rank ``local_rank`` when ``device_count`` are visible.
+
+    Every GPU of the node visible to every rank (``deepspeed``/``torchrun``, ``srun`` with all
+    GPUs): ordinal = local rank. One GPU per task (SLURM ``--gpus-per-task=1``, ``--gpu-bind``, a
+    per-task CUDA_VISIBLE_DEVICES): each task sees one device, ordinal 0 whatever its local
+    rank. Fewer GPUs than local ranks otherwise: ranks share them round-robin.
+    """
+    if device_count < 1:
+        raise ValueError(f"no CUDA device is visible (device count {device_count})")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} is negative")
+    return local_rank % device_count
+
+
 def local_device() -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK when CUDA is present, else CPU."""
+    """This rank's device: cuda:<:func:`cuda_device_index`> when CUDA is present, else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
+        return torch.device("cuda", cuda_device_index(get_local_rank(), torch.cuda.device_count()))
     return torch.device("cpu")
 
 

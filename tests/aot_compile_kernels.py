@@ -21,7 +21,7 @@ Output on stdout, one record per line (other lines may appear and are ignored):
     AOT_ERROR {"case", "type", "message"}         a launch/compile that raised
     AOT_SKIP <reason>                             the internals this relies on are missing;
                                                   exit status SKIP_EXIT (77)
-    AOT_DONE {"compiled", "errors"}               last line of a completed run
+    AOT_DONE {"compiled", "errors", "triton"}     last line of a completed run
 
 Exit status: 0 when every case compiled, 1 when some raised, 77 for a skip.
 Usage: ``python tests/aot_compile_kernels.py [--cap 90] [--sass] [--only NAME] [--variants]``.
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             errors += 1
             traceback.print_exc()
             _emit("AOT_ERROR", {"case": name, "type": type(e).__name__, "message": str(e)[-4000:]})
-    _emit("AOT_DONE", {"compiled": len(records), "errors": errors})
+    _emit("AOT_DONE", {"compiled": len(records), "errors": errors, "triton": triton.__version__})
     return 1 if errors else 0
 
 

@@ -351,3 +351,39 @@ def test_config_validation():
     assert DataConfig(patch_size=32, scale=4).hr_patch == 128
     with pytest.raises(ValueError, match=r"data\.shards"):
         build_train_loader(DataConfig(shards="/nonexistent/*.tar"), rank=0, world_size=1)
+
+
+@pytest.fixture(scope="module")
+def odd_shards(photos, tmp_path_factory):
+    """11 samples, one per shard: a count that 2, 3 and 4 ranks do not divide."""
+    src = tmp_path_factory.mktemp("odd_src")
+    for i in range(11):
+        Image.fromarray(photos[1][i]).save(src / f"img{i:02d}.png")
+    out = tmp_path_factory.mktemp("odd")
+    assert write_shards(src, out, scale=S, shard_size_mb=1e-3, workers=0, progress=False)["num_shards"] == 11
+    return out
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize(("world", "batch"), [(2, 4), (3, 2), (4, 3)])
+def test_ranks_partition_every_epoch(loader, world, batch, odd_shards, photos):
+    """The per-rank promise with a sample count the ranks do not divide: within each epoch no
+    sample reaches two ranks, and every sample reaches one (default epoch length). DALI used to
+    read past a rank's part into the next rank's."""
+    all_ids = {hashlib.sha1(h.tobytes()).hexdigest() for h in photos[1][:11]}
+    c = full_image_cfg(odd_shards, loader=loader, batch_size=batch)
+    parts = []
+    for epoch in range(2):
+        seen = []
+        for rank in range(world):
+            ld = build_train_loader(c, rank=rank, world_size=world)
+            ld.set_epoch(epoch)
+            ids = [digest(h.permute(1, 2, 0)) for b in ld for h in b["hr"]]
+            assert len(ids) == len(ld) * batch
+            seen.append(set(ids))
+        for a, b in itertools.combinations(range(world), 2):
+            assert not seen[a] & seen[b], f"epoch {epoch}: ranks {a} and {b} read the same sample"
+        assert set().union(*seen) == all_ids, f"epoch {epoch}: samples no rank read"
+        parts.append(seen)
+    if loader == "dali":
+        assert parts[0] != parts[1]  # the parts change between epochs (tar order drawn per epoch)

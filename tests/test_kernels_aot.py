@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -49,7 +50,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[1]
+
 SCRIPT = Path(__file__).with_name("aot_compile_kernels.py")
+TRITON_MIN = (3, 6)  # spsr_kernels._triton.TRITON_MIN (not imported: see below)
 SKIP_EXIT = 77  # aot_compile_kernels.SKIP_EXIT (not imported: importing it would import triton here)
 H100_MAX_SHARED_PER_BLOCK = 232448  # bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
 REGISTERS_PER_BLOCK = 65536
@@ -69,9 +73,16 @@ EXPECTED = {
 NOT_SHIPPED = ("info_nce torch.float32 d=128",)
 
 
-def _run_script(cache_dir: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict[str, list]]:
+def _run_script(
+    cache_dir: Path, *args: str, triton_dir: Path | None = None
+) -> tuple[subprocess.CompletedProcess, dict[str, list]]:
+    """Run the script; ``triton_dir`` (a ``pip --target`` folder holding another triton) goes first
+    on PYTHONPATH, so the script compiles with that triton."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(cache_dir)  # a fresh cache: every kernel really goes through ptxas
+    if triton_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(triton_dir), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *(args or ("--sass",))], env=env, capture_output=True, text=True,
         timeout=900,
@@ -87,10 +98,57 @@ def _run_script(cache_dir: Path, *args: str) -> tuple[subprocess.CompletedProces
     return proc, records
 
 
+def _oldest_triton_dir() -> Path:
+    """A ``pip --target`` folder with triton TRITON_MIN for this interpreter, made once and reused
+    (SPSR_OLDEST_TRITON_DIR, else ~/.cache/spsr-hpc/triton-<version>-py<major><minor>); skips,
+    naming the reason, when pip cannot get the wheel (no network, no wheel for this Python)."""
+    version = ".".join(map(str, TRITON_MIN)) + ".0"
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    default = Path.home() / ".cache" / "spsr-hpc" / f"triton-{version}-{py}"
+    target = Path(os.environ.get("SPSR_OLDEST_TRITON_DIR") or default)
+    if (target / "triton" / "__init__.py").is_file():
+        return target
+    if sys.platform != "linux":
+        pytest.skip("triton wheels are Linux-only")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:",
+         "--disable-pip-version-check", "--target", str(tmp), f"triton=={version}"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"cannot install triton=={version} (the oldest supported) with pip: "
+                    f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    tmp.rename(target)
+    return target
+
+
 def test_kernels_compile_for_sm90(tmp_path):
-    proc, rec = _run_script(tmp_path / "triton_cache")
+    _check_sm90(tmp_path)
+
+
+def test_kernels_compile_for_sm90_under_the_oldest_triton(tmp_path):
+    """The same compile and resource checks under triton 3.6 (pyproject's floor, what the lent GPU
+    machines run), in a --target folder put first on PYTHONPATH (first run: ~1-2 min to fetch it)."""
+    _check_sm90(tmp_path, triton_dir=_oldest_triton_dir(), want_triton=".".join(map(str, TRITON_MIN)),
+                known_spills=TRITON_36_SPILLS)
+
+
+# Measured under triton 3.6.0 (ptxas of its wheel), not under 3.8: the bitmap pre-pass with 8
+# centres (the NSE uses 3) spills 24 bytes to the stack (5 STL) at 16 anchors x 4 words, 4 warps.
+# Tolerated exactly (this kernel and case, at most this many bytes); any other spill still fails.
+TRITON_36_SPILLS = {("_exclusion_words_kernel", "info_nce exclusion bitmap C=8"): 24}
+
+
+def _check_sm90(tmp_path: Path, triton_dir: Path | None = None, want_triton: str | None = None,
+                known_spills: dict[tuple[str, str], int] | None = None) -> None:
+    proc, rec = _run_script(tmp_path / "triton_cache", triton_dir=triton_dir)
     if proc.returncode == SKIP_EXIT:
         pytest.skip(f"AOT compile harness unavailable: {' '.join(rec['AOT_SKIP']) or proc.stdout[-500:]}")
+    if want_triton is not None and rec["AOT_DONE"]:
+        assert rec["AOT_DONE"][-1]["triton"].startswith(want_triton + "."), rec["AOT_DONE"][-1]
     log = f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
 
     errors = [f"{e['case']}: {e['type']}: {e['message'][-1500:]}" for e in rec["AOT_ERROR"]]
@@ -124,10 +182,17 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert not too_many_regs, "register file overflow per block:\n" + "\n".join(too_many_regs)
 
     shipped = [k for k in kernels if not k["case"].startswith(NOT_SHIPPED)]
+    known = known_spills or {}
+
+    def tolerated(k: dict) -> bool:
+        limit = known.get((k["kernel"], k["case"]))
+        return limit is not None and not k["local"] and (k["stack"] or 0) <= limit
+
     spills = [
         f"{describe(k)}: stack {k['stack']} B, local {k['local']} B, {k['stl']} STL"
         for k in shipped
         if k["registers"] is not None and ((k["stack"] or 0) + (k["local"] or 0) or k["stl"])
+        and not tolerated(k)
     ]
     assert not spills, "register spills in shipped configurations:\n" + "\n".join(spills)
     if all(k.get("ldg128") is not None for k in kernels):

@@ -21,7 +21,8 @@ import torch
 from spsr_hpc.device import device_name  # re-exported: the benchmarks import it from here
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+# SPSR_RESULTS_DIR redirects every benchmark's CSV (scripts/gpu_check.sh --results DIR; tests).
+RESULTS_DIR = Path(os.environ.get("SPSR_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results")
 
 # Roofline peaks, by a substring of torch.cuda.get_device_name() (first match wins, so the
 # specific names precede the generic "H100"). Sources:
@@ -119,6 +120,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for CUDA (so Triton launches, streams and events belong to
+    ``device``, not to the current device), else a no-op."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cuda_elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``, timed by CUDA events on ``device``'s current stream.
+
+    Events recorded without a stream go to the *current* device's stream: with ``--device
+    cuda:1`` they timed cuda:0 (idle) and reported near-zero times. Here the device is entered
+    and the events record on its stream.
+    """
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        torch.cuda.synchronize(device)
+        return float(start.elapsed_time(end))
+
+
 def time_quantiles(
     fn: Callable[[], object],
     device: torch.device,
@@ -133,20 +157,17 @@ def time_quantiles(
     On CUDA, CUDA events time each call and the L2 cache is flushed between calls (as
     triton.testing.do_bench does), so memory-bound kernels are not flattered by warm caches.
     """
-    for _ in range(warmup):
-        fn()
+    with on_device(device):
+        for _ in range(warmup):
+            fn()
     sync(device)
     times: list[float] = []
     if device.type == "cuda":
         flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
         for _ in range(rep):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
+            with torch.cuda.device(device):
+                flush.zero_()
+            times.append(cuda_elapsed_ms(fn, device))
     else:
         t_total = 0.0
         i = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -79,8 +80,19 @@ def _bytes_moved(pass_name: str, n_in: int, n_out: int, elem: int) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_name]
 
 
-def run(args: argparse.Namespace) -> list[dict[str, object]]:
+def run(
+    args: argparse.Namespace, on_row: Callable[[dict[str, object]], None] | None = None
+) -> list[dict[str, object]]:
+    """Measure every (shape, provider, pass); ``on_row`` gets each row as soon as it is measured
+    (main appends it to the CSV then, so a time limit or crash keeps the figures so far)."""
     device = torch.device(args.device)
+    with common.on_device(device):  # Triton launches and CUDA events on this device
+        return _run(args, device, on_row)
+
+
+def _run(
+    args: argparse.Namespace, device: torch.device, on_row: Callable[[dict[str, object]], None] | None
+) -> list[dict[str, object]]:
     dtype = DTYPES[args.dtype]
     providers = [p for p in args.providers.split(",") if p]
     passes = [p for p in args.passes.split(",") if p]
@@ -140,6 +152,8 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "speedup_vs_eager_conv": (eager_p50[pass_name] / p50) if pass_name in eager_p50 else None,
                     "peak_mem_mb": peak / 2**20 if peak is not None else None,
                 })  # fmt: skip
+                if on_row is not None:
+                    on_row(rows[-1])
         del x, grad
     return rows
 
@@ -170,16 +184,24 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("gradient_map bench: TRITON_INTERPRET is set; interpreted kernels are not timed. Unset it.")
         return 2
-    rows = run(args)
+    written: list[dict[str, object]] = []
+
+    def write(row: dict[str, object]) -> None:  # at once: a later crash or time limit keeps it
+        if not args.no_csv:
+            common.append_rows(CSV_NAME, [row])
+            written.append(row)
+        print(f"{row['provider']:14s} {row['shape']} p{row['padding']} {row['pass']:8s} "
+              f"p50 {row['p50_ms']:.3f} ms", file=sys.stderr, flush=True)
+
+    rows = run(args, on_row=write)
     columns = ["shape", "padding", "dtype", "provider", "pass", "p20_ms", "p50_ms", "p80_ms", "gbps",
                "frac_hbm_peak", "speedup_vs_eager_conv", "peak_mem_mb"]  # fmt: skip
     peak = rows[0]["hbm_peak_gbps"] if rows else None
     print(f"gradient_map on {rows[0]['device'] if rows else args.device}; HBM peak {peak} GB/s;"
           " GB/s counts the bytes the op must move")  # fmt: skip
     print(common.format_table(rows, columns))
-    if not args.no_csv and rows:
-        path = common.append_rows(CSV_NAME, rows)
-        print(f"appended {len(rows)} rows to {path}")
+    if written:
+        print(f"appended {len(written)} rows to {common.RESULTS_DIR / CSV_NAME}")
     return 0
 
 

@@ -129,15 +129,11 @@ def _time_backward(
     donate buffers, so one graph cannot be replayed with retain_graph)."""
     times = []
     for i in range(warmup + rep):
-        loss = fwd()
+        with common.on_device(device):
+            loss = fwd()
         common.sync(device)
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss.backward()
-            end.record()
-            torch.cuda.synchronize(device)
-            elapsed = start.elapsed_time(end)
+            elapsed = common.cuda_elapsed_ms(loss.backward, device)
         else:
             t0 = time.perf_counter()
             loss.backward()
@@ -371,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             for provider in args.providers:
                 if args.quick and provider == "compile" and N > 4096:
                     continue  # compiling the naive graph at 10^8 logits adds minutes on 2 cores
-                row = bench_one(provider, B, N, args.d, args.radius, dtype, device, args)
+                with common.on_device(device):  # Triton launches and CUDA events on this device
+                    row = bench_one(provider, B, N, args.d, args.radius, dtype, device, args)
                 row.update(prov)
                 row["sfu_peak_source"] = (
                     "spsr_hpc.bench.common.SFU_PEAK_OPS_PER_S" if device.type == "cuda" else ""
@@ -415,7 +412,8 @@ def _main_interleaved(args, device, dtype, sizes, batches, prov) -> int:
         for B in batches:
             for N in sizes:
                 args_n = (B, N, args.d, args.radius, dtype, device, args, baseline)
-                done = bench_interleaved(providers, *args_n)
+                with common.on_device(device):
+                    done = bench_interleaved(providers, *args_n)
                 for row in done:
                     row.update(prov)
                     row["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None

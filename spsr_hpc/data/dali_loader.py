@@ -11,13 +11,20 @@ the transpose is computed for both and selected with a coin (``x + c · (xᵀ �
 c ∈ {0, 1}, square patches).
 
 Split across ranks: the reader's ``shard_id = rank`` / ``num_shards = world size`` gives each
-rank a disjoint contiguous part of the sample list (DALI's sharding). Each epoch has the same
-fixed number of batches on every rank; the reader wraps around within its part as needed.
+rank a disjoint contiguous part of the sample list (DALI's sharding: rank r gets samples
+floor(r·n/W) .. floor((r+1)·n/W) − 1, also when W does not divide n), and ``stick_to_shard``
+keeps it there: each epoch has the same fixed number of batches on every rank, and a rank that
+reads past its part wraps around to the start of its own part, never into the next rank's.
+Every sample of the part is read once before any is read again (DALI drains its shuffle buffer
+at the end of a pass), so with the default epoch length (ceil(n / (batch · W)) batches) every
+sample is read at least once per epoch and by one rank only. The tar files are listed in an
+order drawn from (seed, epoch), the same on every rank, so the parts change between epochs
+(DALI's own ``shuffle_after_epoch`` cannot be combined with ``stick_to_shard``).
 
 Determinism and resume: the pipeline is rebuilt at every epoch start with seeds derived from
-(seed, rank, epoch), and the shard order (``shuffle_after_epoch_seed``) from (seed, epoch),
-the same on every rank. Resuming mid-epoch rebuilds that epoch's pipeline and runs and
-discards the consumed batches, so the resume is exact to the batch but costs replaying them.
+(seed, rank, epoch), and the tar-file order from (seed, epoch), the same on every rank.
+Resuming mid-epoch rebuilds that epoch's pipeline and runs and discards the consumed batches,
+so the resume is exact to the batch but costs replaying them.
 Corrupt images are NOT skipped here: DALI's decoder raises inside ``pipe.run()`` and the
 pipeline object is unusable afterwards, so a sample cannot be skipped and counted. The loader
 turns that into :class:`~spsr_hpc.data.loader_state.ShardReadError` naming this rank's shards,
@@ -29,6 +36,7 @@ loader skips and counts bad samples instead.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +69,14 @@ def _dali_seed(*parts: int) -> int:
     return derive_seed(*parts) % (2**31 - 1)  # DALI seeds are int32
 
 
+def epoch_shard_order(shards: list[str], *, seed: int, epoch: int) -> list[str]:
+    """The tar files in the order of this epoch: a permutation drawn from (seed, epoch), the same
+    on every rank (DALI splits the concatenated samples of this list across ranks)."""
+    order = list(shards)
+    random.Random(derive_seed(seed, epoch, 4)).shuffle(order)
+    return order
+
+
 def _use_gpu(cfg: DataConfig, device: torch.device | str | None) -> bool:
     if cfg.dali_device == "cpu":
         return False
@@ -89,6 +105,7 @@ def _build_pipeline(
 
     s, p, P = cfg.scale, cfg.patch_size, cfg.hr_patch
     decode_device = "mixed" if gpu else "cpu"
+    ordered = epoch_shard_order(shards, seed=seed, epoch=epoch)
 
     def augment(img, coin_h, coin_v, coin_t):
         img = fn.flip(img, horizontal=coin_h, vertical=coin_v)
@@ -115,15 +132,14 @@ def _build_pipeline(
     def pipe():
         ext = ["hr.png"] if cfg.hr_only else ["hr.png", "lr.png"]
         encoded = fn.readers.webdataset(
-            paths=shards,
-            index_paths=[str(index_path(x)) for x in shards],
+            paths=ordered,
+            index_paths=[str(index_path(x)) for x in ordered],
             ext=ext,
             shard_id=rank,
             num_shards=world_size,
+            stick_to_shard=True,  # past its part a rank wraps within it, never into the next rank's
             random_shuffle=True,
             initial_fill=cfg.shuffle_buffer,
-            shuffle_after_epoch=True,
-            shuffle_after_epoch_seed=_dali_seed(seed, epoch, 4),
             seed=_dali_seed(seed, rank, epoch, 5),
             missing_component_behavior="error",
             name="reader",

@@ -9,7 +9,9 @@ How data is split (every rank and worker gets disjoint samples):
    else sample index modulo the number of workers).
 
 Each (rank, worker) stream is infinite ("resampled"): it walks its shards in a shuffled order,
-pass after pass, through a shuffle buffer. An epoch is a fixed number of batches, the same on
+pass after pass, through a shuffle buffer that is emptied at the end of each pass (every sample
+once per pass; with parts of equal size and the default epoch length, every sample at least once
+per epoch). An epoch is a fixed number of batches, the same on
 every rank, so no rank waits for another at an epoch end.
 
 Determinism and resume: logical worker ``L`` of rank ``r`` produces global batches
@@ -194,6 +196,11 @@ class _EpochStream(IterableDataset):
                     yield out
                 if plan.counts:
                     self._note_lost(plan, si, read)
+            # End of a pass: the buffer's samples come out (in random order) before the next pass
+            # starts, so each sample of the stream is yielded once per pass before any repeats.
+            rng.shuffle(buffer)
+            yield from buffer
+            buffer = []
             if accepted == 0:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: a full pass over its {len(plan.shards)} shard(s) "

@@ -134,9 +134,9 @@ class NSEPretrainer:
         ckpt_dir = Path(cfg.checkpoint.dir)
         self.ckpt_dir = ckpt_dir if ckpt_dir.is_absolute() else self.run_dir / ckpt_dir
         self.export_path = self.run_dir / EXPORT_NAME
-        init_distributed(cfg.deepspeed.backend, timeout_s=cfg.train.init_timeout_s)
+        self.device = _device(cfg.train.device)  # before the group: it picks DeepSpeed's accelerator
+        init_distributed(cfg.deepspeed.backend, device=self.device, timeout_s=cfg.train.init_timeout_s)
         self.rank, self.world = sdist.get_rank(), sdist.get_world_size()
-        self.device = _device(cfg.train.device)
         tc = cfg.train
         micro = cfg.data.batch_size
         check_global_batch(micro, tc.grad_accum, self.world, tc.global_batch)

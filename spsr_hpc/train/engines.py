@@ -39,42 +39,119 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """"auto" -> nccl when CUDA is present, else gloo."""
+def resolve_backend(backend: str = "auto", device: torch.device | None = None) -> str:
+    """"auto" -> nccl when the training device is CUDA, else gloo.
+
+    ``device`` is the device the run trains on (``train.device`` resolved); None means this
+    rank's default device (:func:`spsr_hpc.distributed.local_device`). A CPU run on a GPU host
+    gets gloo: NCCL cannot reduce CPU tensors.
+    """
     if backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"backend must be auto, nccl or gloo, got {backend!r}")
+    dev = sdist.local_device() if device is None else torch.device(device)
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("backend nccl needs CUDA; use deepspeed.backend=gloo (or auto) on CPU")
+        return "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and (dev.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(
+            f"deepspeed.backend=nccl needs a CUDA training device, got {dev}; "
+            "use deepspeed.backend=gloo (or auto) on CPU"
+        )
     return backend
 
 
-def init_distributed(backend: str = "auto", *, timeout_s: float | None = None) -> None:
+def ds_accelerator_name(device: torch.device) -> str:
+    """DeepSpeed's accelerator for a training device: "cuda" for CUDA devices, else "cpu"."""
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
+def select_ds_accelerator(device: torch.device) -> str:
+    """Make DeepSpeed use the accelerator of ``device``, not the one it would detect by itself.
+
+    DeepSpeed 0.19 picks CUDA whenever a GPU is visible (deepspeed/accelerator/
+    real_accelerator.py, unless DS_ACCELERATOR says otherwise) and then moves every engine's
+    module to ``cuda:LOCAL_RANK``, a ``train.device=cpu`` run included. So DS_ACCELERATOR is set
+    before deepspeed is imported; when deepspeed has already chosen another accelerator in this
+    process, it is replaced (``set_accelerator``). A DS_ACCELERATOR set by the user that
+    contradicts ``device`` is refused. Returns the accelerator's name.
+    """
+    want = ds_accelerator_name(device)
+    have = os.environ.get("DS_ACCELERATOR")
+    if have is not None and have != want and not os.environ.get("_SPSR_DS_ACCELERATOR_SET"):
+        raise ValueError(
+            f"DS_ACCELERATOR={have} but the run trains on {torch.device(device)}; "
+            f"unset DS_ACCELERATOR (it is set from train.device) or set train.device to match"
+        )
+    os.environ["DS_ACCELERATOR"] = want
+    os.environ["_SPSR_DS_ACCELERATOR_SET"] = "1"
+    import sys
+
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    if real is not None and real.ds_accelerator is not None and real.ds_accelerator.device_name() != want:
+        if want == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accel
+        else:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accel
+        real.set_accelerator(Accel())
+    return want
+
+
+def align_local_rank(device: torch.device) -> dict[str, str]:
+    """Make LOCAL_RANK the CUDA ordinal of ``device`` when DeepSpeed will read it as one.
+
+    DeepSpeed uses LOCAL_RANK as a device ordinal (``set_device(LOCAL_RANK)`` in the engine,
+    ``device_id=cuda:LOCAL_RANK`` for the process group, ZeRO's buffers). With one GPU per task
+    (SLURM ``--gpus-per-task=1``/``--gpu-bind``, or two ranks sharing one GPU) LOCAL_RANK 1 sees
+    one device, so that ordinal does not exist ("invalid device ordinal"). Here LOCAL_RANK
+    becomes ``device.index`` (:func:`spsr_hpc.distributed.cuda_device_index`); the launcher's
+    value is kept in SPSR_LAUNCHER_LOCAL_RANK. Nothing changes on CPU or when they agree.
+    Returns what was set.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is None:
+        return {}
+    launcher = os.environ.get("LOCAL_RANK", "0")
+    if launcher == str(device.index):
+        return {}
+    out = {"SPSR_LAUNCHER_LOCAL_RANK": launcher, "LOCAL_RANK": str(device.index)}
+    os.environ.update(out)
+    return out
+
+
+def init_distributed(
+    backend: str = "auto", device: torch.device | None = None, *, timeout_s: float | None = None
+) -> None:
     """Start the process group under deepspeed, torchrun, or plain python.
 
     The launchers set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under ``srun`` without
     a launcher they come from SLURM (:func:`spsr_hpc.distributed.export_slurm_env`); under plain
     python none is set and a one-process group on a free local port is created. Idempotent.
+
+    ``device`` is the training device (``train.device`` resolved; None: this rank's default).
+    It decides DeepSpeed's accelerator (:func:`select_ds_accelerator`), the backend for "auto"
+    (:func:`resolve_backend`) and, on CUDA, the current device and LOCAL_RANK
+    (:func:`align_local_rank`), all before deepspeed is imported.
+
     ``timeout_s``: the process group's timeout for the rendezvous and every collective until
     :func:`set_collective_timeout` shortens it (None: torch's default); see :func:`_timeout_kwargs`.
     """
     global _STARTED_GROUP
     if sdist.is_initialized():
         return
-    import deepspeed
-
     sdist.export_slurm_env()  # under srun without a launcher: ranks from SLURM_PROCID/SLURM_NTASKS
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(
             {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
         )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(sdist.local_device())
-    deepspeed.init_distributed(
-        dist_backend=resolve_backend(backend), verbose=False, **_timeout_kwargs(timeout_s)
-    )
+    device = sdist.local_device() if device is None else torch.device(device)
+    dist_backend = resolve_backend(backend, device)
+    select_ds_accelerator(device)
+    if device.type == "cuda":
+        align_local_rank(device)
+        torch.cuda.set_device(device)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist_backend, verbose=False, **_timeout_kwargs(timeout_s))
     _STARTED_GROUP = True
 
 

@@ -155,7 +155,7 @@ class Trainer:
                 print(f"[spsr] perceptual loss: {perceptual.layer} of {perceptual.source}", flush=True)
         self.objective = SRObjective(cfg.loss, perceptual=perceptual, nse=nse).to(self.device)
 
-        init_distributed(cfg.deepspeed.backend, timeout_s=tc.init_timeout_s)
+        init_distributed(cfg.deepspeed.backend, device=self.device, timeout_s=tc.init_timeout_s)
         if (sdist.get_rank(), sdist.get_world_size()) != (self.rank, self.world):
             raise RuntimeError("rank/world size changed when the process group started")
         ds = deepspeed_config(
