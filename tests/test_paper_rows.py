@@ -20,23 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from paper_runs import CONFIGS, REPO, SPSR_G_TERMS, SPSR_P_TERMS, TINY, Batches, discriminators_of, run_worker
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-
-COMMON = [
-    "data.patch_size=16",  # HR 64
-    "data.batch_size=2",
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "logging.image_every=0",
-    "logging.log_every=1",
-    "val.dir=null",
-    "checkpoint.every=1",
-    "train.ema_decay=0.9",
-    "perceptual.random_weights=true",
-]
+COMMON = [*TINY, "checkpoint.every=1", "train.ema_decay=0.9"]
 SPSR = ["model.generator.nf=8", "model.generator.nb=2", "model.generator.gc=4", "model.generator.taps=[0,1]",
         "model.generator.pretrained=null", "train.fusion_warmup_steps=1"]
 BACKBONE = ["model.generator.nf=8", "model.generator.nb=1"]
@@ -67,28 +54,6 @@ RUNS: dict[str, tuple[str, list[str], str | None]] = {
                                               "model.generator.fusion_init=passthrough"], "rrdbnet"),
 }
 NEW_CONFIGS = ("spsr_vgg", "spsr_resnet", "edsr_psnr", "srresnet_psnr", "edsr_gan", "srresnet_gan")
-
-
-class Batches:
-    """Deterministic (lr, hr) batches with a position, so that a resume continues the stream."""
-
-    def __init__(self, n: int = 4) -> None:
-        g = torch.Generator().manual_seed(7)
-        hr = torch.rand(n, 2, 3, 64, 64, generator=g)
-        self.batches = [{"hr": h, "lr": torch.nn.functional.avg_pool2d(h, 4)} for h in hr]
-        self.i = 0
-
-    def __iter__(self):
-        while True:
-            batch = self.batches[self.i % len(self.batches)]
-            self.i += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"i": self.i}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.i = int(state["i"])
 
 
 def worker(out: Path) -> None:
@@ -127,15 +92,7 @@ def worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("rows")
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"worker failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
-    return json.loads((out / "results.json").read_text())
+    return run_worker(__file__, tmp_path_factory.mktemp("rows"))
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +123,15 @@ def test_new_config_trains_saves_resumes_and_exports(runs, name):
     family = name.replace("resnet", "vgg") if name.startswith("spsr") else name.replace("srresnet", "edsr")
     terms, ds = expected[family]
     assert [t.split("/")[-1] for t in r["terms"]] == terms and r["d"] == ds
+
+
+@pytest.mark.parametrize("name", ["edsr_g", "srresnet_g", "edsr_p", "srresnet_p"])
+def test_backbone_g_and_p_train_spsr_losses_without_the_branch_term(runs, name):
+    """Table VII (docs/method.md §11): -G / -P train SPSR-G's / SPSR-P's terms (§4) but the branch one."""
+    terms = (SPSR_G_TERMS if name.endswith("_g") else SPSR_P_TERMS) - {"branch_pixel"}
+    r = runs[name]
+    assert {t.split("/")[-1] for t in r["terms"]} == terms and r["finite"]
+    assert r["d"] == discriminators_of(terms)
 
 
 def test_structure_d_sized_from_each_extractor(runs):
