@@ -16,51 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-HEADER_PX = 18
-
-
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable where Pillow has FreeType
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def label_columns(img: np.ndarray, labels: Sequence[str], widths: Sequence[int] | None = None) -> np.ndarray:
-    """Put a white header strip above `img` ((H, W, 3) uint8) with one centred label per column.
-
-    widths: the columns' widths in pixels (default: W split evenly among the labels).
-    """
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"label_columns needs an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
-    w = img.shape[1]
-    if widths is None:
-        widths = [w // len(labels)] * len(labels)
-    if len(widths) != len(labels) or sum(widths) > w:
-        raise ValueError(f"{len(labels)} labels for columns of widths {list(widths)} in an image {w} px wide")
-    head = Image.new("RGB", (w, HEADER_PX), "white")
-    draw = ImageDraw.Draw(head)
-    font = _font()
-    x0 = 0
-    for text, cw in zip(labels, widths):
-        tw = draw.textlength(text, font=font)
-        while tw > cw - 4 and len(text) > 1:  # shorten what does not fit
-            text = text[:-2] + "…"
-            tw = draw.textlength(text, font=font)
-        draw.text((x0 + (cw - tw) / 2, 2), text, fill="black", font=font)
-        x0 += cw
-    return np.concatenate([np.asarray(head), img], axis=0)
-
-
-def tile_row(tiles: Sequence[np.ndarray], pad: int = 2) -> tuple[np.ndarray, list[int]]:
-    """Tiles side by side with a white border; returns the row and each column's width."""
-    padded = [np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for t in tiles]
-    h = max(t.shape[0] for t in padded)
-    padded = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in padded]
-    return np.concatenate(padded, axis=1), [t.shape[1] for t in padded]
-
+from spsr_hpc.labels import HEADER_PX, label_columns, tile_row
 
 # --- training runs ----------------------------------------------------------------------------
 
@@ -73,7 +31,7 @@ def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spsr_hpc.train.logging import read_jsonl
+    from spsr_hpc.train.logging import read_jsonl  # torch comes with it: only when curves are drawn
 
     data = {name: read_jsonl(Path(d) / "metrics.jsonl") for name, d in runs.items()}
     has_val = any(any(k.startswith("val/") for r in rows for k in r) for rows in data.values())
@@ -247,3 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+# label_columns, tile_row and HEADER_PX live in spsr_hpc.labels (below the training layer, whose
+# image grids use them too); they stay importable from here.
+__all__ = [
+    "HEADER_PX",
+    "comparison_figure",
+    "find_runs",
+    "label_columns",
+    "loss_curves",
+    "main",
+    "report_figures",
+    "tile_row",
+]
