@@ -14,6 +14,7 @@ import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,9 +24,42 @@ from spsr_hpc.labels import HEADER_PX, label_columns, tile_row
 # --- training runs ----------------------------------------------------------------------------
 
 
+# Each validation metric has its own colour, marker, line style and legend entry; the second one
+# drawn goes on a twin right axis (their scales differ), so neither hides the other.
+VAL_STYLES = {
+    "val/lpips": {"color": "C0", "marker": "o", "linestyle": "-", "name": "LPIPS (lower is better)"},
+    "val/psnr": {"color": "C3", "marker": "s", "linestyle": "--", "mfc": "none",
+                 "name": "PSNR dB (higher is better)"},
+}
+
+
+def validation_panel(ax: Any, rows: Sequence[dict[str, Any]], title: str) -> list[Any]:
+    """Draw a run's val/lpips and val/psnr records against the step: the first on `ax` (left axis),
+    the second on a twin right axis; one legend for both, each axis label and its ticks in its
+    curve's colour. Returns the drawn lines (matplotlib Line2D)."""
+    lines, axes = [], []
+    for key, style in VAL_STYLES.items():
+        pts = sorted((r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)))
+        if not pts:
+            continue
+        target = ax if not axes else ax.twinx()
+        side = "left" if not axes else "right"
+        kw = {k: v for k, v in style.items() if k != "name"}
+        (line,) = target.plot(*zip(*pts), markersize=4, label=f"{style['name']}, {side} axis", **kw)
+        target.set_ylabel(key, color=style["color"])
+        target.tick_params(axis="y", colors=style["color"])
+        lines.append(line)
+        axes.append(target)
+    if lines:  # on the top axes, so no curve is drawn over the legend
+        axes[-1].legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    return lines
+
+
 def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
     """One panel per run: every ``loss/*`` series of its metrics.jsonl (log scale), and a second
-    row with the validation curves (val/lpips, val/psnr) where the run logged them."""
+    row with the validation curves (:func:`validation_panel`) where the run logged them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,16 +87,7 @@ def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
         if keys:
             ax.legend(fontsize=7)
         if has_val:
-            vax = axes[1][col]
-            for k, style in (("val/lpips", "o-"), ("val/psnr", "s--")):
-                pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-                if not pts:
-                    continue
-                target = vax if k == "val/lpips" else vax.twinx()
-                target.plot(*zip(*pts), style, label=k, color="C0" if k == "val/lpips" else "C1")
-                target.set_ylabel(k)
-            vax.set_title(f"{name}: validation (LPIPS lower is better)")
-            vax.set_xlabel("step")
+            validation_panel(axes[1][col], rows, f"{name}: validation")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=90)
@@ -96,7 +121,8 @@ def comparison_figure(
     max_images: int = 4,
 ) -> Path:
     """Centre crops of every method's SR (and HR, where `hr_dirs` gives the dataset's HR folder)
-    for the first images of each dataset; columns labelled with the method and its LPIPS / PSNR."""
+    for the first images of each dataset; each column labelled in full, on three lines: the method,
+    its LPIPS and its PSNR on that image (HR: the image's name)."""
     datasets, all_methods, rows = _eval_layout(eval_dir)
     methods = list(methods or all_methods)
     blocks = []
@@ -113,14 +139,14 @@ def comparison_figure(
                 y, x = max(0, h // 2 - crop // 2), max(0, w // 2 - crop // 2)
                 tiles.append(sr[y : y + crop, x : x + crop])
                 r = rows[(d, m, name)]
-                lp = f"{float(r['lpips']):.3f}" if r.get("lpips") else "n/a"
-                labels.append(f"{m} {lp}/{float(r['psnr']):.2f}")
+                lp = f"{float(r['lpips']):.4f}" if r.get("lpips") else "n/a"
+                labels.append(f"{m}\nLPIPS {lp}\nPSNR {float(r['psnr']):.2f} dB")
             if hr_dirs and d in hr_dirs:
                 hr_path = next(iter(sorted(Path(hr_dirs[d]).glob(f"{name}.*"))), None)
                 if hr_path is not None:
                     hr = _read_rgb(hr_path)
                     tiles.append(hr[y : y + crop, x : x + crop])
-                    labels.append("HR")
+                    labels.append(f"HR\n{name}")
             row, widths = tile_row(tiles)
             blocks.append(label_columns(row, labels, widths))
     if not blocks:
@@ -218,4 +244,5 @@ __all__ = [
     "main",
     "report_figures",
     "tile_row",
+    "validation_panel",
 ]
