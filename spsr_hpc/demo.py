@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spsr_hpc.data import export_bundled_photos, write_shards
@@ -76,11 +78,15 @@ def _launcher_cmd(nproc: int) -> list[str]:
 STAGE_MARK = "[demo-stage] "
 
 
-def _train_stages(plan: list[dict], nproc: int, out: Path) -> dict[str, dict]:
+def _train_stages(plan: list[dict], nproc: int, out: Path) -> tuple[dict[str, dict], Callable[[], None]]:
     """Run the stages of `plan` (name, config, overrides, header) in one launch of `nproc`
     processes; each stage's output goes to ``<out>/<name>.log`` (the launcher's own lines before
-    the first stage to ``launch.log``). Returns each stage's Trainer summary, with ``t_start`` and
-    ``t_end`` (wall clock, rank 0) of the stage."""
+    the first stage to ``launch.log``).
+
+    Returns as soon as the last stage has reported (its exports are written by then): each
+    stage's Trainer summary, with ``t_start`` and ``t_end`` (wall clock, rank 0), and a
+    ``finish()`` that waits for the processes to exit (interpreter and launcher teardown, seconds
+    that overlap the evaluation) and raises if the launch failed."""
     plan_path = out / "stages.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     cmd = [*_launcher_cmd(nproc), "--run-stages", str(plan_path)]
@@ -95,42 +101,67 @@ def _train_stages(plan: list[dict], nproc: int, out: Path) -> dict[str, dict]:
         for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
             env.pop(k, None)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    log_path = out / "launch.log"
-    log = log_path.open("w")
+    state = {"log_path": out / "launch.log", "echo": True}
+    state["log"] = state["log_path"].open("w")
     summaries: dict[str, dict] = {}
-    try:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        # tqdm redraws with "\r", so split on both "\r" and "\n" to show the bar live; DeepSpeed's
-        # launcher banner and per-rank INFO lines go to the log file only.
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    stream = proc.stdout
+
+    def pump() -> bool:
+        """Copy the output until the last stage's summary (True) or the end of the stream (False).
+        tqdm redraws with "\r", so split on both "\r" and "\n" to show the bar live; DeepSpeed's
+        launcher banner and per-rank INFO lines go to the log file only."""
         pending = b""
-        while chunk := proc.stdout.read1(4096):
+        while chunk := stream.read1(4096):
             pending += chunk
             *segments, pending = re.split(rb"(?<=[\r\n])", pending)
             for seg in segments:
                 text = seg.decode(errors="replace")
                 if text.startswith(STAGE_MARK):
-                    log.close()
-                    log_path = out / f"{text[len(STAGE_MARK):].strip()}.log"
-                    log = log_path.open("w")
+                    state["log"].close()
+                    state["log_path"] = out / f"{text[len(STAGE_MARK):].strip()}.log"
+                    state["log"] = state["log_path"].open("w")
                     continue
-                log.write(text)
+                state["log"].write(text)
                 if text.startswith(STAGE_SUMMARY):
                     record = json.loads(text[len(STAGE_SUMMARY) :])
                     summaries[record["stage"]] = record
-                    continue
-                if "[INFO]" in text or "[WARNING]" in text:
-                    continue
-                sys.stdout.write(text)
+                elif state["echo"] and "[INFO]" not in text and "[WARNING]" not in text:
+                    sys.stdout.write(text)
             sys.stdout.flush()
-        log.write(pending.decode(errors="replace"))
+            if state["echo"] and len(summaries) == len(plan) and not pending:
+                return True
+        state["log"].write(pending.decode(errors="replace"))
+        return False
+
+    def failed(rc: int) -> RuntimeError:
+        state["log"].close()
+        tail = "".join(state["log_path"].read_text().splitlines(keepends=True)[-40:])
+        return RuntimeError(f"training failed (exit {rc}); full log: {state['log_path']}\n{tail}")
+
+    try:
+        all_reported = pump()
+    except BaseException:
+        proc.kill()
+        state["log"].close()
+        raise
+    if not all_reported:
         rc = proc.wait()
-    finally:
-        log.close()
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"training failed (exit {rc}); full log: {log_path}\n{tail}")
-    return summaries
+        if rc != 0 or len(summaries) < len(plan):
+            raise failed(rc)
+    state["echo"] = False  # the teardown's lines go to the last log only
+    drain = threading.Thread(target=pump, daemon=True)
+    drain.start()
+
+    def finish() -> None:
+        drain.join()
+        rc = proc.wait()
+        if rc != 0:
+            raise failed(rc)
+        state["log"].close()
+
+    return summaries, finish
 
 
 STAGE_SUMMARY = "[demo-summary] "
@@ -331,11 +362,15 @@ def stage_plan(
 
     def stage_dirs(name: str, steps: int) -> list[str]:
         d = out / name
+        every = val_every(steps, val_points)
         return [
             f"train.max_steps={steps}",
             f"logging.run_dir={d}",
             f"checkpoint.dir={d / 'checkpoints'}",
-            f"val.every={val_every(steps, val_points)}",
+            f"val.every={every}",
+            # a training record at every validated step (the configs log every 10): stage_timing
+            # tells validation from training time by the pair
+            f"logging.log_every={math.gcd(10, every)}",
             f"checkpoint.every={steps}",
         ]
 
@@ -460,14 +495,14 @@ def run_demo(
     )
     print(f"[demo] 3/5 training {len(plan)} stages in one launch of {nproc} process(es)", flush=True)
     t_launch = time.time()
-    summaries = _train_stages(plan, nproc, out)
+    summaries, finish_launch = _train_stages(plan, nproc, out)
     t_done = time.time()
     timing = {st["name"]: stage_timing(out / st["name"], summaries[st["name"]]["t_start"],
                                        summaries[st["name"]]["t_end"]) for st in plan}
     phases["launch_start_up"] = round(summaries[plan[0]["name"]]["t_start"] - t_launch, 1)
     for st in plan:
         phases[f"stage_{st['name']}"] = timing[st["name"]]["wall_s"]
-    phases["launch_shut_down"] = round(t_done - summaries[plan[-1]["name"]]["t_end"], 1)
+    phases["last_stage_to_demo"] = round(t_done - summaries[plan[-1]["name"]]["t_end"], 1)
     t_phase = t_done
 
     gan_batch = max(1, batch_size // nproc)
@@ -501,6 +536,8 @@ def run_demo(
         precision=prec,
     )
     phase("evaluation")
+    finish_launch()  # the training processes' exit status (they wound down during the evaluation)
+    phase("launch_exit_wait")
     value = {
         m: {k: report.value("bundled-val", m, k) for k in ("lpips", "psnr", "ssim")}
         for m in [BICUBIC, *models]

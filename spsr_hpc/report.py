@@ -27,9 +27,9 @@ from spsr_hpc.labels import HEADER_PX, label_columns, tile_row
 # Each validation metric has its own colour, marker, line style and legend entry; the second one
 # drawn goes on a twin right axis (their scales differ), so neither hides the other.
 VAL_STYLES = {
-    "val/lpips": {"color": "C0", "marker": "o", "linestyle": "-", "name": "LPIPS (lower is better)"},
+    "val/lpips": {"color": "C0", "marker": "o", "linestyle": "-", "name": "LPIPS ↓"},
     "val/psnr": {"color": "C3", "marker": "s", "linestyle": "--", "mfc": "none",
-                 "name": "PSNR dB (higher is better)"},
+                 "name": "PSNR dB ↑"},
 }
 
 
@@ -45,14 +45,15 @@ def validation_panel(ax: Any, rows: Sequence[dict[str, Any]], title: str) -> lis
         target = ax if not axes else ax.twinx()
         side = "left" if not axes else "right"
         kw = {k: v for k, v in style.items() if k != "name"}
-        (line,) = target.plot(*zip(*pts), markersize=4, label=f"{style['name']}, {side} axis", **kw)
+        (line,) = target.plot(*zip(*pts), markersize=4, label=f"{style['name']} ({side} axis)", **kw)
         target.set_ylabel(key, color=style["color"])
         target.tick_params(axis="y", colors=style["color"])
         lines.append(line)
         axes.append(target)
-    if lines:  # on the top axes, so no curve is drawn over the legend
-        axes[-1].legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
-    ax.set_title(title)
+    if lines:  # above the plot, under the title: it covers no point of either curve
+        axes[-1].legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="lower center",
+                        bbox_to_anchor=(0.5, 1.0), ncol=len(lines), frameon=False)
+    ax.set_title(title, pad=20 if lines else 6)
     ax.set_xlabel("step")
     return lines
 

@@ -108,7 +108,7 @@ def test_run_demo_passes_the_resolved_precision_to_training_and_evaluation(tmp_p
 
     def fake_train(plan, nproc, out):
         seen["plan"] = plan
-        return {st["name"]: {"t_start": 0.0, "t_end": 1.0} for st in plan}
+        return {st["name"]: {"t_start": 0.0, "t_end": 1.0} for st in plan}, lambda: None
 
     def fake_evaluate(models, datasets, scale, out_dir, **kw):
         seen["evaluate"] = kw
@@ -136,3 +136,43 @@ def test_stage_timing_splits_validation_from_training(tmp_path):
     # 1 s/step (20 steps in 23 s less the 3 s validation at step 20); step 1 began at t=100
     assert t == {"wall_s": 45.0, "start_up_s": 5.0, "train_s": 30.0, "val_s": 6.0, "val_points": 2,
                  "s_per_step": 1.0, "wrap_up_s": 4.0}
+
+
+def test_train_stages_returns_at_the_last_summary_and_finish_reports_the_exit(tmp_path, monkeypatch, capsys):
+    """The launch's output plumbing with a stand-in for the ranks: each stage's lines go to its own
+    log, the summaries are parsed, control comes back before the processes exit (they wait on a
+    FIFO here), and finish() raises on a failed exit with the log's tail."""
+    import os
+    import sys
+
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    script = (
+        "import json, sys\n"
+        "print('launcher banner [INFO] x')\n"
+        "for name in ('a', 'b'):\n"
+        "    print('[demo-stage] ' + name)\n"
+        "    print('[demo] training ' + name)\n"
+        "    rec = {'stage': name, 't_start': 1.0, 't_end': 2.0}\n"
+        "    print('[demo-summary] ' + json.dumps(rec), flush=True)\n"
+        f"open({str(fifo)!r}).read()\n"
+        "print('teardown line')\n"
+        "sys.exit(3)\n"
+    )
+    monkeypatch.setattr(demo, "_launcher_cmd", lambda nproc: [sys.executable, "-c", script])
+    plan = [{"name": "a"}, {"name": "b"}]
+    summaries, finish = demo._train_stages(plan, 1, tmp_path)  # returns while the child waits
+    assert summaries == {n: {"stage": n, "t_start": 1.0, "t_end": 2.0} for n in ("a", "b")}
+    shown = capsys.readouterr().out
+    lines = shown.splitlines()
+    assert "[demo] training a" in lines and "launcher banner [INFO] x" not in lines
+    assert not any(ln.startswith("[demo-summary]") for ln in lines)
+    with open(fifo, "w"):
+        pass  # let the child exit
+    with pytest.raises(RuntimeError, match="training failed \\(exit 3\\)") as info:
+        finish()
+    assert "teardown line" in str(info.value)
+    assert (tmp_path / "a.log").read_text().startswith("[demo] training a\n[demo-summary]")
+    assert "launcher banner" in (tmp_path / "launch.log").read_text()
+    assert "teardown line" in (tmp_path / "b.log").read_text()
+    assert json.loads((tmp_path / "stages.json").read_text()) == plan
