@@ -176,3 +176,31 @@ def test_train_stages_returns_at_the_last_summary_and_finish_reports_the_exit(tm
     assert "launcher banner" in (tmp_path / "launch.log").read_text()
     assert "teardown line" in (tmp_path / "b.log").read_text()
     assert json.loads((tmp_path / "stages.json").read_text()) == plan
+
+
+def test_rank0_validation_borrows_the_cores_of_the_waiting_local_ranks(monkeypatch):
+    import os
+
+    import torch
+
+    from spsr_hpc.train.trainer import _borrow_local_cores
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert _borrow_local_cores(torch.device("cpu")) == 1
+        assert torch.get_num_threads() == min(2, cores)
+        torch.set_num_threads(1)
+        assert _borrow_local_cores(torch.device("cuda", 0)) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("LOCAL_SIZE", "4")  # the deepspeed launcher's name for it
+        _borrow_local_cores(torch.device("cpu"))
+        assert torch.get_num_threads() == min(4, cores)
+        monkeypatch.delenv("LOCAL_SIZE")
+        torch.set_num_threads(1)
+        _borrow_local_cores(torch.device("cpu"))  # one rank on the node: nothing to borrow
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
