@@ -479,7 +479,8 @@ def run_demo(
         phases[name] = round(now - t_phase, 1)
         t_phase = now
 
-    print(f"[demo] 1/5 exporting bundled photos (precision: {precision_note})", flush=True)
+    print(f"[demo] precision: {precision_note}", flush=True)
+    print("[demo] 1/5 exporting bundled photos", flush=True)
     train_dir, val_dir = export_bundled_photos(out / "photos")
     phase("photos")
     print("[demo] 2/5 writing shards (sub-images 128 px, step 64, MATLAB-bicubic x4 LR)", flush=True)
