@@ -44,8 +44,14 @@ def test_every_stage_gets_the_precision(tmp_path, precision, flag):
         assert f"train.bf16={flag}" in st["overrides"]
         assert sum(o.startswith("train.bf16=") for o in st["overrides"]) == 1
     # the overrides are what launch/train.py takes: the config loader reads train.bf16 from them
-    # (on this branch it refuses bf16 only for train.device=cpu; the default device is auto)
-    cfg = load_config(REPO_ROOT / "configs" / plan[0]["config"], plan[0]["overrides"])
+    try:
+        cfg = load_config(REPO_ROOT / "configs" / plan[0]["config"], plan[0]["overrides"])
+    except ValueError as e:
+        # with bf16 training merged, a machine without native bf16 refuses it at config time
+        # (the demo itself never asks for it there: resolve_precision picks fp32 or stops first)
+        if precision == "bf16" and not demo.bf16_native()[0] and "bf16" in str(e):
+            return
+        raise
     assert cfg.train.bf16 is (precision == "bf16")
     assert cfg.val.every == 120 and cfg.val.use_ema is False and cfg.val.max_size is None
     gan = load_config(REPO_ROOT / "configs" / plan[2]["config"], plan[2]["overrides"])
