@@ -1,6 +1,6 @@
 """The README's main job: a small, real SPSR run on bundled photos, end to end on a laptop CPU.
 
-    python launch/demo.py [--out runs/demo] [--nproc 2] [--no-esrgan]
+    python launch/demo.py [--out runs/demo] [--nproc 2] [--no-esrgan] [--precision fp32|bf16|auto]
 
 1. exports scikit-image's bundled colour photos (a fixed two are held out for validation);
 2. cuts them into sub-images and writes WebDataset shards with MATLAB-bicubic ×4 LR;
@@ -12,7 +12,12 @@
 6. evaluates bicubic, PSNR stage, ESRGAN and SPSR-G on the held-out photos (paper protocol:
    Y-channel PSNR/SSIM, LPIPS-AlexNet);
 7. writes ``<out>/report.md``: the table, whether LPIPS ordered as SPSR claims, labelled
-   side-by-side crops and the loss / validation curves (spsr_hpc.report).
+   side-by-side crops and the loss / validation curves (spsr_hpc.report), the precision that
+   ran and where the time went.
+
+Steps 3-5 run in one launch (``deepspeed --num_gpus N launch/demo.py --run-stages PLAN``): the
+same N processes train the three stages one after the other, so the interpreter, DeepSpeed and
+gloo start once instead of once per stage.
 
 The perceptual loss uses torchvision's VGG19 where its file is in the torch hub cache, else
 VGG16 from the weights that ``python -m spsr_hpc.weights fetch`` converted (scripts/setup_env.sh
@@ -24,20 +29,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spsr_hpc.data import export_bundled_photos, write_shards
 from spsr_hpc.weights import MissingWeightsError, describe_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
+DEMO_SCRIPT = REPO_ROOT / "launch" / "demo.py"
 
 # Sizes chosen so the whole demo takes a few minutes on 2 cores: the trunk is shared by both
 # stages (same nf/nb/gc) so the SPSR-G trunk starts from the PSNR stage.
@@ -54,20 +62,34 @@ def _free_port() -> int:
 
 
 def _launcher_cmd(nproc: int) -> list[str]:
-    """`deepspeed --num_gpus N` when N > 1 (gloo on CPU), plain python for one process."""
+    """`deepspeed --num_gpus N launch/demo.py` when N > 1 (gloo on CPU), plain python for one process."""
     if nproc <= 1:
-        return [sys.executable, str(TRAIN_SCRIPT)]
+        return [sys.executable, str(DEMO_SCRIPT)]
     ds = Path(sys.executable).with_name("deepspeed")
     if not ds.exists():
         found = shutil.which("deepspeed")
         if found is None:
             raise FileNotFoundError("the `deepspeed` launcher is not on PATH; run scripts/setup_env.sh")
         ds = Path(found)
-    return [str(ds), "--num_gpus", str(nproc), "--master_port", str(_free_port()), str(TRAIN_SCRIPT)]
+    return [str(ds), "--num_gpus", str(nproc), "--master_port", str(_free_port()), str(DEMO_SCRIPT)]
 
 
-def _train(config: str, overrides: list[str], nproc: int, log_path: Path) -> None:
-    cmd = [*_launcher_cmd(nproc), "--config", str(REPO_ROOT / "configs" / config), *overrides]
+# A line rank 0 prints when a stage starts: the demo switches the log file there.
+STAGE_MARK = "[demo-stage] "
+
+
+def _train_stages(plan: list[dict], nproc: int, out: Path) -> tuple[dict[str, dict], Callable[[], None]]:
+    """Run the stages of `plan` (name, config, overrides, header) in one launch of `nproc`
+    processes; each stage's output goes to ``<out>/<name>.log`` (the launcher's own lines before
+    the first stage to ``launch.log``).
+
+    Returns as soon as the last stage has reported (its exports are written by then): each
+    stage's Trainer summary, with ``t_start`` and ``t_end`` (wall clock, rank 0), and a
+    ``finish()`` that waits for the processes to exit (interpreter and launcher teardown, seconds
+    that overlap the evaluation) and raises if the launch failed."""
+    plan_path = out / "stages.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    cmd = [*_launcher_cmd(nproc), "--run-stages", str(plan_path)]
     print(f"[demo] $ {' '.join(cmd)}", flush=True)
     env = dict(os.environ)
     # One intra-op thread per rank: two ranks on two cores, no oversubscription.
@@ -79,26 +101,108 @@ def _train(config: str, overrides: list[str], nproc: int, log_path: Path) -> Non
         for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
             env.pop(k, None)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        # tqdm redraws with "\r", so split on both "\r" and "\n" to show the bar live; DeepSpeed's
-        # launcher banner and per-rank INFO lines go to the log file only.
+    state = {"log_path": out / "launch.log", "echo": True}
+    state["log"] = state["log_path"].open("w")
+    summaries: dict[str, dict] = {}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    stream = proc.stdout
+
+    def pump() -> bool:
+        """Copy the output until the last stage's summary (True) or the end of the stream (False).
+        tqdm redraws with "\r", so split on both "\r" and "\n" to show the bar live; DeepSpeed's
+        launcher banner and per-rank INFO lines go to the log file only."""
         pending = b""
-        while chunk := proc.stdout.read1(4096):
-            log.write(chunk.decode(errors="replace"))
+        while chunk := stream.read1(4096):
             pending += chunk
             *segments, pending = re.split(rb"(?<=[\r\n])", pending)
             for seg in segments:
                 text = seg.decode(errors="replace")
-                if "[INFO]" in text or "[WARNING]" in text:
+                if text.startswith(STAGE_MARK):
+                    state["log"].close()
+                    state["log_path"] = out / f"{text[len(STAGE_MARK):].strip()}.log"
+                    state["log"] = state["log_path"].open("w")
                     continue
-                sys.stdout.write(text)
+                state["log"].write(text)
+                if text.startswith(STAGE_SUMMARY):
+                    record = json.loads(text[len(STAGE_SUMMARY) :])
+                    summaries[record["stage"]] = record
+                elif state["echo"] and "[INFO]" not in text and "[WARNING]" not in text:
+                    sys.stdout.write(text)
             sys.stdout.flush()
+            if state["echo"] and len(summaries) == len(plan) and not pending:
+                return True
+        state["log"].write(pending.decode(errors="replace"))
+        return False
+
+    def failed(rc: int) -> RuntimeError:
+        state["log"].close()
+        tail = "".join(state["log_path"].read_text().splitlines(keepends=True)[-40:])
+        return RuntimeError(f"training failed (exit {rc}); full log: {state['log_path']}\n{tail}")
+
+    try:
+        all_reported = pump()
+    except BaseException:
+        proc.kill()
+        state["log"].close()
+        raise
+    if not all_reported:
         rc = proc.wait()
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"training with {config} failed (exit {rc}); full log: {log_path}\n{tail}")
+        if rc != 0 or len(summaries) < len(plan):
+            raise failed(rc)
+    state["echo"] = False  # the teardown's lines go to the last log only
+    drain = threading.Thread(target=pump, daemon=True)
+    drain.start()
+
+    def finish() -> None:
+        drain.join()
+        rc = proc.wait()
+        if rc != 0:
+            raise failed(rc)
+        state["log"].close()
+
+    return summaries, finish
+
+
+STAGE_SUMMARY = "[demo-summary] "
+
+
+def run_stages(plan_path: str | Path) -> int:
+    """Rank side of :func:`_train_stages`: train each stage of the plan in this process group.
+
+    Every stage is an ordinary launch/train.py run (same config loading, preflight and Trainer);
+    a barrier after each one makes rank 0's exports visible to the next stage on every rank."""
+    import torch
+
+    from spsr_hpc import distributed as sdist
+    from spsr_hpc.config import load_config
+    from spsr_hpc.preflight import check_run_inputs, print_errors
+    from spsr_hpc.train.engines import destroy_distributed
+    from spsr_hpc.train.trainer import run
+
+    plan = json.loads(Path(plan_path).read_text())
+    if os.environ.get("SPSR_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["SPSR_TORCH_THREADS"]))
+    try:
+        for st in plan:
+            t0 = time.time()
+            if sdist.is_main_process():
+                print(f"{STAGE_MARK}{st['name']}", flush=True)
+                print(f"[demo] {st['header']}", flush=True)
+            config = str(REPO_ROOT / "configs" / st["config"])
+            try:
+                cfg = load_config(config, st["overrides"])
+                check_run_inputs(cfg, source=config)
+            except ValueError as e:
+                return print_errors(e)
+            summary = run(cfg, source=config)
+            sdist.barrier()
+            if sdist.is_main_process():
+                record = {**summary, "stage": st["name"], "t_start": t0, "t_end": time.time()}
+                print(STAGE_SUMMARY + json.dumps(record, default=str), flush=True)
+    finally:
+        destroy_distributed()
+    return 0
 
 
 # The GAN stages' recipe for a few hundred CPU steps of tiny networks, chosen on the 2-core CPU by
@@ -158,6 +262,197 @@ def _fmt(v: float | None, digits: int) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+# --- precision --------------------------------------------------------------------------------
+
+# The demo's default precision. One line to flip to "auto" (bf16 where the hardware runs it
+# natively) once bf16 training is merged and measured: docs/demo.md, "Precision".
+DEFAULT_PRECISION = "fp32"
+PRECISION_CHOICES = ("auto", "bf16", "fp32")
+
+
+def bf16_native() -> tuple[bool, str]:
+    """(whether this machine runs bf16 natively, on what): a CUDA device that supports bf16, or a
+    CPU with native bf16 instructions (oneDNN's check: AVX512-BF16 / AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        ok = bool(torch.cuda.is_bf16_supported())
+        return ok, f"CUDA device {torch.cuda.get_device_name(0)}" + ("" if ok else " without bf16")
+    try:
+        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        ok = False
+    return ok, "this CPU (native bf16: avx512_bf16 / AMX)" if ok else "this CPU (no native bf16)"
+
+
+def resolve_precision(choice: str) -> tuple[str, str]:
+    """`--precision` -> ("bf16" or "fp32", the sentence the report prints about it).
+
+    auto = bf16 where :func:`bf16_native` says so, else fp32. An explicit bf16 on hardware
+    without native bf16 is refused (ValueError naming the fix) before anything runs."""
+    if choice not in PRECISION_CHOICES:
+        raise ValueError(f"--precision {choice!r}: expected one of {', '.join(PRECISION_CHOICES)}")
+    if choice == "fp32":
+        return "fp32", "fp32 (--precision fp32)"
+    native, where = bf16_native()
+    if choice == "bf16":
+        if not native:
+            raise ValueError(
+                f"--precision bf16: {where} does not run bf16 natively; use --precision fp32 or auto"
+            )
+        return "bf16", f"bf16 autocast (--precision bf16, on {where})"
+    chosen = "bf16" if native else "fp32"
+    return chosen, f"{'bf16 autocast' if native else 'fp32'} (--precision auto, on {where})"
+
+
+# --- validation schedule ----------------------------------------------------------------------
+
+VAL_POINTS = 10
+"""Validation points per stage (at least this many where the step count allows)."""
+
+
+def val_every(steps: int, points: int = VAL_POINTS) -> int:
+    """val.every giving a stage of `steps` steps at least `points` validations (fewer only when
+    steps < points), the last of them at the final step where a divisor of `steps` allows it
+    without more than twice the points; otherwise steps // points (the last step then not)."""
+    if steps <= points:
+        return 1
+    for n in range(points, 2 * points + 1):  # the fewest points >= `points` that end at the last step
+        if steps % n == 0:
+            return steps // n
+    return steps // points
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def stage_plan(
+    out: Path,
+    shards: Path,
+    val_dir: Path,
+    *,
+    nproc: int,
+    psnr_steps: int,
+    gan_steps: int,
+    batch_size: int,
+    esrgan: bool,
+    precision: str,
+    val_points: int = VAL_POINTS,
+    perceptual_overrides: Sequence[str] = (),
+) -> list[dict]:
+    """The training stages of the demo: each a dict with name, config, overrides (``key=value``,
+    as launch/train.py takes them) and the header line the demo prints. `precision` is the
+    resolved "bf16" or "fp32", passed to every stage as train.bf16."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be the resolved 'bf16' or 'fp32', got {precision!r}")
+    common = [
+        f"data.shards={shards}",
+        f"data.batch_size={batch_size}",
+        "data.patch_size=16",
+        f"val.dir={val_dir}",
+        "val.max_images=2",
+        "val.max_size=null",  # the held-out photos whole: the last point is the report's number
+        "checkpoint.resume=none",
+        f"model.generator.nf={TRUNK['nf']}",
+        f"model.generator.nb={TRUNK['nb']}",
+        f"model.generator.gc={TRUNK['gc']}",
+        f"model.generator.init_scale={INIT_SCALE}",
+        f"train.bf16={'true' if precision == 'bf16' else 'false'}",
+    ]
+
+    def stage_dirs(name: str, steps: int) -> list[str]:
+        d = out / name
+        every = val_every(steps, val_points)
+        return [
+            f"train.max_steps={steps}",
+            f"logging.run_dir={d}",
+            f"checkpoint.dir={d / 'checkpoints'}",
+            f"val.every={every}",
+            # a training record at every validated step (the configs log every 10): stage_timing
+            # tells validation from training time by the pair
+            f"logging.log_every={math.gcd(10, every)}",
+            f"checkpoint.every={steps}",
+        ]
+
+    n = 3 if esrgan else 2
+    plan = [{
+        "name": "psnr",
+        "config": "tiny_psnr.yaml",
+        "overrides": [
+            *common,
+            *stage_dirs("psnr", psnr_steps),
+            f"optim.milestones=[{int(psnr_steps * 0.75)}]",
+            "optim.lr_g=1e-3",
+            # The curve follows the weights the GAN stages start from and the table reports
+            # (generator.safetensors), not the EMA copy.
+            "val.use_ema=false",
+        ],
+        "header": f"training 1/{n}: PSNR stage, {psnr_steps} steps on {nproc} process(es)",
+    }]
+    # The GAN stages keep a global batch of `batch_size` (the recipe's), split over the processes.
+    gan_common = [
+        *common,
+        f"data.batch_size={max(1, batch_size // nproc)}",
+        f"model.generator.pretrained={out / 'psnr' / 'generator.safetensors'}",
+        f"optim.milestones=[{gan_steps * 2}]",
+        *GAN_OVERRIDES,
+        *perceptual_overrides,
+    ]
+    if esrgan:
+        plan.append({
+            "name": "esrgan",
+            "config": "tiny_esrgan.yaml",
+            "overrides": [*gan_common, *stage_dirs("esrgan", gan_steps)],
+            "header": f"training 2/{n}: ESRGAN stage (SPSR's baseline), {gan_steps} steps from the "
+            "PSNR stage",
+        })
+    plan.append({
+        "name": "spsr_g",
+        "config": "tiny_spsr_g.yaml",
+        "overrides": [
+            *gan_common,
+            *SPSR_OVERRIDES,
+            *stage_dirs("spsr_g", gan_steps),
+            f"model.generator.taps={list(range(TRUNK['nb']))}",
+            f"train.fusion_warmup_steps={max(1, int(gan_steps * GAN_WARMUP_FRACTION))}",
+        ],
+        "header": f"training {n}/{n}: SPSR-G stage, {gan_steps} steps from the PSNR trunk",
+    })
+    return plan
+
+
+def stage_timing(run_dir: Path, t_start: float, t_end: float) -> dict[str, float]:
+    """Where a stage's wall time went, from its metrics.jsonl: ``start_up_s`` (stage start to the
+    first logged step, less those steps' share), ``train_s``, ``val_s`` (validation: a val record's
+    time minus the same step's training record), ``val_points``, ``s_per_step`` (training only),
+    ``wrap_up_s`` (last record to the stage's end: checkpoint, export)."""
+    from spsr_hpc.train.logging import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = {r["step"]: r["time"] for r in rows if any(k.startswith("loss/") for k in r)}
+    vals = [r for r in rows if "val/psnr" in r]
+    val_s = sum(r["time"] - train[r["step"]] for r in vals if r["step"] in train)
+    steps = sorted(train)
+    if len(steps) < 2:
+        return {"wall_s": t_end - t_start, "val_s": val_s, "val_points": len(vals)}
+    span_steps = steps[-1] - steps[0]
+    # validations between the first and the last training record (each follows its step's record)
+    val_inside = sum(r["time"] - train[r["step"]] for r in vals
+                     if r["step"] in train and steps[0] <= r["step"] < steps[-1])
+    s_per_step = (train[steps[-1]] - train[steps[0]] - val_inside) / span_steps
+    t_first = train[steps[0]] - s_per_step * steps[0]  # when step 1 began, at the steady rate
+    last = max(r["time"] for r in rows)
+    return {
+        "wall_s": round(t_end - t_start, 1),
+        "start_up_s": round(t_first - t_start, 1),
+        "train_s": round(s_per_step * steps[-1], 1),
+        "val_s": round(val_s, 1),
+        "val_points": len(vals),
+        "s_per_step": round(s_per_step, 3),
+        "wrap_up_s": round(t_end - last, 1),
+    }
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     *,
@@ -166,129 +461,84 @@ def run_demo(
     gan_steps: int = 300,
     batch_size: int = 8,
     esrgan: bool = True,
+    precision: str = DEFAULT_PRECISION,
+    val_points: int = VAL_POINTS,
 ) -> Path:
-    """Run the whole demo into `out`; return the report path."""
+    """Run the whole demo into `out`; return the report path. `precision`: auto, bf16 or fp32
+    (:func:`resolve_precision`) for the training stages (train.bf16) and the evaluation."""
     t0 = time.time()
+    prec, precision_note = resolve_precision(precision)  # a refused bf16 fails here, before any work
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    n_stages = 7 if esrgan else 6
-    stage = iter(range(1, n_stages + 1))
+    phases: dict[str, float] = {}
+    t_phase = time.time()
 
-    print(f"[demo] {next(stage)}/{n_stages} exporting bundled photos", flush=True)
+    def phase(name: str) -> None:
+        nonlocal t_phase
+        now = time.time()
+        phases[name] = round(now - t_phase, 1)
+        t_phase = now
+
+    print(f"[demo] precision: {precision_note}", flush=True)
+    print("[demo] 1/5 exporting bundled photos", flush=True)
     train_dir, val_dir = export_bundled_photos(out / "photos")
-
-    print(
-        f"[demo] {next(stage)}/{n_stages} writing shards (sub-images 128 px, step 64, MATLAB-bicubic x4 LR)",
-        flush=True,
-    )
+    phase("photos")
+    print("[demo] 2/5 writing shards (sub-images 128 px, step 64, MATLAB-bicubic x4 LR)", flush=True)
     shards = out / "shards"
     write_shards(train_dir, shards, scale=4, crop_size=128, step=64, shard_size_mb=8, progress=False)
-
-    common = [
-        f"data.shards={shards}",
-        f"data.batch_size={batch_size}",
-        "data.patch_size=16",
-        f"val.dir={val_dir}",
-        "val.max_images=2",
-        "val.max_size=null",  # the held-out photos whole: val/lpips is the report's number
-        "checkpoint.resume=none",
-        f"model.generator.nf={TRUNK['nf']}",
-        f"model.generator.nb={TRUNK['nb']}",
-        f"model.generator.gc={TRUNK['gc']}",
-        f"model.generator.init_scale={INIT_SCALE}",
-    ]
-
-    def stage_dirs(name: str, steps: int, val_every: int) -> list[str]:
-        d = out / name
-        return [
-            f"train.max_steps={steps}",
-            f"logging.run_dir={d}",
-            f"checkpoint.dir={d / 'checkpoints'}",
-            f"val.every={val_every}",
-            f"checkpoint.every={steps}",
-        ]
-
-    psnr_dir = out / "psnr"
-    print(
-        f"[demo] {next(stage)}/{n_stages} PSNR stage: {psnr_steps} steps on {nproc} process(es)", flush=True
-    )
-    _train(
-        "tiny_psnr.yaml",
-        [
-            *common,
-            *stage_dirs("psnr", psnr_steps, psnr_steps),
-            f"optim.milestones=[{int(psnr_steps * 0.75)}]",
-            "optim.lr_g=1e-3",
-        ],
-        nproc,
-        out / "psnr.log",
-    )
-    psnr_export = psnr_dir / "generator.safetensors"
+    phase("shards")
 
     percep_overrides, percep_note, backbone = _perceptual_choice()
-    # The GAN stages keep a global batch of `batch_size` (the recipe's), split over the processes.
+    plan = stage_plan(
+        out, shards, val_dir, nproc=nproc, psnr_steps=psnr_steps, gan_steps=gan_steps,
+        batch_size=batch_size, esrgan=esrgan, precision=prec, val_points=val_points,
+        perceptual_overrides=percep_overrides,
+    )
+    print(f"[demo] 3/5 training {len(plan)} stages in one launch of {nproc} process(es)", flush=True)
+    t_launch = time.time()
+    summaries, finish_launch = _train_stages(plan, nproc, out)
+    t_done = time.time()
+    timing = {st["name"]: stage_timing(out / st["name"], summaries[st["name"]]["t_start"],
+                                       summaries[st["name"]]["t_end"]) for st in plan}
+    phases["launch_start_up"] = round(summaries[plan[0]["name"]]["t_start"] - t_launch, 1)
+    for st in plan:
+        phases[f"stage_{st['name']}"] = timing[st["name"]]["wall_s"]
+    phases["last_stage_to_demo"] = round(t_done - summaries[plan[-1]["name"]]["t_end"], 1)
+    t_phase = t_done
+
     gan_batch = max(1, batch_size // nproc)
-    gan_common = [
-        *common,
-        f"data.batch_size={gan_batch}",
-        f"model.generator.pretrained={psnr_export}",
-        f"optim.milestones=[{gan_steps * 2}]",
-        *GAN_OVERRIDES,
-        *percep_overrides,
-    ]
-    val_every = max(1, gan_steps // 2)  # validation on the whole photos is a cost on 2 cores
-    runs = {"PSNR stage": psnr_dir}
-    models: dict = {}
+    warmup = max(1, int(gan_steps * GAN_WARMUP_FRACTION))
+    taps = list(range(TRUNK["nb"]))
     from spsr_hpc.models.config import GeneratorConfig
 
-    models["PSNR stage"] = (GeneratorConfig(name="rrdbnet", scale=4, **TRUNK), str(psnr_export))
+    psnr_dir = out / "psnr"
+    runs = {"PSNR stage": psnr_dir}
+    models: dict = {"PSNR stage": (GeneratorConfig(name="rrdbnet", scale=4, **TRUNK),
+                                   str(psnr_dir / "generator.safetensors"))}
     if esrgan:
-        print(
-            f"[demo] {next(stage)}/{n_stages} ESRGAN stage (SPSR's baseline): {gan_steps} steps from the "
-            "PSNR stage",
-            flush=True,
-        )
-        _train(
-            "tiny_esrgan.yaml",
-            [*gan_common, *stage_dirs("esrgan", gan_steps, val_every)],
-            nproc,
-            out / "esrgan.log",
-        )
         runs["ESRGAN"] = out / "esrgan"
         models["ESRGAN"] = (
             GeneratorConfig(name="rrdbnet", scale=4, **TRUNK),
             str(out / "esrgan" / "generator_ema.safetensors"),
         )
-
     gan_dir = out / "spsr_g"
-    print(f"[demo] {next(stage)}/{n_stages} SPSR-G stage: {gan_steps} steps from the PSNR trunk", flush=True)
-    taps = list(range(TRUNK["nb"]))
-    warmup = max(1, int(gan_steps * GAN_WARMUP_FRACTION))
-    _train(
-        "tiny_spsr_g.yaml",
-        [
-            *gan_common,
-            *SPSR_OVERRIDES,
-            *stage_dirs("spsr_g", gan_steps, val_every),
-            f"model.generator.taps={taps}",
-            f"train.fusion_warmup_steps={warmup}",
-        ],
-        nproc,
-        out / "spsr_g.log",
-    )
     runs["SPSR-G"] = gan_dir
     models["SPSR-G"] = (
         GeneratorConfig(name="spsr", scale=4, taps=taps, **TRUNK),
         str(gan_dir / "generator_ema.safetensors"),
     )
 
-    print(f"[demo] {next(stage)}/{n_stages} evaluating on the held-out photos", flush=True)
+    print("[demo] 4/5 evaluating on the held-out photos", flush=True)
     from spsr_hpc.evaluate import BICUBIC, evaluate
     from spsr_hpc.report import comparison_figure, loss_curves
 
     report = evaluate(
-        models, {"bundled-val": (str(val_dir), None)}, 4, out / "eval", save_images=True, progress=False
+        models, {"bundled-val": (str(val_dir), None)}, 4, out / "eval", save_images=True, progress=False,
+        precision=prec,
     )
+    phase("evaluation")
+    finish_launch()  # the training processes' exit status (they wound down during the evaluation)
+    phase("launch_exit_wait")
     value = {
         m: {k: report.value("bundled-val", m, k) for k in ("lpips", "psnr", "ssim")}
         for m in [BICUBIC, *models]
@@ -298,8 +548,10 @@ def run_demo(
     lp = [bic["lpips"], psnr_stage["lpips"], spsr["lpips"]]
     lpips_order = None if None in lp else bool(lp[2] < lp[1] < lp[0])
 
+    print("[demo] 5/5 drawing the figures and writing the report", flush=True)
     curves = loss_curves(runs, out / "loss_curves.png")
     crops = comparison_figure(out / "eval", {"bundled-val": Path(val_dir)}, out / "comparison.png")
+    phase("figures")
     minutes = (time.time() - t0) / 60
     held_out = ", ".join(sorted(p.stem for p in Path(val_dir).iterdir()))
     if lpips_order is None:
@@ -343,8 +595,20 @@ def run_demo(
         f"warm-up steps); {nproc} DeepSpeed process(es); batch {batch_size} per process in the PSNR stage, "
         f"{gan_batch} per process in the GAN stages; "
         f"wall time {minutes:.1f} min.",
-        f"- Loss and validation curves: ![curves]({curves.name})",
-        f"- Centre crops, labelled with LPIPS / PSNR ({columns}): ![crops]({crops.name})",
+        f"- Precision: {precision_note}; training (train.bf16={'true' if prec == 'bf16' else 'false'}) and "
+        f"evaluation ran in {prec}"
+        + (" (weights, losses, EMA and exports stay fp32)." if prec == "bf16" else "."),
+        f"- Time per phase (s): {', '.join(f'{k} {v:g}' for k, v in phases.items())}. Per stage: "
+        + "; ".join(
+            f"{name}: start-up {t.get('start_up_s', 'n/a')}, {t.get('s_per_step', 'n/a')} s/step, "
+            f"{t['val_points']} validations {t['val_s']:g} s"
+            for name, t in timing.items()
+        )
+        + ".",
+        f"- Loss and validation curves (LPIPS and PSNR on the held-out photos, {val_points} points per "
+        f"stage where the steps allow): ![curves]({curves.name})",
+        f"- Centre crops, each column labelled with its method, LPIPS and PSNR on that photo ({columns}): "
+        f"![crops]({crops.name})",
         f"- Run folders: {', '.join(f'`{Path(d).name}/`' for d in runs.values())} (metrics.jsonl, "
         "TensorBoard, "
         "labelled image grids, checkpoints, generator.safetensors); evaluation: `eval/`. "
@@ -360,7 +624,11 @@ def run_demo(
         "psnr_stage_beats_bicubic": beats,
         "lpips_order_held": lpips_order,
         "perceptual_backbone": backbone,
+        "precision": prec,
+        "precision_requested": precision,
         "minutes": minutes,
+        "phases_s": phases,
+        "stages": timing,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + report.markdown + "\n" + verdict + "\n", flush=True)
@@ -383,7 +651,30 @@ def main(argv: list[str] | None = None) -> int:
         help="PSNR stage: per process; GAN stages: in all (split over the processes)",
     )
     p.add_argument("--no-esrgan", action="store_true", help="skip the ESRGAN baseline stage (saves its time)")
+    p.add_argument(
+        "--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+        help=f"training and evaluation precision (default {DEFAULT_PRECISION}): bf16 autocast, fp32, or "
+        "auto = bf16 where the hardware runs it natively (CUDA; a CPU with avx512_bf16/AMX), else fp32",
+    )
+    p.add_argument(
+        "--val-points", type=int, default=VAL_POINTS,
+        help=f"validations per stage, for the curves (default {VAL_POINTS}); each costs a pass over the "
+        "two held-out photos with LPIPS",
+    )
+    p.add_argument("--run-stages", default=None, help=argparse.SUPPRESS)  # the ranks' side of the launch
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.run_stages:
+        return run_stages(a.run_stages)
+    for name, v in (("--psnr-steps", a.psnr_steps), ("--gan-steps", a.gan_steps), ("--nproc", a.nproc),
+                    ("--batch-size", a.batch_size), ("--val-points", a.val_points)):
+        if v < 1:
+            p.error(f"{name} {v}: must be at least 1")
+    try:
+        resolve_precision(a.precision)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run_demo(
         a.out,
         nproc=a.nproc,
@@ -391,5 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         gan_steps=a.gan_steps,
         batch_size=a.batch_size,
         esrgan=not a.no_esrgan,
+        precision=a.precision,
+        val_points=a.val_points,
     )
     return 0

@@ -14,66 +14,59 @@ import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-HEADER_PX = 18
-
-
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable where Pillow has FreeType
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def label_columns(img: np.ndarray, labels: Sequence[str], widths: Sequence[int] | None = None) -> np.ndarray:
-    """Put a white header strip above `img` ((H, W, 3) uint8) with one centred label per column.
-
-    widths: the columns' widths in pixels (default: W split evenly among the labels).
-    """
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"label_columns needs an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
-    w = img.shape[1]
-    if widths is None:
-        widths = [w // len(labels)] * len(labels)
-    if len(widths) != len(labels) or sum(widths) > w:
-        raise ValueError(f"{len(labels)} labels for columns of widths {list(widths)} in an image {w} px wide")
-    head = Image.new("RGB", (w, HEADER_PX), "white")
-    draw = ImageDraw.Draw(head)
-    font = _font()
-    x0 = 0
-    for text, cw in zip(labels, widths):
-        tw = draw.textlength(text, font=font)
-        while tw > cw - 4 and len(text) > 1:  # shorten what does not fit
-            text = text[:-2] + "…"
-            tw = draw.textlength(text, font=font)
-        draw.text((x0 + (cw - tw) / 2, 2), text, fill="black", font=font)
-        x0 += cw
-    return np.concatenate([np.asarray(head), img], axis=0)
-
-
-def tile_row(tiles: Sequence[np.ndarray], pad: int = 2) -> tuple[np.ndarray, list[int]]:
-    """Tiles side by side with a white border; returns the row and each column's width."""
-    padded = [np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for t in tiles]
-    h = max(t.shape[0] for t in padded)
-    padded = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in padded]
-    return np.concatenate(padded, axis=1), [t.shape[1] for t in padded]
-
+from spsr_hpc.labels import HEADER_PX, label_columns, tile_row
 
 # --- training runs ----------------------------------------------------------------------------
 
 
+# Each validation metric has its own colour, marker, line style and legend entry; the second one
+# drawn goes on a twin right axis (their scales differ), so neither hides the other.
+VAL_STYLES = {
+    "val/lpips": {"color": "C0", "marker": "o", "linestyle": "-", "name": "LPIPS ↓"},
+    "val/psnr": {"color": "C3", "marker": "s", "linestyle": "--", "mfc": "none",
+                 "name": "PSNR dB ↑"},
+}
+
+
+def validation_panel(ax: Any, rows: Sequence[dict[str, Any]], title: str) -> list[Any]:
+    """Draw a run's val/lpips and val/psnr records against the step: the first on `ax` (left axis),
+    the second on a twin right axis; one legend for both, each axis label and its ticks in its
+    curve's colour. Returns the drawn lines (matplotlib Line2D)."""
+    lines, axes = [], []
+    for key, style in VAL_STYLES.items():
+        pts = sorted((r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)))
+        if not pts:
+            continue
+        target = ax if not axes else ax.twinx()
+        side = "left" if not axes else "right"
+        kw = {k: v for k, v in style.items() if k != "name"}
+        (line,) = target.plot(*zip(*pts), markersize=4, label=f"{style['name']} ({side} axis)", **kw)
+        target.set_ylabel(key, color=style["color"])
+        target.tick_params(axis="y", colors=style["color"])
+        lines.append(line)
+        axes.append(target)
+    if lines:  # above the plot, under the title: it covers no point of either curve
+        axes[-1].legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="lower center",
+                        bbox_to_anchor=(0.5, 1.0), ncol=len(lines), frameon=False)
+    ax.set_title(title, pad=20 if lines else 6)
+    ax.set_xlabel("step")
+    return lines
+
+
 def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
     """One panel per run: every ``loss/*`` series of its metrics.jsonl (log scale), and a second
-    row with the validation curves (val/lpips, val/psnr) where the run logged them."""
+    row with the validation curves (:func:`validation_panel`) where the run logged them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spsr_hpc.train.logging import read_jsonl
+    from spsr_hpc.train.logging import read_jsonl  # torch comes with it: only when curves are drawn
 
     data = {name: read_jsonl(Path(d) / "metrics.jsonl") for name, d in runs.items()}
     has_val = any(any(k.startswith("val/") for r in rows for k in r) for rows in data.values())
@@ -95,16 +88,7 @@ def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
         if keys:
             ax.legend(fontsize=7)
         if has_val:
-            vax = axes[1][col]
-            for k, style in (("val/lpips", "o-"), ("val/psnr", "s--")):
-                pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-                if not pts:
-                    continue
-                target = vax if k == "val/lpips" else vax.twinx()
-                target.plot(*zip(*pts), style, label=k, color="C0" if k == "val/lpips" else "C1")
-                target.set_ylabel(k)
-            vax.set_title(f"{name}: validation (LPIPS lower is better)")
-            vax.set_xlabel("step")
+            validation_panel(axes[1][col], rows, f"{name}: validation")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=90)
@@ -138,7 +122,8 @@ def comparison_figure(
     max_images: int = 4,
 ) -> Path:
     """Centre crops of every method's SR (and HR, where `hr_dirs` gives the dataset's HR folder)
-    for the first images of each dataset; columns labelled with the method and its LPIPS / PSNR."""
+    for the first images of each dataset; each column labelled in full, on three lines: the method,
+    its LPIPS and its PSNR on that image (HR: the image's name)."""
     datasets, all_methods, rows = _eval_layout(eval_dir)
     methods = list(methods or all_methods)
     blocks = []
@@ -155,14 +140,14 @@ def comparison_figure(
                 y, x = max(0, h // 2 - crop // 2), max(0, w // 2 - crop // 2)
                 tiles.append(sr[y : y + crop, x : x + crop])
                 r = rows[(d, m, name)]
-                lp = f"{float(r['lpips']):.3f}" if r.get("lpips") else "n/a"
-                labels.append(f"{m} {lp}/{float(r['psnr']):.2f}")
+                lp = f"{float(r['lpips']):.4f}" if r.get("lpips") else "n/a"
+                labels.append(f"{m}\nLPIPS {lp}\nPSNR {float(r['psnr']):.2f} dB")
             if hr_dirs and d in hr_dirs:
                 hr_path = next(iter(sorted(Path(hr_dirs[d]).glob(f"{name}.*"))), None)
                 if hr_path is not None:
                     hr = _read_rgb(hr_path)
                     tiles.append(hr[y : y + crop, x : x + crop])
-                    labels.append("HR")
+                    labels.append(f"HR\n{name}")
             row, widths = tile_row(tiles)
             blocks.append(label_columns(row, labels, widths))
     if not blocks:
@@ -247,3 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+# label_columns, tile_row and HEADER_PX live in spsr_hpc.labels (below the training layer, whose
+# image grids use them too); they stay importable from here.
+__all__ = [
+    "HEADER_PX",
+    "comparison_figure",
+    "find_runs",
+    "label_columns",
+    "loss_curves",
+    "main",
+    "report_figures",
+    "tile_row",
+    "validation_panel",
+]

@@ -282,10 +282,14 @@ def test_image_grid_and_logger(tmp_path):
     assert grid.shape == (3, 32, 64) and grid.min() >= 0 and grid.max() <= 1
     torch.testing.assert_close(grid[:, :16, 16:32], sr[0])
     torch.testing.assert_close(grid[:, :16, :16], lr[0].repeat_interleave(4, 1).repeat_interleave(4, 2))
-    # With labels, a header strip names each column; the images below it are unchanged.
-    from spsr_hpc.report import HEADER_PX
+    # With labels, a header strip names each column; the images below it are unchanged. The
+    # 16-px columns are narrower than the labels, which wrap (nothing is cut): a taller header.
+    from spsr_hpc.labels import header_height, label_layout
 
-    labelled = image_grid(lr, sr, hr, extra=[maps], max_images=2, labels=["LR", "SR", "HR", "map"])
+    names = ["LR", "SR", "HR", "map"]
+    labelled = image_grid(lr, sr, hr, extra=[maps], max_images=2, labels=names)
+    HEADER_PX = header_height(max(len(lines) for lines in label_layout(names, [16] * 4)))
+    assert HEADER_PX > 18 and all("".join(ls) == n for ls, n in zip(label_layout(names, [16] * 4), names))
     assert labelled.shape == (3, HEADER_PX + 32, 64)
     torch.testing.assert_close(labelled[:, HEADER_PX:], grid, atol=1 / 255, rtol=0)
     header = labelled[:, :HEADER_PX]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from spsr_hpc import distributed as sdist
+from spsr_hpc.labels import label_columns
 
 
 def image_grid(
@@ -50,7 +51,8 @@ def image_grid(
     lr: (B, 3, h, w), sr/hr: (B, 3, H, W) float in [0, 1]; extra: (B, C, H', W') maps, each
     rescaled to [0, 1] by its own max and resized to H x W. Returns (3, rows*H, cols*W) float
     in [0, 1] on CPU; with `labels` (one per column) a header strip of
-    spsr_hpc.report.HEADER_PX rows above it names the columns.
+    spsr_hpc.labels.header_height(lines) rows above it names the columns (a label wider than
+    its column wraps onto more lines).
     """
     n = min(max_images, lr.shape[0])
     size = hr.shape[-2:]
@@ -68,8 +70,6 @@ def image_grid(
         return grid
     if len(labels) != len(cols):
         raise ValueError(f"image_grid: {len(labels)} labels for {len(cols)} columns")
-    from spsr_hpc.report import label_columns
-
     u8 = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     labelled = label_columns(np.ascontiguousarray(u8), labels)
     return torch.from_numpy(labelled).permute(2, 0, 1).float() / 255

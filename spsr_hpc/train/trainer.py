@@ -82,6 +82,18 @@ from spsr_hpc.train.logging import RunLogger, image_grid
 GENERATOR = "generator"
 
 
+def _borrow_local_cores(device: torch.device) -> int:
+    """On CPU, let rank 0 use the intra-op threads of every rank on its node (they wait in a gloo
+    barrier, which sleeps rather than spins) for rank-0-only work such as validation; returns the
+    thread count to restore with torch.set_num_threads."""
+    threads = torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu" and local > 1:
+        torch.set_num_threads(max(threads, min(threads * local, cores)))
+    return threads
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -542,6 +554,7 @@ class Trainer:
         vc = self.cfg.val
         result: dict[str, float] = {}
         if vc.dir and sdist.is_main_process():
+            threads = _borrow_local_cores(self.device)  # the other local ranks wait in the barrier
             from spsr_hpc.data import FolderDataset, to_uint8
             from spsr_hpc.metrics import psnr, ssim
 
@@ -570,6 +583,7 @@ class Trainer:
             result = {"val/psnr": float(np.mean(ps)), "val/ssim": float(np.mean(ss))}
             if lp:
                 result["val/lpips"] = float(np.mean(lp))
+            torch.set_num_threads(threads)
         sdist.barrier()
         return result
 
