@@ -147,7 +147,8 @@ class NSEPretrainer:
         oc = cfg.optim
         ds = deepspeed_config(
             micro_batch_per_gpu=micro, grad_accum=tc.grad_accum, zero_stage=cfg.deepspeed.zero_stage,
-            gradient_clipping=cfg.deepspeed.gradient_clipping, template=cfg.deepspeed.json,
+            autocast_bf16=tc.bf16, gradient_clipping=cfg.deepspeed.gradient_clipping,
+            template=cfg.deepspeed.json,
         )  # fmt: skip
         self.engine = build_engine(
             objective, ds, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,

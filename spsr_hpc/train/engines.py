@@ -100,6 +100,7 @@ def deepspeed_config(
     micro_batch_per_gpu: int,
     grad_accum: int = 1,
     zero_stage: int = 0,
+    autocast_bf16: bool = False,
     gradient_clipping: float = 0.0,
     template: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -110,7 +111,13 @@ def deepspeed_config(
     disagrees with the run config is refused rather than silently overridden. The engines are
     always fp32 (``bf16.enabled=false``, so gradients accumulate and all-reduce in fp32): mixed
     precision is bf16 autocast around the forward passes (docs/training.md, "Precision"), and a
-    template that turns on DeepSpeed's bf16/fp16 engine is refused.
+    template that turns on DeepSpeed's bf16/fp16 engine (or sets ``torch_autocast``) is refused.
+
+    ``autocast_bf16`` (train.bf16) sets DeepSpeed's ``torch_autocast`` section: without it the
+    engine's forward turns an outer CUDA autocast *off* (DeepSpeed 0.19.8,
+    ``autocast_if_enabled``), so the network would silently run fp32 on a GPU. Its
+    ``lower_precision_safe_modules`` list is empty, so no parameter gets a bf16 ``comm_dtype``:
+    gradients are still reduced in fp32.
     """
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"deepspeed.zero_stage={zero_stage} is not supported with several engines; use 0-2")
@@ -125,6 +132,10 @@ def deepspeed_config(
             raise ValueError(
                 f"DeepSpeed template {template} has zero_optimization.stage={t_stage} but "
                 f"deepspeed.zero_stage={zero_stage}; make them agree"
+            )
+        if "torch_autocast" in cfg:
+            raise ValueError(
+                f"DeepSpeed template {template} has a torch_autocast block; remove it: train.bf16 sets it"
             )
         for low in ("bf16", "fp16"):
             if (cfg.get(low) or {}).get("enabled"):
@@ -144,6 +155,8 @@ def deepspeed_config(
     zero["stage"] = zero_stage
     cfg["zero_optimization"] = zero
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": False}  # autocast, not DeepSpeed's bf16 engine
+    if autocast_bf16:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     cfg["gradient_clipping"] = float(gradient_clipping)  # the run config is authoritative (0 = off)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)

@@ -158,6 +158,7 @@ class Trainer:
             micro_batch_per_gpu=self.micro_batch,
             grad_accum=tc.grad_accum,
             zero_stage=cfg.deepspeed.zero_stage,
+            autocast_bf16=tc.bf16,
             gradient_clipping=cfg.deepspeed.gradient_clipping,
             template=cfg.deepspeed.json,
         )
