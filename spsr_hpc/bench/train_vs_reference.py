@@ -10,10 +10,10 @@ the paper's architecture (nf 64, nb 23, two VGG discriminators, VGG19 perceptual
 weights: the same FLOPs as ImageNet weights, which nothing here may download), LR 32 -> HR 128,
 batch 2. The reference runs fp32; our step runs twice, as two trainers: fp32 (the same maths as
 the reference: the "same-maths" row) and, where the device has native bf16
-(:mod:`spsr_hpc.precision`), with ``train.bf16=true`` (bf16 autocast, fp32 weights; the "bf16"
-row). After warm-up steps, each round times one step of every side, in alternating order; the
-result is the median over rounds of the per-round ratio, which cancels most of the drift of a
-shared machine. Rows (one per compared side, with its ``precision``) go to
+(:mod:`spsr_hpc.precision`), with ``train.bf16=true train.channels_last=true`` (bf16 autocast,
+fp32 weights; the "bf16" row). After warm-up steps, each round times one step of every side, in
+alternating order; the result is the median over rounds of the per-round ratio, which cancels
+most of the drift of a shared machine. Rows (one per compared side, with its ``precision``) go to
 benchmarks/results/train_vs_reference.csv with the device, versions, git revision, threads and
 the 1-minute load average before and after.
 """
@@ -46,6 +46,9 @@ _PAPER = [
 REFERENCE = "reference (public-code structure, eager)"
 OURS = "spsr-hpc"
 OURS_BF16 = "spsr-hpc bf16 (autocast)"
+BF16_OVERRIDES = ["train.bf16=true", "train.channels_last=true"]
+"""Our bf16 side: autocast with fp32 weights, channels_last (on the 2-core AMD EPYC, one thread,
+process CPU time per paper-size step: bf16 6.35 s, bf16 + channels_last 5.87 s; docs/training.md)."""
 
 
 def _load() -> float:
@@ -79,9 +82,10 @@ def run_vs_reference(
     if rounds < 1 or warmup < 1:
         raise ValueError(f"rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}")
     overrides = list(overrides or [])
-    if any(o.replace(" ", "").startswith("train.bf16=") for o in overrides):
+    if any(o.replace(" ", "").startswith(("train.bf16=", "train.channels_last=")) for o in overrides):
         raise ValueError(
-            "--vs-reference sets train.bf16 itself (fp32 and bf16 sides); use --no-bf16 for fp32 only"
+            "--vs-reference sets train.bf16 and train.channels_last itself (fp32 side: both off, bf16 "
+            "side: both on); use --no-bf16 for the fp32 sides only"
         )
     run_dir = tempfile.mkdtemp(prefix="bench_vs_ref_")
     cfg = load_config(config, [*_PAPER, *overrides, f"logging.run_dir={run_dir}"])
@@ -112,7 +116,7 @@ def run_vs_reference(
     trainers = [trainer]
     if bf16:
         # Same seed, so the same initial weights as the fp32 trainer (and the reference).
-        cfg16 = load_config(config, [*_PAPER, *overrides, "train.bf16=true",
+        cfg16 = load_config(config, [*_PAPER, *overrides, *BF16_OVERRIDES,
                                      f"logging.run_dir={tempfile.mkdtemp(prefix='bench_vs_ref_bf16_')}"])
         trainer16 = Trainer(cfg16, source=str(config), loader=_Cycle())
         trainers.append(trainer16)
@@ -167,7 +171,7 @@ def run_vs_reference(
                 "side": name,
                 "precision": precision[name],
                 "config": Path(config).name,
-                "overrides": " ".join(overrides),
+                "overrides": " ".join(overrides + (BF16_OVERRIDES if name == OURS_BF16 else [])),
                 "threads": torch.get_num_threads(),
                 "batch": cfg.data.batch_size,
                 "hr_patch": cfg.data.patch_size * cfg.data.scale,
@@ -200,4 +204,6 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     )
 
 
-__all__ = ["OURS", "OURS_BF16", "PAPER_CONFIG", "REFERENCE", "print_rows", "run_vs_reference"]
+__all__ = [
+    "BF16_OVERRIDES", "OURS", "OURS_BF16", "PAPER_CONFIG", "REFERENCE", "print_rows", "run_vs_reference",
+]
