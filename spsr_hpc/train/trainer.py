@@ -640,7 +640,7 @@ class Trainer:
         )
         self.logger.message(
             f"[spsr] {cfg.loss.method}: {self.world} rank(s) on {self.device}, "
-            f"global batch {self.global_batch}, "
+            f"{'bf16 autocast (fp32 weights)' if self.bf16 else 'fp32'}, global batch {self.global_batch}, "
             f"ZeRO {cfg.deepspeed.zero_stage}, engines {list(self.engines)}, start step {self.step}"
             + (f", fusion warm-up until step {cfg.train.fusion_warmup_steps}" if self.fusion_active else "")
         )
