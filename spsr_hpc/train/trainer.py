@@ -344,7 +344,12 @@ class Trainer:
         return autocast(self.device, self.bf16)
 
     def _d_call(self, d: Any) -> Any:
-        """D as a loss callable: its forward under autocast, fp32 logits for the loss."""
+        """D as a loss callable: its forward under autocast, fp32 logits for the loss.
+
+        In the D step each call is its own autocast region on purpose: one region around D(real)
+        and D(fake) would share one bf16 cast of each weight, and autograd would add the two
+        weight gradients in bf16 before the cast back; separate regions give two fp32 gradients.
+        """
 
         def call(x: torch.Tensor) -> torch.Tensor:
             with self._amp():
