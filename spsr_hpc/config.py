@@ -310,7 +310,9 @@ class TrainConfig:
     """Non-finite loss: stop (naming step, term, last good checkpoint) or skip the step."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
-    """bf16 engines (GPU only; refused on CPU)."""
+    """Mixed precision: forward passes under bf16 autocast, weights, gradients, optimizer states,
+    BatchNorm statistics, losses, EMA and exports fp32 (docs/training.md, "Precision"). Needs
+    native bf16: a CUDA device with compute capability >= 8.0, or a CPU with avx512_bf16/AMX."""
     max_skipped_steps: int = 100
     """With on_nonfinite=skip: give up after this many consecutive skipped steps."""
     max_skip_rate: float | None = 0.01
@@ -412,6 +414,21 @@ class DeepSpeedConfig:
             raise ConfigError("gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
         if self.json is not None and not Path(self.json).is_file():
             raise ConfigError("json", f"DeepSpeed JSON {self.json} does not exist")
+        if self.json is not None:
+            import json
+
+            try:
+                tpl = json.loads(Path(self.json).read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError("json", f"DeepSpeed JSON {self.json} is not valid JSON: {e}") from e
+            low = [k for k in ("bf16", "fp16") if isinstance(tpl, dict) and (tpl.get(k) or {}).get("enabled")]
+            if low:
+                raise ConfigError(
+                    "json",
+                    f"DeepSpeed JSON {self.json} sets {low[0]}.enabled=true (DeepSpeed's low-precision "
+                    "engine); mixed precision is train.bf16=true (bf16 autocast on fp32 engines, "
+                    f"docs/training.md): remove the {low[0]} block from the template",
+                )
 
 
 @dataclasses.dataclass
@@ -581,8 +598,12 @@ def _run_config_class() -> type:
         val: ValConfig = dataclasses.field(default_factory=ValConfig)
 
         def validate(self) -> None:
-            if self.train.bf16 and self.train.device == "cpu":
-                raise ConfigError("train.bf16", "bf16 engines need a GPU; set train.bf16=false on CPU")
+            if self.train.bf16:
+                from spsr_hpc.precision import bf16_unsupported
+
+                reason = bf16_unsupported(self.train.device)
+                if reason is not None:
+                    raise ConfigError("train.bf16", f"{reason}; set train.bf16=false")
             if self.train.channels_last and self.deepspeed.zero_stage != 0:
                 raise ConfigError(
                     "train.channels_last",

@@ -51,6 +51,7 @@ from spsr_hpc.inference import (
     add_arch_arguments,
     arch_from_args,
     build_and_load,
+    check_precision,
     sr_images,
     tensor_to_uint8,
 )
@@ -437,6 +438,7 @@ def evaluate(
     if not models and not bicubic:
         raise ValueError("nothing to evaluate: no models and bicubic=False")
     dev = torch.device(device) if device is not None else sdist.local_device()
+    check_precision(dev, precision)  # bf16 needs native bf16 (CUDA, or a CPU with avx512_bf16/AMX)
     rank, world = sdist.get_rank(), sdist.get_world_size()
     distributed = sdist.is_initialized() and world > 1
     if not distributed:
@@ -620,6 +622,10 @@ def _cli_models(args: argparse.Namespace) -> dict[str, tuple[GeneratorConfig, st
 def _run_cli(args: argparse.Namespace) -> EvalReport:
     from spsr_hpc.data import export_bundled_photos
 
+    try:  # --precision against the device, before any model is built
+        check_precision(torch.device(args.device) if args.device else sdist.local_device(), args.precision)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
     models = _cli_models(args)
     # The evaluation scale: --scale, else the first model's (from its metadata), else 4.
     scale = args.scale or next((cfg.scale for cfg, _ in models.values()), 4)

@@ -206,15 +206,28 @@ def sr_tiled(
 # --- running a generator on images -----------------------------------------------------------
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for "fp32" (none), "bf16" or "fp16" (CUDA only)."""
+def check_precision(device: torch.device, precision: str) -> None:
+    """Raise ValueError when ``precision`` cannot run on ``device``: fp16 needs CUDA, bf16 native
+    bf16 (a CUDA device with bf16, or a CPU with avx512_bf16/AMX; :mod:`spsr_hpc.precision`)."""
+    from spsr_hpc.precision import bf16_unsupported
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    if precision == "bf16":
+        reason = bf16_unsupported(device)
+        if reason is not None:
+            raise ValueError(f"--precision bf16: {reason}; use --precision fp32")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast context for "fp32" (none), "bf16" (CUDA, or a CPU with native bf16) or "fp16"
+    (CUDA only). Outputs are cast back to fp32 by the callers (:func:`sr_images`)."""
+    check_precision(device, precision)
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -684,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         raise SystemExit("nothing to do: give --input (and/or --export-safetensors / --onnx)")
     device = torch.device(args.device) if args.device else local_device()
     try:
+        check_precision(device, args.precision)  # before the model is built
         cfg = arch_from_args(args, args.checkpoint)
         if args.input is not None:
             _input_files(Path(args.input))  # a wrong --input fails before the model is built
@@ -725,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 __all__: Sequence[str] = [
     "autocast",
     "build_and_load",
+    "check_precision",
     "describe_arch",
     "export_generator",
     "export_onnx",

@@ -78,7 +78,6 @@ def test_paper_defaults_in_spsr_g():
         ("optim.milestones=[5,2]", "optim.milestones", "increasing"),
         ("data.scale=2", "data.scale", "differs from model.generator.scale"),
         ("loss.method=nope", "loss", "loss.method='nope'"),
-        ("train.bf16=true", "train.bf16", "need a GPU"),
     ],
 )
 def test_bad_values_name_key_and_file(tmp_path, override, key, fragment):
@@ -174,8 +173,11 @@ def test_deepspeed_templates_load(stage):
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["zero_optimization"]["stage"] == stage and cfg["gradient_clipping"] == 1.0
     assert cfg["bf16"]["enabled"] is False and "train_batch_size" not in cfg
-    bf16 = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}_bf16.json").read_text())
-    assert bf16["bf16"]["enabled"] is True and bf16["zero_optimization"]["stage"] == stage
+    assert "torch_autocast" not in cfg
+    # train.bf16: fp32 engines with DeepSpeed's torch_autocast on and no bf16 communication.
+    amp = deepspeed_config(micro_batch_per_gpu=3, zero_stage=stage, autocast_bf16=True, template=tpl)
+    assert amp["bf16"]["enabled"] is False
+    assert amp["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
 
 
 def test_deepspeed_config_refusals(tmp_path):
@@ -187,9 +189,11 @@ def test_deepspeed_config_refusals(tmp_path):
     bad = _write(tmp_path, json.dumps({"optimizer": {"type": "Adam"}}), "ds.json")
     with pytest.raises(ValueError, match="FusedAdam"):
         deepspeed_config(micro_batch_per_gpu=1, template=bad)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="bf16"):
-            deepspeed_config(micro_batch_per_gpu=1, bf16=True)
+    blocks = ({"bf16": {"enabled": True}}, {"fp16": {"enabled": True}}, {"torch_autocast": {"enabled": True}})
+    for block in blocks:
+        low = _write(tmp_path, json.dumps(block), "low.json")
+        with pytest.raises(ValueError, match=f"{next(iter(block))}.*remove"):
+            deepspeed_config(micro_batch_per_gpu=1, template=low)
 
 
 def test_global_batch_check():

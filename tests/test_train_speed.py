@@ -172,3 +172,22 @@ def test_allreduce_kept_under_zero1(tmp_path):
 def test_speed_config_errors(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _config(tmp_path, *overrides)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bf16")
+def test_vs_reference_runs_with_its_bf16_row():
+    """launch/bench_train.py --vs-reference at a tiny size, one round: a row per side, the bf16 one
+    with its precision and overrides (the timing itself is for an idle machine)."""
+    from spsr_hpc.bench.train_vs_reference import OURS, OURS_BF16, REFERENCE, run_vs_reference
+
+    tiny = ["model.generator.nf=8", "model.generator.nb=1", "model.generator.gc=4",
+            "model.generator.taps=[0]", "data.patch_size=8",
+            *(f"model.discriminators.{d}.{k}" for d in ("image", "gradient")
+              for k in ("nf=4", "input_size=32"))]
+    rows = run_vs_reference(overrides=tiny, rounds=1, warmup=1, write=False)
+    by_side = {r["side"]: r for r in rows}
+    assert set(by_side) == {OURS, OURS_BF16, REFERENCE}
+    assert by_side[OURS_BF16]["precision"] == "bf16" and "train.bf16=true" in by_side[OURS_BF16]["overrides"]
+    assert by_side[OURS]["precision"] == by_side[REFERENCE]["precision"] == "fp32"
+    assert by_side[REFERENCE]["speedup_vs_reference_median"] == 1.0
+    assert all(r["median_s"] > 0 and r["loadavg_1m_start"] >= 0 for r in rows)

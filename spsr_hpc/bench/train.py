@@ -24,30 +24,9 @@ from pathlib import Path
 import torch
 
 from spsr_hpc.bench.common import REPO_ROOT, append_rows, format_table, provenance
+from spsr_hpc.bench.train_setup import FIXED_OVERRIDES, SyntheticBatches
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_spsr_g.yaml"
-_FIXED = [
-    "logging.progress_bar=false",
-    "logging.tensorboard=false",
-    "logging.image_every=0",
-    "val.dir=null",
-    "checkpoint.every=0",
-    "checkpoint.resume=none",
-    "train.fusion_warmup_steps=0",
-]
-
-
-class SyntheticBatches:
-    """A few random {"lr", "hr"} batches cycled forever; no state worth saving."""
-
-    def __init__(self, per_rank: int, lr_size: int, scale: int, n: int = 4, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        hr = [torch.rand(per_rank, 3, lr_size * scale, lr_size * scale, generator=g) for _ in range(n)]
-        self.batches = [{"lr": torch.nn.functional.avg_pool2d(h, scale), "hr": h} for h in hr]
-
-    def __iter__(self):
-        while True:
-            yield from self.batches
 
 
 def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
@@ -58,7 +37,8 @@ def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
 
     run_dir = tempfile.mkdtemp(prefix="bench_train_")
     cfg = load_config(
-        config, [*_FIXED, *overrides, f"logging.run_dir={run_dir}", f"train.max_steps={warmup + steps}"]
+        config,
+        [*FIXED_OVERRIDES, *overrides, f"logging.run_dir={run_dir}", f"train.max_steps={warmup + steps}"],
     )
     loader = SyntheticBatches(cfg.data.batch_size, cfg.data.patch_size, cfg.data.scale)
     trainer = Trainer(cfg, source=config, loader=loader)
@@ -183,6 +163,9 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         "rows go to benchmarks/results/train_vs_reference.csv",
     )
     p.add_argument("--rounds", type=int, default=7, help="--vs-reference: timed rounds (median)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="--vs-reference: fp32 sides only (default: also our bf16 step where the device "
+                   "has native bf16)")
     p.add_argument(
         "--public-code",
         default=None,
@@ -211,6 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
             warmup=args.warmup,
             public_code=args.public_code,
             write=not args.no_write,
+            bf16=False if args.no_bf16 else None,
         )
         print_rows(rows)
         return rows

@@ -83,7 +83,9 @@ class PretrainTrainConfig:
     """Seeds the initialisation and the anchor/permutation draws (per rank and step)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
-    """bf16 engine (GPU only)."""
+    """Mixed precision: NSE, heads and the InfoNCE inputs under bf16 autocast (the fused
+    InfoNCE accumulates its log-sum-exp in fp32), weights, gradients and the export fp32
+    (docs/training.md, "Precision"). Needs a CUDA device with bf16 or a CPU with avx512_bf16/AMX."""
     collective_timeout_s: float = 600.0
     """Seconds a rank waits in one collective once training runs (as the SR trainer's
     train.collective_timeout_s; docs/cluster.md)."""
@@ -154,8 +156,12 @@ class NSEPretrainConfig:
             raise ConfigError(
                 "data.hr_patch_size", f"{self.data.hr_patch} is not a multiple of the NSE stride 4"
             )
-        if self.train.bf16 and self.train.device == "cpu":
-            raise ConfigError("train.bf16", "bf16 engines need a GPU; set train.bf16=false on CPU")
+        if self.train.bf16:
+            from spsr_hpc.precision import bf16_unsupported
+
+            reason = bf16_unsupported(self.train.device)
+            if reason is not None:
+                raise ConfigError("train.bf16", f"{reason}; set train.bf16=false")
         if self.nse.random_init:
             raise ConfigError(
                 "nse.random_init",

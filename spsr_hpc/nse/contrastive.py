@@ -180,10 +180,17 @@ class ContrastiveObjective(nn.Module):
             kw = self.loss_inputs(keys, height, width, strategy, generator)
             anchors += kw["pos_index"].numel()
             pred, keys_, pos = kw.pop("pred"), kw.pop("keys"), kw.pop("pos_index")
+            if pred.dtype != keys_.dtype:  # under autocast: the predictor's output is bf16
+                pred, keys_ = pred.to(torch.bfloat16), keys_.to(torch.bfloat16)
+            # Per-anchor losses (the fused InfoNCE's log-sum-exp is fp32 for any input dtype),
+            # averaged in fp32 (fp64 stays fp64: gradcheck).
+            wide = torch.promote_types(pred.dtype, torch.float32)
             if self.loss_backend == "naive":
-                losses[strategy] = info_nce_ref(pred, keys_, pos, **kw)
+                # The reference computes in its input dtype: widened inputs keep its LSE fp32.
+                per_anchor = info_nce_ref(pred.to(wide), keys_.to(wide), pos, reduction="none", **kw)
             else:
-                losses[strategy] = info_nce(pred, keys_, pos, backend=self.loss_backend, **kw)
+                per_anchor = info_nce(pred, keys_, pos, backend=self.loss_backend, reduction="none", **kw)
+            losses[strategy] = per_anchor.to(wide).mean()
         loss = torch.stack(list(losses.values())).mean()
         return loss, {f"loss_{s}": v.detach() for s, v in losses.items()}, anchors
 

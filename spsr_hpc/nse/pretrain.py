@@ -33,6 +33,7 @@ from spsr_hpc.nse.contrastive import ContrastiveObjective
 from spsr_hpc.nse.export import save_nse
 from spsr_hpc.nse.jigsaw import JigsawObjective
 from spsr_hpc.nse.sampling import num_contexts
+from spsr_hpc.precision import autocast, check_bf16
 from spsr_hpc.train import checkpoint as ckpt
 from spsr_hpc.train.engines import (
     build_engine,
@@ -138,6 +139,8 @@ class NSEPretrainer:
         init_distributed(cfg.deepspeed.backend, device=self.device, timeout_s=cfg.train.init_timeout_s)
         self.rank, self.world = sdist.get_rank(), sdist.get_world_size()
         tc = cfg.train
+        if tc.bf16:
+            check_bf16(self.device)
         micro = cfg.data.batch_size
         check_global_batch(micro, tc.grad_accum, self.world, tc.global_batch)
         self.loader = build_train_loader(
@@ -157,7 +160,8 @@ class NSEPretrainer:
         oc = cfg.optim
         ds = deepspeed_config(
             micro_batch_per_gpu=micro, grad_accum=tc.grad_accum, zero_stage=cfg.deepspeed.zero_stage,
-            bf16=tc.bf16, gradient_clipping=cfg.deepspeed.gradient_clipping, template=cfg.deepspeed.json,
+            autocast_bf16=tc.bf16, gradient_clipping=cfg.deepspeed.gradient_clipping,
+            template=cfg.deepspeed.json,
         )  # fmt: skip
         self.engine = build_engine(
             objective, ds, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
@@ -257,7 +261,8 @@ class NSEPretrainer:
             f"{cfg.train.grad_accum} x {self.world}; lr x{oc.lr_gamma} every {oc.lr_step_epochs} epochs "
             f"(every {self.steps_per_epoch * oc.lr_step_epochs} steps)"
         )
-        dtype = module_dtype(self.objective)
+        dtype = module_dtype(self.objective)  # fp32: train.bf16 autocasts the forward only
+        amp = cfg.train.bf16
         last_ckpt: str | None = str(resumed) if resumed else None
         anchors_since = images_since = 0
         t_since = time.perf_counter()
@@ -273,7 +278,8 @@ class NSEPretrainer:
                         # Anchor/permutation draws are a function of (seed, rank, micro step): resumable.
                         seed = derive_seed(cfg.train.seed, self.rank, self.micro_step)
                         gen = torch.Generator().manual_seed(seed)
-                        loss, parts, anchors = self.engine(hr, generator=gen)
+                        with autocast(self.device, amp):
+                            loss, parts, anchors = self.engine(hr, generator=gen)
                         bad = first_nonfinite({"loss": loss, **parts})
                         if sync_flags(bad is not None)[0]:
                             raise NonFiniteLossError(self.step, bad or "loss (another rank)", last_ckpt)

@@ -216,7 +216,7 @@ def deepspeed_config(
     micro_batch_per_gpu: int,
     grad_accum: int = 1,
     zero_stage: int = 0,
-    bf16: bool = False,
+    autocast_bf16: bool = False,
     gradient_clipping: float = 0.0,
     template: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -224,12 +224,19 @@ def deepspeed_config(
 
     A template (configs/deepspeed/*.json) supplies everything else (communication buckets,
     logging); the batch keys always come from the run config, and a template whose ZeRO stage
-    or bf16 setting disagrees with the run config is refused rather than silently overridden.
+    disagrees with the run config is refused rather than silently overridden. The engines are
+    always fp32 (``bf16.enabled=false``, so gradients accumulate and all-reduce in fp32): mixed
+    precision is bf16 autocast around the forward passes (docs/training.md, "Precision"), and a
+    template that turns on DeepSpeed's bf16/fp16 engine (or sets ``torch_autocast``) is refused.
+
+    ``autocast_bf16`` (train.bf16) sets DeepSpeed's ``torch_autocast`` section: without it the
+    engine's forward turns an outer CUDA autocast *off* (DeepSpeed 0.19.8,
+    ``autocast_if_enabled``), so the network would silently run fp32 on a GPU. Its
+    ``lower_precision_safe_modules`` list is empty, so no parameter gets a bf16 ``comm_dtype``:
+    gradients are still reduced in fp32.
     """
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"deepspeed.zero_stage={zero_stage} is not supported with several engines; use 0-2")
-    if bf16 and not torch.cuda.is_available():
-        raise ValueError("train.bf16=true needs a CUDA device; set train.bf16=false on CPU")
     cfg: dict[str, Any] = {}
     if template is not None:
         with open(template) as f:
@@ -242,9 +249,16 @@ def deepspeed_config(
                 f"DeepSpeed template {template} has zero_optimization.stage={t_stage} but "
                 f"deepspeed.zero_stage={zero_stage}; make them agree"
             )
-        t_bf16 = bool(cfg.get("bf16", {}).get("enabled", bf16))
-        if t_bf16 != bf16:
-            raise ValueError(f"DeepSpeed template {template} has bf16.enabled={t_bf16} but train.bf16={bf16}")
+        if "torch_autocast" in cfg:
+            raise ValueError(
+                f"DeepSpeed template {template} has a torch_autocast block; remove it: train.bf16 sets it"
+            )
+        for low in ("bf16", "fp16"):
+            if (cfg.get(low) or {}).get("enabled"):
+                raise ValueError(
+                    f"DeepSpeed template {template} has {low}.enabled=true; the engines stay fp32 and "
+                    f"train.bf16=true runs bf16 autocast (docs/training.md): remove the {low} block"
+                )
         if "optimizer" in cfg or "scheduler" in cfg:
             raise ValueError(
                 f"DeepSpeed template {template} defines optimizer/scheduler; remove them: the trainer "
@@ -256,7 +270,9 @@ def deepspeed_config(
     zero = dict(cfg.get("zero_optimization", {}))
     zero["stage"] = zero_stage
     cfg["zero_optimization"] = zero
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(bf16)}
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": False}  # autocast, not DeepSpeed's bf16 engine
+    if autocast_bf16:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     cfg["gradient_clipping"] = float(gradient_clipping)  # the run config is authoritative (0 = off)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
@@ -333,7 +349,7 @@ def engine_lr(engine: Any) -> float:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    """Dtype of a module's first floating parameter (bf16 under a bf16 engine)."""
+    """Dtype of a module's first floating parameter (fp32 for every engine; bf16 is autocast)."""
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype

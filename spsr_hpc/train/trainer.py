@@ -22,6 +22,10 @@ RaGAN's relativistic mean and the discriminators' BatchNorm (``sync_bn``) use th
 so N ranks x b train like one process with N·b. The NSE of SPSR-P/-J is frozen inside the
 objective (eval mode, no grads). Every network has its own DeepSpeed engine (torch Adam +
 MultiStepLR, docs/method.md §5).
+
+``train.bf16``: the forwards of steps 1-2 run under bf16 autocast (:mod:`spsr_hpc.precision`);
+the engines, BatchNorm statistics, losses, gradients, EMA and exports stay fp32
+(docs/training.md, "Precision").
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch import nn
 
 from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, save_resolved, to_dict
+from spsr_hpc.precision import autocast, cast_frozen_weights_, check_bf16
 from spsr_hpc.train.checkpoint import (
     capture_rng_state,
     find_latest,
@@ -128,9 +133,12 @@ class Trainer:
         # missing files (pretrained G, NSE, VGG19) fail before any process group exists.
         self.rank, self.world = sdist.get_rank(), sdist.get_world_size()
         self.device = _pick_device(tc.device)
-        if tc.bf16 and self.device.type != "cuda":
-            raise ValueError(f"{source}: train.bf16=true needs a CUDA device; set train.bf16=false")
-        self.dtype = torch.bfloat16 if tc.bf16 else torch.float32
+        if tc.bf16:
+            try:
+                check_bf16(self.device)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from e
+        self.bf16 = bool(tc.bf16)
         self.micro_batch = cfg.data.batch_size
         try:
             self.global_batch = check_global_batch(
@@ -166,6 +174,11 @@ class Trainer:
             if sdist.is_main_process():
                 print(f"[spsr] perceptual loss: {perceptual.layer} of {perceptual.source}", flush=True)
         self.objective = SRObjective(cfg.loss, perceptual=perceptual, nse=nse).to(self.device)
+        if self.bf16:
+            # Frozen extractors: their conv weights rounded once, as autocast would per call.
+            for frozen in (self.objective.perceptual, self.objective.nse):
+                if frozen is not None:
+                    cast_frozen_weights_(frozen)
 
         init_distributed(cfg.deepspeed.backend, device=self.device, timeout_s=tc.init_timeout_s)
         if (sdist.get_rank(), sdist.get_world_size()) != (self.rank, self.world):
@@ -174,7 +187,7 @@ class Trainer:
             micro_batch_per_gpu=self.micro_batch,
             grad_accum=tc.grad_accum,
             zero_stage=cfg.deepspeed.zero_stage,
-            bf16=tc.bf16,
+            autocast_bf16=tc.bf16,
             gradient_clipping=cfg.deepspeed.gradient_clipping,
             template=cfg.deepspeed.json,
         )
@@ -361,9 +374,23 @@ class Trainer:
         for engine in (self.g_engine, *self.d_engines.values()):
             engine.module.compile(mode=mode)
 
+    def _amp(self) -> Any:
+        """bf16 autocast with train.bf16, else a no-op context."""
+        return autocast(self.device, self.bf16)
+
     def _d_call(self, d: Any) -> Any:
-        dtype = self.dtype
-        return lambda x: d(x.to(dtype)).float()
+        """D as a loss callable: its forward under autocast, fp32 logits for the loss.
+
+        In the D step each call is its own autocast region on purpose: one region around D(real)
+        and D(fake) would share one bf16 cast of each weight, and autograd would add the two
+        weight gradients in bf16 before the cast back; separate regions give two fp32 gradients.
+        """
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            with self._amp():
+                return d(x).float()
+
+        return call
 
     def _check(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
         """Global-batch host floats of the terms and the first non-finite one (None: all finite).
@@ -412,11 +439,15 @@ class Trainer:
 
         for d in self.d_engines.values():
             set_trainable(d.module, False)
-        raw = self.g_engine(lr.to(self.dtype))
+        with self._amp():
+            raw = self.g_engine(lr)
+        # The loss boundary: fp32 images; the extractors inside the objective (VGG19, the NSE,
+        # each D) autocast their own forwards again, every loss reads .float() inputs.
         out = SROutput(*[t.float() if t is not None else None for t in raw])
         d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
         d_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused by the D forwards
-        g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs)
+        with self._amp():
+            g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs)
         for d in self.d_engines.values():
             set_trainable(d.module, True)
         fake = SROutput(*[t.detach() if t is not None else None for t in out])
@@ -668,7 +699,7 @@ class Trainer:
         )
         self.logger.message(
             f"[spsr] {cfg.loss.method}: {self.world} rank(s) on {self.device}, "
-            f"global batch {self.global_batch}, "
+            f"{'bf16 autocast (fp32 weights)' if self.bf16 else 'fp32'}, global batch {self.global_batch}, "
             f"ZeRO {cfg.deepspeed.zero_stage}, engines {list(self.engines)}, start step {self.step}"
             + (f", fusion warm-up until step {cfg.train.fusion_warmup_steps}" if self.fusion_active else "")
         )
