@@ -90,3 +90,23 @@ def test_every_exit_status_is_in_the_docs_table():
     doc = (REPO / "docs" / "cluster.md").read_text()
     rows = dict(re.findall(r"^\| (\d) \| (.+?) \|$", doc, re.MULTILINE))
     assert sorted(int(k) for k in rows) == sorted(faults.EXIT_CODES)
+
+
+@pytest.mark.parametrize("message, timed_out", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 20000ms for recv", True),
+    ("Application timeout caused pair closure", True),  # gloo, a SIGSTOPped peer inside a barrier
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1", False),
+    ("Connection reset by peer", False),
+])
+def test_gloo_failures_are_collective_failures(message, timed_out):
+    """Every message gloo raises for a frozen or lost peer is recognised and reported as such (the
+    pair-closure one, raised when the peer froze inside the checkpoint barrier, used to escape as
+    a raw traceback with exit status 1)."""
+    from spsr_hpc.train import faults
+
+    exc = RuntimeError(message)
+    assert faults.is_collective_failure(exc)
+    err = faults.collective_failure("step 4: checkpoint barrier", exc, 20, "ckpt/step_0000002")
+    assert ("did not complete within" in str(err)) is timed_out
+    assert "step_0000002" in str(err) and str(faults.EXIT_COLLECTIVE) in str(err)
+    assert not faults.is_collective_failure(RuntimeError("CUDA out of memory"))

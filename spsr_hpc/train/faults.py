@@ -108,8 +108,11 @@ def is_collective_failure(exc: BaseException) -> bool:
     if not isinstance(exc, RuntimeError):
         return False
     text = str(exc)
-    marks = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-             "NCCL communicator was aborted", "Watchdog caught collective")
+    # gloo: "Timed out waiting ... for recv", "Application timeout caused pair closure" (a peer
+    # stopped answering inside a barrier/all-reduce), "Connection closed/reset by peer";
+    # NCCL: the watchdog's abort messages.
+    marks = ("Timed out waiting", "timeout caused pair closure", "Connection closed by peer",
+             "Connection reset by peer", "NCCL communicator was aborted", "Watchdog caught collective")
     return any(m in text for m in marks)
 
 
