@@ -4,6 +4,7 @@ samples read), not as error events."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import tarfile
@@ -119,38 +120,69 @@ def test_samples_lost_in_a_truncated_shard_are_counted_as_samples(shard_dir):
     assert int(counts.sum()) == lost
 
 
-def test_dali_pipeline_error_becomes_one_error_naming_shards_and_fix(monkeypatch):
-    """DALI stops its pipeline at an undecodable image (pipe.run() raises; the pipeline is
-    unusable after that). Stand-in pipeline here (no DALI on this machine): the loader turns the
-    error into a ShardReadError naming the rank's shards, DALI's first line and the fix."""
-    from spsr_hpc.data import dali_loader
-    from spsr_hpc.data.loader_state import LoaderState, ShardReadError
+HAS_DALI = (
+    importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+)
+requires_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali is not installed")
 
-    class BrokenPipe:
-        runs = 0
 
-        def run(self):
-            BrokenPipe.runs += 1
-            if BrokenPipe.runs == 2:
-                raise RuntimeError("Critical error in pipeline:\nError in thread 0: [decoders__Image] "
-                                   "could not decode a.tar:p_3.hr.png\nStacktrace ...")
-            return (np.zeros((2, 8, 8, 3)), np.zeros((2, 32, 32, 3)))
+def _corrupt_member(shard: Path, name: str) -> None:
+    """Overwrite member ``name``'s data with zeros in place: the tar and the DALI index stay valid."""
+    with tarfile.open(shard) as tar:
+        m = tar.getmember(name)
+    raw = bytearray(shard.read_bytes())
+    raw[m.offset_data : m.offset_data + m.size] = bytes(m.size)
+    shard.write_bytes(bytes(raw))
 
-    monkeypatch.setattr(dali_loader, "_build_pipeline", lambda *a, **k: BrokenPipe())
-    monkeypatch.setattr(dali_loader, "_to_torch", lambda t, device: t)
-    loader = object.__new__(dali_loader.DaliLoader)
-    loader.cfg = DataConfig(shards=["/d/a.tar", "/d/b.tar"], batch_size=2, loader="dali")
-    loader.shards, loader.rank, loader.world_size = ["/d/a.tar", "/d/b.tar"], 1, 2
-    loader.gpu, loader.device_id, loader.device = False, None, "cpu"
-    loader.state = LoaderState(0, 1, 2, 5)
-    it = iter(loader)
-    next(it)
+
+def _dali_batches(shard_dir: Path) -> tuple[int, str]:
+    """Batches the real DALI CPU pipeline yields before it raises, and the error's message."""
+    from spsr_hpc.data import build_train_loader
+    from spsr_hpc.data.loader_state import ShardReadError
+
+    loader = build_train_loader(_cfg(shard_dir, loader="dali", dali_device="cpu", dali_threads=1,
+                                     verify_shards="off"), rank=0, world_size=1)
+    n = 0
     with pytest.raises(ShardReadError) as info:
-        next(it)
-    msg = str(info.value)
-    assert "rank 1" in msg and "batch 1" in msg and "/d/a.tar, /d/b.tar" in msg
-    assert "could not decode a.tar:p_3.hr.png" in msg and "Stacktrace" not in msg
-    assert "data.loader=webdataset" in msg and "make_shards" in msg
+        for _ in range(3):  # epochs of 6 batches; DALI fails at the first one that holds the sample
+            for _ in loader:
+                n += 1
+    return n, str(info.value)
+
+
+@requires_dali
+def test_dali_stops_at_an_undecodable_image_naming_shard_and_sample(shard_dir):
+    """Real DALI 2.4 CPU pipeline, one PNG zeroed inside a valid tar: fn.decoders.image fails
+    inside pipe.run() (its message names no sample) within the first epoch; nothing is skipped.
+    The error names the operator, the shard and the sample key (found by find_damage), exit status
+    6 and the fix. Before the fix the message said only "Critical error in pipeline: ..."."""
+    shard = _shard(shard_dir)
+    _corrupt_member(shard, "3.hr.png")
+    assert data_problems(_cfg(shard_dir)) == []  # same size: only sha256 sees it before start
+    assert len(data_problems(_cfg(shard_dir, verify_shards="sha256"))) == 1
+    n, msg = _dali_batches(shard_dir)
+    assert n < N // 2, n  # an epoch is 6 batches: DALI stopped inside the first one
+    assert "fn.decoders.image" in msg and f"{shard}: sample(s) 3 do not decode (3.hr.png)" in msg, msg
+    assert "exit status 6" in msg and "make_shards" in msg and "data.loader=webdataset" in msg
+    assert "Stacktrace" not in msg and "traceback" not in msg and "\n" not in msg
+
+
+@requires_dali
+def test_dali_stops_at_a_truncated_shard_naming_it(shard_dir):
+    """data.verify_shards=size refuses a truncated shard before start (tested above); with
+    verify_shards=off the real DALI reader fails inside pipe.run() ("offset is outside of the
+    archive file") and the error names the shard, its size against the manifest and where its
+    tar data ends. Before the fix it named neither."""
+    shard = _shard(shard_dir)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    n, msg = _dali_batches(shard_dir)
+    assert n < N // 2, n
+    assert "fn.readers.webdataset" in msg and "outside of the archive" in msg, msg
+    assert f"{shard}: {len(raw) // 2} bytes, the manifest says {len(raw)}" in msg, msg
+    readable = _readable_samples(shard)
+    assert f"{shard}: tar data ends after " in msg and f"{readable} of its {N} samples readable" in msg, msg
+    assert "exit status 6" in msg
 
 
 def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
