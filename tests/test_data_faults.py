@@ -5,6 +5,7 @@ samples read), not as error events."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tarfile
@@ -185,6 +186,54 @@ def test_dali_stops_at_a_truncated_shard_naming_it(shard_dir):
     assert "exit status 6" in msg
 
 
+@requires_dali
+def test_dali_bad_image_ends_nse_pretraining_with_one_error_line_and_status_6(tmp_path):
+    """launch/pretrain_nse.py with data.loader=dali (CPU) and a zeroed PNG: one ``error:`` line
+    naming the sample, exit status 6 (before the fix: a traceback, exit status 1)."""
+    shards = _nse_shards(tmp_path)
+    _corrupt_member(_shard(shards), "5.hr.png")
+    r = subprocess.run([*_nse_cmd(tmp_path, shards), "data.loader=dali", "data.dali_threads=1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 6, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(errors) == 1 and "sample(s) 5 do not decode" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def _nse_shards(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    (tmp_path / "hr").mkdir()
+    for i in range(N):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "hr" / f"{i}.png")
+    write_shards(tmp_path / "hr", tmp_path / "shards", scale=4, workers=0, progress=False)
+    return tmp_path / "shards"
+
+
+def _nse_cmd(tmp_path: Path, shards: Path) -> list[str]:
+    return [sys.executable, str(REPO / "launch" / "pretrain_nse.py"), "--config",
+            str(REPO / "configs" / "tiny_nse_contrastive.yaml"), f"data.shards={shards}",
+            f"logging.run_dir={tmp_path / 'run'}", "train.max_steps=4", "logging.log_every=1",
+            "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.every=0",
+            "data.hr_patch_size=64", "data.batch_size=2", "data.shuffle_buffer=1", "data.batches_per_epoch=8"]
+
+
+def test_nse_pretraining_stops_above_max_skip_rate(tmp_path):
+    """The SR trainer's train.max_skip_rate rule in NSE pretraining: a truncated shard read with
+    verify_shards=off loses more than 1 % of the samples read, so the run stops at the first log
+    step past train.skip_rate_min_samples with one ``error:`` line and exit status 6 (before the
+    fix: NSE pretraining had no such keys, and ran to the end)."""
+    shards = _nse_shards(tmp_path)
+    shard = _shard(shards)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    cmd = [*_nse_cmd(tmp_path, shards), "data.verify_shards=off", "train.skip_rate_min_samples=1"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 6, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(errors) == 1 and "above train.max_skip_rate=0.01" in errors[0], r.stderr[-3000:]
+    assert f"{shard} (" in errors[0] and "unreadable_tar" in errors[0], errors
+
+
 def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
     """launch/pretrain_nse.py: a truncated shard is refused at start (rc 2); with
     data.verify_shards=off it trains and logs the lost samples as samples."""
@@ -215,3 +264,33 @@ def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
     # 4 steps x 2 samples = 8 > readable: at least one pass over the shard ended.
     assert lost >= N - readable and lost % (N - readable) == 0, (lost, N, readable)
     assert last["data/skipped"] == lost
+
+
+@requires_dali
+@pytest.mark.distributed
+def test_dali_error_on_one_rank_ends_every_rank_at_once(shard_dir, tmp_path):
+    """torchrun, 2 ranks, DALI CPU: the sample split gives rank 1 the zeroed sample 9. Rank 1 prints
+    its ``error:`` line and leaves at once with status 6; rank 0's next collective fails ("a peer
+    rank is gone", 5) long before train.collective_timeout_s=300. Before the fix rank 1 lingered
+    in its teardown and torchrun killed it (SIGTERM, no status 6 in its report). ~10 s."""
+    _corrupt_member(_shard(shard_dir), "9.hr.png")
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+         str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny_psnr.yaml"),
+         f"data.shards={shard_dir}", f"logging.run_dir={tmp_path / 'run'}", "data.loader=dali",
+         "data.dali_threads=1", "data.patch_size=4", "data.batch_size=2", "data.shuffle_buffer=1",
+         "data.verify_shards=off", "train.max_steps=20", "train.collective_timeout_s=300",
+         "model.generator.nf=8", "model.generator.nb=1", "val.dir=null", "logging.progress_bar=false",
+         "logging.tensorboard=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    out = r.stdout + r.stderr
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 2, out[-4000:]
+    assert any(ln.startswith("error: rank 1: DALI stopped") and "sample(s) 9 do not decode" in ln
+               for ln in errors), errors
+    assert any(ln.startswith("error: rank 0:") and "a peer rank is gone" in ln for ln in errors), errors
+    assert "exitcode  : 6" in out and "exitcode  : 5" in out and "SIGTERM" not in out, out[-3000:]
