@@ -271,8 +271,9 @@ def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
 def test_dali_error_on_one_rank_ends_every_rank_at_once(shard_dir, tmp_path):
     """torchrun, 2 ranks, DALI CPU: the sample split gives rank 1 the zeroed sample 9. Rank 1 prints
     its ``error:`` line and leaves at once with status 6; rank 0's next collective fails ("a peer
-    rank is gone", 5) long before train.collective_timeout_s=300. Before the fix rank 1 lingered
-    in its teardown and torchrun killed it (SIGTERM, no status 6 in its report). ~10 s."""
+    rank is gone", 5) long before train.collective_timeout_s=300 (or torchrun ends it first).
+    Before the fix rank 1 lingered in its teardown and torchrun killed it (SIGTERM, no status 6
+    in its report). ~10 s."""
     _corrupt_member(_shard(shard_dir), "9.hr.png")
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -289,8 +290,9 @@ def test_dali_error_on_one_rank_ends_every_rank_at_once(shard_dir, tmp_path):
     )
     out = r.stdout + r.stderr
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert r.returncode != 0 and len(errors) == 2, out[-4000:]
+    assert r.returncode != 0 and errors, out[-4000:]
     assert any(ln.startswith("error: rank 1: DALI stopped") and "sample(s) 9 do not decode" in ln
                for ln in errors), errors
-    assert any(ln.startswith("error: rank 0:") and "a peer rank is gone" in ln for ln in errors), errors
-    assert "exitcode  : 6" in out and "exitcode  : 5" in out and "SIGTERM" not in out, out[-3000:]
+    # Rank 0 fails its collective ("a peer rank is gone", 5) unless torchrun's SIGTERM comes first.
+    assert all(ln.startswith("error: rank 1:") or "a peer rank is gone" in ln for ln in errors), errors
+    assert "exitcode  : 6" in out, out[-3000:]  # before the fix: rank 1 was SIGTERMed (-15)
