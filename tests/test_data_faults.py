@@ -4,6 +4,8 @@ samples read), not as error events."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 import tarfile
@@ -119,38 +121,117 @@ def test_samples_lost_in_a_truncated_shard_are_counted_as_samples(shard_dir):
     assert int(counts.sum()) == lost
 
 
-def test_dali_pipeline_error_becomes_one_error_naming_shards_and_fix(monkeypatch):
-    """DALI stops its pipeline at an undecodable image (pipe.run() raises; the pipeline is
-    unusable after that). Stand-in pipeline here (no DALI on this machine): the loader turns the
-    error into a ShardReadError naming the rank's shards, DALI's first line and the fix."""
-    from spsr_hpc.data import dali_loader
-    from spsr_hpc.data.loader_state import LoaderState, ShardReadError
+HAS_DALI = (
+    importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+)
+requires_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali is not installed")
 
-    class BrokenPipe:
-        runs = 0
 
-        def run(self):
-            BrokenPipe.runs += 1
-            if BrokenPipe.runs == 2:
-                raise RuntimeError("Critical error in pipeline:\nError in thread 0: [decoders__Image] "
-                                   "could not decode a.tar:p_3.hr.png\nStacktrace ...")
-            return (np.zeros((2, 8, 8, 3)), np.zeros((2, 32, 32, 3)))
+def _corrupt_member(shard: Path, name: str) -> None:
+    """Overwrite member ``name``'s data with zeros in place: the tar and the DALI index stay valid."""
+    with tarfile.open(shard) as tar:
+        m = tar.getmember(name)
+    raw = bytearray(shard.read_bytes())
+    raw[m.offset_data : m.offset_data + m.size] = bytes(m.size)
+    shard.write_bytes(bytes(raw))
 
-    monkeypatch.setattr(dali_loader, "_build_pipeline", lambda *a, **k: BrokenPipe())
-    monkeypatch.setattr(dali_loader, "_to_torch", lambda t, device: t)
-    loader = object.__new__(dali_loader.DaliLoader)
-    loader.cfg = DataConfig(shards=["/d/a.tar", "/d/b.tar"], batch_size=2, loader="dali")
-    loader.shards, loader.rank, loader.world_size = ["/d/a.tar", "/d/b.tar"], 1, 2
-    loader.gpu, loader.device_id, loader.device = False, None, "cpu"
-    loader.state = LoaderState(0, 1, 2, 5)
-    it = iter(loader)
-    next(it)
+
+def _dali_batches(shard_dir: Path) -> tuple[int, str]:
+    """Batches the real DALI CPU pipeline yields before it raises, and the error's message."""
+    from spsr_hpc.data import build_train_loader
+    from spsr_hpc.data.loader_state import ShardReadError
+
+    loader = build_train_loader(_cfg(shard_dir, loader="dali", dali_device="cpu", dali_threads=1,
+                                     verify_shards="off"), rank=0, world_size=1)
+    n = 0
     with pytest.raises(ShardReadError) as info:
-        next(it)
-    msg = str(info.value)
-    assert "rank 1" in msg and "batch 1" in msg and "/d/a.tar, /d/b.tar" in msg
-    assert "could not decode a.tar:p_3.hr.png" in msg and "Stacktrace" not in msg
-    assert "data.loader=webdataset" in msg and "make_shards" in msg
+        for _ in range(3):  # epochs of 6 batches; DALI fails at the first one that holds the sample
+            for _ in loader:
+                n += 1
+    return n, str(info.value)
+
+
+@requires_dali
+def test_dali_stops_at_an_undecodable_image_naming_shard_and_sample(shard_dir):
+    """Real DALI 2.4 CPU pipeline, one PNG zeroed inside a valid tar: fn.decoders.image fails
+    inside pipe.run() (its message names no sample) within the first epoch; nothing is skipped.
+    The error names the operator, the shard and the sample key (found by find_damage), exit status
+    6 and the fix. Before the fix the message said only "Critical error in pipeline: ..."."""
+    shard = _shard(shard_dir)
+    _corrupt_member(shard, "3.hr.png")
+    assert data_problems(_cfg(shard_dir)) == []  # same size: only sha256 sees it before start
+    assert len(data_problems(_cfg(shard_dir, verify_shards="sha256"))) == 1
+    n, msg = _dali_batches(shard_dir)
+    assert n < N // 2, n  # an epoch is 6 batches: DALI stopped inside the first one
+    assert "fn.decoders.image" in msg and f"{shard}: sample(s) 3 do not decode (3.hr.png)" in msg, msg
+    assert "exit status 6" in msg and "make_shards" in msg and "data.loader=webdataset" in msg
+    assert "Stacktrace" not in msg and "traceback" not in msg and "\n" not in msg
+
+
+@requires_dali
+def test_dali_stops_at_a_truncated_shard_naming_it(shard_dir):
+    """data.verify_shards=size refuses a truncated shard before start (tested above); with
+    verify_shards=off the real DALI reader fails inside pipe.run() ("offset is outside of the
+    archive file") and the error names the shard, its size against the manifest and where its
+    tar data ends. Before the fix it named neither."""
+    shard = _shard(shard_dir)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    n, msg = _dali_batches(shard_dir)
+    assert n < N // 2, n
+    assert "fn.readers.webdataset" in msg and "outside of the archive" in msg, msg
+    assert f"{shard}: {len(raw) // 2} bytes, the manifest says {len(raw)}" in msg, msg
+    readable = _readable_samples(shard)
+    assert f"{shard}: tar data ends after " in msg and f"{readable} of its {N} samples readable" in msg, msg
+    assert "exit status 6" in msg
+
+
+@requires_dali
+def test_dali_bad_image_ends_nse_pretraining_with_one_error_line_and_status_6(tmp_path):
+    """launch/pretrain_nse.py with data.loader=dali (CPU) and a zeroed PNG: one ``error:`` line
+    naming the sample, exit status 6 (before the fix: a traceback, exit status 1)."""
+    shards = _nse_shards(tmp_path)
+    _corrupt_member(_shard(shards), "5.hr.png")
+    r = subprocess.run([*_nse_cmd(tmp_path, shards), "data.loader=dali", "data.dali_threads=1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 6, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(errors) == 1 and "sample(s) 5 do not decode" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def _nse_shards(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    (tmp_path / "hr").mkdir()
+    for i in range(N):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "hr" / f"{i}.png")
+    write_shards(tmp_path / "hr", tmp_path / "shards", scale=4, workers=0, progress=False)
+    return tmp_path / "shards"
+
+
+def _nse_cmd(tmp_path: Path, shards: Path) -> list[str]:
+    return [sys.executable, str(REPO / "launch" / "pretrain_nse.py"), "--config",
+            str(REPO / "configs" / "tiny_nse_contrastive.yaml"), f"data.shards={shards}",
+            f"logging.run_dir={tmp_path / 'run'}", "train.max_steps=4", "logging.log_every=1",
+            "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.every=0",
+            "data.hr_patch_size=64", "data.batch_size=2", "data.shuffle_buffer=1", "data.batches_per_epoch=8"]
+
+
+def test_nse_pretraining_stops_above_max_skip_rate(tmp_path):
+    """The SR trainer's train.max_skip_rate rule in NSE pretraining: a truncated shard read with
+    verify_shards=off loses more than 1 % of the samples read, so the run stops at the first log
+    step past train.skip_rate_min_samples with one ``error:`` line and exit status 6 (before the
+    fix: NSE pretraining had no such keys, and ran to the end)."""
+    shards = _nse_shards(tmp_path)
+    shard = _shard(shards)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    cmd = [*_nse_cmd(tmp_path, shards), "data.verify_shards=off", "train.skip_rate_min_samples=1"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 6, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(errors) == 1 and "above train.max_skip_rate=0.01" in errors[0], r.stderr[-3000:]
+    assert f"{shard} (" in errors[0] and "unreadable_tar" in errors[0], errors
 
 
 def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
@@ -183,3 +264,35 @@ def test_nse_pretraining_checks_shards_and_counts_lost_samples(tmp_path):
     # 4 steps x 2 samples = 8 > readable: at least one pass over the shard ended.
     assert lost >= N - readable and lost % (N - readable) == 0, (lost, N, readable)
     assert last["data/skipped"] == lost
+
+
+@requires_dali
+@pytest.mark.distributed
+def test_dali_error_on_one_rank_ends_every_rank_at_once(shard_dir, tmp_path):
+    """torchrun, 2 ranks, DALI CPU: the sample split gives rank 1 the zeroed sample 9. Rank 1 prints
+    its ``error:`` line and leaves at once with status 6; rank 0's next collective fails ("a peer
+    rank is gone", 5) long before train.collective_timeout_s=300 (or torchrun ends it first).
+    Before the fix rank 1 lingered in its teardown and torchrun killed it (SIGTERM, no status 6
+    in its report). ~10 s."""
+    _corrupt_member(_shard(shard_dir), "9.hr.png")
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+         str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny_psnr.yaml"),
+         f"data.shards={shard_dir}", f"logging.run_dir={tmp_path / 'run'}", "data.loader=dali",
+         "data.dali_threads=1", "data.patch_size=4", "data.batch_size=2", "data.shuffle_buffer=1",
+         "data.verify_shards=off", "train.max_steps=20", "train.collective_timeout_s=300",
+         "model.generator.nf=8", "model.generator.nb=1", "val.dir=null", "logging.progress_bar=false",
+         "logging.tensorboard=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    out = r.stdout + r.stderr
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and errors, out[-4000:]
+    assert any(ln.startswith("error: rank 1: DALI stopped") and "sample(s) 9 do not decode" in ln
+               for ln in errors), errors
+    # Rank 0 fails its collective ("a peer rank is gone", 5) unless torchrun's SIGTERM comes first.
+    assert all(ln.startswith("error: rank 1:") or "a peer rank is gone" in ln for ln in errors), errors
+    assert "exitcode  : 6" in out, out[-3000:]  # before the fix: rank 1 was SIGTERMed (-15)

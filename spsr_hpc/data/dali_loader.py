@@ -25,25 +25,49 @@ Determinism and resume: the pipeline is rebuilt at every epoch start with seeds 
 (seed, rank, epoch), and the tar-file order from (seed, epoch), the same on every rank.
 Resuming mid-epoch rebuilds that epoch's pipeline and runs and discards the consumed batches,
 so the resume is exact to the batch but costs replaying them.
-Corrupt images are NOT skipped here: DALI's decoder raises inside ``pipe.run()`` and the
-pipeline object is unusable afterwards, so a sample cannot be skipped and counted. The loader
-turns that into :class:`~spsr_hpc.data.loader_state.ShardReadError` naming this rank's shards,
-DALI's own message without its stack (the operator, and usually the sample) and the fix (the trainer: one
-``error:`` line, exit status 6). make_shards writes only images it decoded, so this means the
-shards were damaged afterwards: ``data.verify_shards=sha256`` finds which, and the WebDataset
-loader skips and counts bad samples instead.
+Bad data stops this loader; it is not skipped. Measured with DALI 2.4's CPU pipeline (the GPU
+pipeline differs only in the decoder's device, untested): DALI has no per-sample error handling for a reader or decoder failure
+(``missing_component_behavior`` only covers a sample without hr.png/lr.png, which is an error
+here). An undecodable image fails ``fn.decoders.image`` ("nvImageCodec failure", no sample
+named), a truncated shard fails ``fn.readers.webdataset`` ("Malformed index file ... offset is
+outside of the archive file"); both surface from ``pipe.run()`` one batch or so after the
+build (the pipeline prefetches), and the pipeline object is invalid afterwards, so a sample
+cannot be skipped, and lost samples cannot be counted into train.max_skip_rate as the
+WebDataset loader does. The loader instead raises
+:class:`~spsr_hpc.data.loader_state.ShardReadError` with DALI's operator and reason (without
+its stack) and what :func:`find_damage` finds in this rank's shards: a shard whose size
+differs from its manifest, the sample keys whose PNGs do not decode, where a tar's data ends.
+The trainer and NSE pretraining print it as one ``error:`` line and exit with status 6.
+make_shards writes only images it decoded, so this means the shards were damaged afterwards:
+the default ``data.verify_shards=size`` refuses a truncated shard before any model is built,
+``sha256`` also a changed byte; the WebDataset loader skips and counts bad samples instead.
 """
 
 from __future__ import annotations
 
 import random
+import tarfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from spsr_hpc.data.config import DataConfig
-from spsr_hpc.data.loader_state import LoaderState, ShardReadError, derive_seed, epoch_batches, index_path
+from spsr_hpc.data.images import BadImageError, decode_rgb
+from spsr_hpc.data.loader_state import (
+    LoaderState,
+    ShardReadError,
+    count_samples,
+    derive_seed,
+    epoch_batches,
+    index_path,
+)
+from spsr_hpc.data.shards import verify_shards
+
+SCAN_BUDGET_S = 60.0
+"""How long :func:`find_damage` reads shards after a DALI failure before it gives up (the other
+ranks wait in a collective meanwhile; keep it well below train.collective_timeout_s)."""
 
 DALI_EXTRAS = "pip install 'spsr-hpc[dali-cuda12]' (CUDA 12 driver) or 'spsr-hpc[dali-cuda13]' (CUDA 13)"
 
@@ -167,6 +191,70 @@ def _build_pipeline(
     return pipeline
 
 
+def dali_reason(exc: BaseException) -> str:
+    """DALI's error in one short phrase: the failing operator and what it encountered, without
+    DALI's Python and C++ stack (``"fn.decoders.image: nvImageCodec failure: '#4'"``)."""
+    text = str(exc)
+    op = ""
+    if "operator `" in text:
+        op = text.split("operator `", 1)[1].split("`", 1)[0].replace("nvidia.dali.", "")
+    reason = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    keep = []
+    for ln in reason.splitlines():
+        ln = ln.strip()
+        if ln.startswith(("C++ context", "Current pipeline object", "Stacktrace", "Critical error")):
+            if keep:
+                break
+            continue
+        if ln:
+            keep.append(ln)
+    reason = " ".join(keep)[:300] or type(exc).__name__
+    return f"{op}: {reason}" if op else reason
+
+
+def find_damage(shards: list[str], budget_s: float = SCAN_BUDGET_S) -> list[str]:
+    """What is wrong with ``shards``, one phrase per finding (after a DALI failure, which names
+    no sample): a size that differs from the manifest, sample keys whose PNG members do not
+    decode, where a shard's tar data stops being readable. Reads the shards once (decoding every
+    PNG) until ``budget_s`` seconds have passed, then says how far it got."""
+    found = [f"{sh}: {what}" for sh, what in verify_shards(shards, "size")]
+    t0 = time.monotonic()
+    for i, sh in enumerate(shards):
+        if time.monotonic() - t0 > budget_s:
+            found.append(f"scan stopped after {budget_s:g} s, {i} of {len(shards)} shards read")
+            break
+        bad: list[str] = []
+        keys: set[str] = set()
+        last, error = None, ""
+        try:
+            with tarfile.open(sh, "r|") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    f = tar.extractfile(m)
+                    data = f.read() if f is not None else b""
+                    if len(data) != m.size:
+                        raise tarfile.ReadError(f"{m.name} has {len(data)} of its {m.size} bytes")
+                    if m.name.endswith(".png"):
+                        try:
+                            decode_rgb(data, m.name)
+                        except BadImageError:
+                            bad.append(m.name)
+                    last = m.name
+                    keys.add(m.name.split(".", 1)[0])
+        except (tarfile.TarError, OSError, EOFError) as e:
+            error = f" ({type(e).__name__}: {e})"
+        expected = count_samples(sh)
+        if error or len(keys) < expected:
+            found.append(f"{sh}: tar data ends {f'after {last}' if last else 'at its start'}{error}, "
+                         f"{len(keys)} of its {expected} samples readable")
+        if bad:
+            keys = sorted({b.split(".", 1)[0] for b in bad})
+            found.append(f"{sh}: sample(s) {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} do not "
+                         f"decode ({', '.join(bad[:3])})")
+    return found
+
+
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
     """A dense DALI TensorList (CPU or GPU) → a torch tensor on ``device`` (a copy)."""
     tensor = tl.as_tensor()
@@ -247,24 +335,24 @@ class DaliLoader:
 
     def _run(self, pipe: Any) -> Any:
         """``pipe.run()``; DALI's error (an undecodable image, unreadable tar data) becomes a
-        ShardReadError naming this rank's shards and the fix."""
+        ShardReadError naming DALI's operator and reason, the damage found in this rank's shards
+        (:func:`find_damage`) and the fix."""
         try:
             return pipe.run()
         except Exception as e:  # DALI raises RuntimeError (and its own types) for data errors
-            lines = []
-            for ln in str(e).splitlines():  # DALI: "Critical error in pipeline:", the error, a stack
-                if ln.strip().startswith(("Stacktrace", "Current pipeline object")) or len(lines) == 3:
-                    break
-                if ln.strip():
-                    lines.append(ln.strip())
-            first = " ".join(lines) or type(e).__name__
+            damage = find_damage(self.shards)
             more = f" ... ({len(self.shards)} in all)" if len(self.shards) > 4 else ""
             shards = ", ".join(self.shards[:4]) + more
+            if damage:
+                found = "; found: " + "; ".join(damage[:6]) + (" ..." if len(damage) > 6 else "")
+            else:
+                found = f"; nothing found in shards {shards} (size vs manifest, tar data, PNG decode)"
             raise ShardReadError(
-                f"rank {self.rank}: DALI stopped at epoch {self.state.epoch}, batch {self.state.consumed}: "
-                f"{first[:400]} (shards {shards}). DALI cannot skip a bad sample: check the shards with "
-                "data.verify_shards=sha256 and re-run launch/make_shards.py, or train with "
-                "data.loader=webdataset, which names, skips and counts bad samples"
+                f"DALI stopped at epoch {self.state.epoch}, batch {self.state.consumed} of this rank: "
+                f"{dali_reason(e)}{found}. DALI cannot skip a bad sample and count it (exit status 6): "
+                "re-run launch/make_shards.py for the damaged shards (data.verify_shards=sha256 finds "
+                "changed bytes before start), or train with data.loader=webdataset, which skips bad "
+                "samples and counts them against train.max_skip_rate"
             ) from e
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

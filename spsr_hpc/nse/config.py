@@ -91,8 +91,18 @@ class PretrainTrainConfig:
     train.collective_timeout_s; docs/cluster.md)."""
     init_timeout_s: float = 1800.0
     """Seconds for the start-up: rendezvous, engine, resume."""
+    max_skip_rate: float | None = 0.01
+    """Stop (exit status 6) when more than this fraction of the data samples read this session
+    (all ranks) were skipped as unusable or lost in an unreadable shard, naming the shards; null:
+    never stop (still logged as data/skipped/*). The SR trainer's rule."""
+    skip_rate_min_samples: int = 1000
+    """The skip rate is judged once this many HR crops were read (skipped + used, all ranks)."""
 
     def validate(self) -> None:
+        if self.max_skip_rate is not None and not 0.0 <= self.max_skip_rate <= 1.0:
+            raise ConfigError("max_skip_rate", f"must be in [0, 1] or null, got {self.max_skip_rate}")
+        if self.skip_rate_min_samples < 0:
+            raise ConfigError("skip_rate_min_samples", f"must be >= 0, got {self.skip_rate_min_samples}")
         for name in ("collective_timeout_s", "init_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0 seconds, got {getattr(self, name)}")

@@ -55,8 +55,9 @@ from spsr_hpc.train.faults import (
     error_line,
     grace_s,
     is_collective_failure,
+    leave_after_data_error,
 )
-from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, first_nonfinite, sync_flags
+from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, check_skip_rate, first_nonfinite, sync_flags
 from spsr_hpc.train.logging import RunLogger
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class NSEPretrainer:
         )  # fmt: skip
         self.step = 0
         self.micro_step = 0
+        self.images_seen = 0  # HR crops used this session, all ranks (the skip rate's denominator)
         self.stopped = False
 
     @property
@@ -221,13 +223,19 @@ class NSEPretrainer:
     def _data_skips(self) -> dict[str, float]:
         """Collective (at log steps): data samples skipped or lost so far in this session, summed
         over ranks, per reason (``data/skipped/<reason>``; lost samples of an unreadable shard
-        count as ``unreadable_tar``, as in the SR trainer's metrics)."""
+        count as ``unreadable_tar``, as in the SR trainer's metrics). Raises DataSkipRateError
+        (exit status 6) past train.max_skip_rate, as the SR trainer does."""
         counts_fn = getattr(self.loader, "skip_counts", None)
         if counts_fn is None:
             return {}
-        now = sdist.sum_over_ranks(counts_fn().sum(0)).tolist()
+        local = counts_fn()
+        now = sdist.sum_over_ranks(local.sum(0)).tolist()
         out = {"data/skipped": float(sum(now))}
         out.update({f"data/skipped/{r}": float(n) for r, n in zip(self.loader.skip_reasons, now)})
+        tc = self.cfg.train
+        skipped = {r: int(n) for r, n in zip(self.loader.skip_reasons, now)}
+        check_skip_rate(self.step, skipped, self.images_seen, local, self.loader.shards,
+                        max_skip_rate=tc.max_skip_rate, min_samples=tc.skip_rate_min_samples)
         return out
 
     def _batches(self):
@@ -288,6 +296,7 @@ class NSEPretrainer:
                         self.micro_step += 1
                         anchors_since += anchors * self.world
                         images_since += hr.shape[0] * self.world
+                        self.images_seen += hr.shape[0] * self.world
                         for k, v in {"loss": loss.detach(), **parts}.items():
                             metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v)
                         n_acc += 1
@@ -367,9 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         print(f"config {args.config}: OK", file=sys.stderr)
         return 0
+    from spsr_hpc.data.loader_state import ShardReadError
+
     try:
         trainer = NSEPretrainer(cfg)
         path = trainer.train()
+    except ShardReadError as e:  # this rank's DALI loader stopped at bad data (as the SR trainer)
+        print(error_line(e, sdist.get_rank()), file=sys.stderr, flush=True)
+        code = leave_after_data_error()
+        destroy_distributed()
+        return code
     except RunFailure as e:
         if e.every_rank or sdist.is_main_process():
             print(error_line(e, sdist.get_rank() if e.every_rank else None), file=sys.stderr, flush=True)

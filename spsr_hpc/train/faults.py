@@ -13,7 +13,8 @@ Exit codes of launch/train.py and launch/pretrain_nse.py (docs/cluster.md lists 
       previous checkpoint is intact and named in the ``error:`` line
 5     a collective timed out or a peer was lost (a frozen or dead node), or the watchdog saw no
       progress for train.collective_timeout_s + grace
-6     more data samples were lost than train.max_skip_rate allows
+6     more data samples were lost than train.max_skip_rate allows, or the DALI loader stopped at
+      a sample it cannot read (an undecodable image, a truncated shard: DALI cannot skip one)
 7     a non-finite loss with train.on_nonfinite=stop
 ====  ==========================================================================================
 
@@ -46,7 +47,7 @@ EXIT_CODES = {
     EXIT_STOPPED: "stopped by a signal after saving a checkpoint (re-run to resume)",
     EXIT_CHECKPOINT: "a checkpoint could not be written",
     EXIT_COLLECTIVE: "a collective timed out or a peer was lost",
-    EXIT_DATA: "too many data samples lost (train.max_skip_rate)",
+    EXIT_DATA: "too many data samples lost (train.max_skip_rate), or DALI stopped at bad data",
     EXIT_NONFINITE: "non-finite loss (train.on_nonfinite=stop)",
 }
 
@@ -132,6 +133,20 @@ def collective_failure(
     )
 
 
+def leave_after_data_error() -> int:
+    """After this rank's data loader stopped (the ``error:`` line printed): with several ranks,
+    end the process at once with EXIT_DATA, so that the peers waiting for it in a collective fail
+    now ("a peer rank is gone", status 5) and the launcher ends the job, instead of waiting for
+    train.collective_timeout_s. With one rank, return EXIT_DATA (a normal exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_DATA)
+    return EXIT_DATA
+
+
 def error_line(exc: BaseException, rank: int | None = None) -> str:
     """``error: ...`` (one line) for a RunFailure; ``rank k:`` prefixed when given."""
     text = " ".join(str(exc).split())
@@ -203,6 +218,6 @@ class Watchdog:
 __all__ = [
     "EXIT_CHECKPOINT", "EXIT_CODES", "EXIT_COLLECTIVE", "EXIT_CONFIG", "EXIT_DATA", "EXIT_ERROR",
     "EXIT_NONFINITE", "EXIT_OK", "EXIT_STOPPED", "CollectiveTimeoutError", "RunFailure", "Watchdog",
-    "collective_failure", "error_line", "grace_s", "is_collective_failure", "set_nccl_env_defaults",
-    "timedelta",
+    "collective_failure", "error_line", "grace_s", "is_collective_failure", "leave_after_data_error",
+    "set_nccl_env_defaults", "timedelta",
 ]

@@ -37,6 +37,40 @@ class DataSkipRateError(RunFailure):
     exit_code = EXIT_DATA
 
 
+def check_skip_rate(
+    step: int,
+    skipped: dict[str, int],
+    used: int,
+    local: torch.Tensor,
+    shards: list[str],
+    *,
+    max_skip_rate: float | None,
+    min_samples: int,
+) -> None:
+    """The train.max_skip_rate rule of the SR trainer and NSE pretraining.
+
+    Raises DataSkipRateError when more than ``max_skip_rate`` of the samples read (skipped +
+    ``used``, all ranks) were skipped or lost, once ``min_samples`` were read. ``skipped`` (per
+    reason, all ranks) and ``used`` must be the same on every rank (they decide whether the
+    collective below runs); ``local`` is this rank's (shard, reason) counts of this session, summed
+    over ranks here to name the shards.
+    """
+    total = sum(skipped.values())
+    read = total + used
+    if max_skip_rate is None or read < min_samples or total <= max_skip_rate * read:
+        return
+    per_shard = sdist.sum_over_ranks(local.sum(1)).tolist()  # collective: every rank is here
+    named = sorted(((n, str(sh)) for n, sh in zip(per_shard, shards) if n), reverse=True)
+    reasons = ", ".join(f"{r} {n}" for r, n in skipped.items() if n)
+    listed = ", ".join(f"{sh} ({n})" for n, sh in named[:10]) + (" ..." if len(named) > 10 else "")
+    raise DataSkipRateError(
+        f"step {step}: {total} of {read} data samples ({total / read:.1%}) were skipped as "
+        f"unusable, above train.max_skip_rate={max_skip_rate}; by reason: {reasons}; "
+        f"shards: {listed or '(none this session)'}. Rewrite or remove these shards "
+        "(launch/make_shards.py), or raise train.max_skip_rate (null: never stop)"
+    )
+
+
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
 )

@@ -70,7 +70,6 @@ from spsr_hpc.train.engines import (
     set_trainable,
 )
 from spsr_hpc.train.faults import (
-    EXIT_DATA,
     EXIT_OK,
     EXIT_STOPPED,
     CollectiveTimeoutError,
@@ -80,8 +79,9 @@ from spsr_hpc.train.faults import (
     error_line,
     grace_s,
     is_collective_failure,
+    leave_after_data_error,
 )
-from spsr_hpc.train.guards import DataSkipRateError, NonFiniteLossError, StopSignal, reduce_step_values
+from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, check_skip_rate, reduce_step_values
 from spsr_hpc.train.logging import RunLogger, image_grid
 
 GENERATOR = "generator"
@@ -510,21 +510,8 @@ class Trainer:
         rec["data/skipped"] = float(total)
         rec.update({f"data/skipped/{r}": float(n) for r, n in self.data_skipped.items()})
         tc = self.cfg.train
-        read = total + self.samples_seen
-        limit = tc.max_skip_rate
-        if limit is not None and read >= tc.skip_rate_min_samples and total > limit * read:
-            per_shard = sdist.sum_over_ranks(local.sum(1)).tolist()  # this session's counts
-            shards = sorted(
-                ((n, str(sh)) for n, sh in zip(per_shard, self.loader.shards) if n), reverse=True
-            )
-            reasons = ", ".join(f"{r} {n}" for r, n in self.data_skipped.items() if n)
-            named = ", ".join(f"{sh} ({n})" for n, sh in shards[:10]) + (" ..." if len(shards) > 10 else "")
-            raise DataSkipRateError(
-                f"step {self.step}: {total} of {read} data samples ({total / read:.1%}) were skipped as "
-                f"unusable, above train.max_skip_rate={tc.max_skip_rate}; by reason: {reasons}; "
-                f"shards: {named or '(none this session)'}. Rewrite or remove these shards "
-                "(launch/make_shards.py), or raise train.max_skip_rate (null: never stop)"
-            )
+        check_skip_rate(self.step, self.data_skipped, self.samples_seen, local, self.loader.shards,
+                        max_skip_rate=tc.max_skip_rate, min_samples=tc.skip_rate_min_samples)
         return rec
 
     def train_step(self) -> dict[str, float]:
@@ -849,9 +836,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg, source=args.config)
     except RunFailure as e:
         return _report_failure(e)
-    except ShardReadError as e:  # this rank's loader; the others end at their collective timeout
+    except ShardReadError as e:  # this rank's (DALI) loader stopped at bad data
         print(error_line(e, sdist.get_rank()), file=sys.stderr, flush=True)
-        return EXIT_DATA
+        return leave_after_data_error()
     finally:
         destroy_distributed()
     if sdist.is_main_process():
