@@ -624,7 +624,8 @@ class Trainer:
         import dataclasses
 
         hr = self.cfg.data.patch_size * self.cfg.data.scale
-        with torch.no_grad():
+        # Under the run's precision: with train.bf16 a frozen extractor's weights are bf16 already.
+        with torch.no_grad(), autocast(self.device, self.cfg.train.bf16):
             c, h, w = extractor(torch.zeros(1, 3, hr, hr, device=self.device)).shape[1:]
         for key, got, want in (("in_ch", d_cfg.in_ch, c), ("input_size", d_cfg.input_size, h)):
             if got is not None and got != want:
