@@ -85,8 +85,10 @@ def test_bf16_native_matches_torch():
         assert native == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "CPU" in where
 
 
-def test_default_precision_is_fp32_until_bf16_is_measured():
-    assert demo.DEFAULT_PRECISION == "fp32"
+def test_default_precision_is_auto():
+    """bf16 where the hardware runs it natively (the main job measured 1.8x, LPIPS within 0.01 of
+    fp32), fp32 elsewhere: never a precision the machine would emulate."""
+    assert demo.DEFAULT_PRECISION == "auto"
     assert demo.DEFAULT_PRECISION in demo.PRECISION_CHOICES
 
 
