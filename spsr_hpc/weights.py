@@ -406,3 +406,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def load_backbone_part(module, backbone: str, weights_path=None, *, prefix: str, what: str) -> str:
+    """Load the ImageNet ``backbone``'s weights under ``prefix`` into ``module`` (a leading part of
+    torchvision's network with torchvision's own key names below the prefix), strictly: every key
+    of ``module`` must be there with its shape, or ValueError names what is missing and the file
+    expected. Returns where the weights came from (:func:`describe_backbone`). Used by the
+    perceptual loss and the ImageNet structure extractors."""
+    source = describe_backbone(backbone, weights_path)
+    sd = load_backbone_state_dict(backbone, weights_path)
+    wanted = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in wanted]
+    bad = [k for k in own if k in wanted and tuple(wanted[k].shape) != tuple(own[k].shape)]
+    if missing or bad:
+        raise ValueError(
+            f"{what}: the {backbone} checkpoint does not fit: missing {missing[:5]}, shape mismatches "
+            f"{bad[:5]}; expected torchvision's {BACKBONE_FILES[backbone]}"
+        )
+    module.load_state_dict({k: wanted[k] for k in own})
+    return source

@@ -26,21 +26,21 @@ Determinism and resume: the pipeline is rebuilt at every epoch start with seeds 
 Resuming mid-epoch rebuilds that epoch's pipeline and runs and discards the consumed batches,
 so the resume is exact to the batch but costs replaying them.
 Bad data stops this loader; it is not skipped. Measured with DALI 2.4's CPU pipeline (the GPU
-pipeline differs only in the decoder's device, untested): DALI has no per-sample error handling for a reader or decoder failure
-(``missing_component_behavior`` only covers a sample without hr.png/lr.png, which is an error
-here). An undecodable image fails ``fn.decoders.image`` ("nvImageCodec failure", no sample
-named), a truncated shard fails ``fn.readers.webdataset`` ("Malformed index file ... offset is
-outside of the archive file"); both surface from ``pipe.run()`` one batch or so after the
-build (the pipeline prefetches), and the pipeline object is invalid afterwards, so a sample
-cannot be skipped, and lost samples cannot be counted into train.max_skip_rate as the
-WebDataset loader does. The loader instead raises
-:class:`~spsr_hpc.data.loader_state.ShardReadError` with DALI's operator and reason (without
-its stack) and what :func:`find_damage` finds in this rank's shards: a shard whose size
-differs from its manifest, the sample keys whose PNGs do not decode, where a tar's data ends.
-The trainer and NSE pretraining print it as one ``error:`` line and exit with status 6.
-make_shards writes only images it decoded, so this means the shards were damaged afterwards:
-the default ``data.verify_shards=size`` refuses a truncated shard before any model is built,
-``sha256`` also a changed byte; the WebDataset loader skips and counts bad samples instead.
+pipeline differs only in the decoder's device, untested): DALI has no per-sample error handling
+for a reader or decoder failure (``missing_component_behavior`` only covers a sample without
+hr.png/lr.png, which is an error here). An undecodable image fails ``fn.decoders.image``
+("nvImageCodec failure", no sample named), a truncated shard fails ``fn.readers.webdataset``
+("Malformed index file ... offset is outside of the archive file"); both surface from
+``pipe.run()`` one batch or so after the build (the pipeline prefetches), and the pipeline
+object is invalid afterwards, so a sample cannot be skipped, and lost samples cannot be counted
+into train.max_skip_rate as the WebDataset loader does. The loader instead raises
+:class:`~spsr_hpc.data.loader_state.ShardReadError` with DALI's operator and reason (without its
+stack) and what :func:`find_damage` finds in this rank's shards: a shard whose size differs from
+its manifest, the sample keys whose PNGs do not decode, where a tar's data ends. The trainer and
+NSE pretraining print it as one ``error:`` line and exit with status 6. make_shards writes only
+images it decoded, so this means the shards were damaged afterwards: the default
+``data.verify_shards=size`` refuses a truncated shard before any model is built, ``sha256`` also
+a changed byte; the WebDataset loader skips and counts bad samples instead.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from spsr_hpc.weights import BACKBONE_FILES, describe_backbone, load_backbone_state_dict
+from spsr_hpc.weights import load_backbone_part
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +100,8 @@ class PerceptualLoss(nn.Module):
             log.warning(msg)
             self.source = f"{backbone}: RANDOM weights (tests only)"
         else:
-            self.source = describe_backbone(backbone, weights_path)
-            sd = load_backbone_state_dict(backbone, weights_path)
-            wanted = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
-            own = self.features.state_dict()
-            missing = [k for k in own if k not in wanted]
-            bad = [k for k in own if k in wanted and wanted[k].shape != own[k].shape]
-            if missing or bad:
-                raise ValueError(
-                    f"PerceptualLoss: the {backbone} checkpoint does not fit {backbone.upper()} features: "
-                    f"missing {missing[:5]}, shape mismatches {bad[:5]}; expected torchvision's "
-                    f"{BACKBONE_FILES[backbone]}"
-                )
-            self.features.load_state_dict({k: wanted[k] for k in own})
+            self.source = load_backbone_part(self.features, backbone, weights_path, prefix="features.",
+                                             what="PerceptualLoss")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)

@@ -37,7 +37,7 @@ import torchvision
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from spsr_hpc.weights import BACKBONE_FILES, describe_backbone, load_backbone_state_dict
+from spsr_hpc.weights import load_backbone_part
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +135,8 @@ class ImageNetExtractor(nn.Module):
             log.warning(msg)
             self.source = f"{name}: RANDOM weights (tests only)"
         else:
-            self.source = describe_backbone(spec.backbone, weights_path)
-            sd = load_backbone_state_dict(spec.backbone, weights_path)
-            wanted = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            own = self.body.state_dict()
-            missing = [k for k in own if k not in wanted]
-            bad = [k for k in own if k in wanted and tuple(wanted[k].shape) != tuple(own[k].shape)]
-            if missing or bad:
-                raise ValueError(
-                    f"structure extractor {name}: the checkpoint does not fit {spec.backbone} up to "
-                    f"{spec.layer}: missing {missing[:5]}, shape mismatches {bad[:5]}; expected "
-                    f"torchvision's {BACKBONE_FILES[spec.backbone]}"
-                )
-            self.body.load_state_dict({k: wanted[k] for k in own})
+            self.source = load_backbone_part(self.body, spec.backbone, weights_path, prefix=prefix,
+                                             what=f"structure extractor {name} ({spec.layer})")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
