@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow]
 def test_demo_end_to_end_at_toy_length(tmp_path):
     from PIL import Image
 
-    from spsr_hpc.demo import TRUNK, run_demo
+    from spsr_hpc.demo import TRUNK, resolve_precision, run_demo
     from spsr_hpc.labels import header_height
     from spsr_hpc.models import GeneratorConfig, build_generator, load_pretrained
     from spsr_hpc.train.logging import read_jsonl
@@ -25,15 +25,18 @@ def test_demo_end_to_end_at_toy_length(tmp_path):
     text = report.read_text()
     assert "| Bicubic | PSNR stage | ESRGAN | SPSR-G |" in text
     assert "PSNR stage beats bicubic in PSNR" in text
-    assert "- Precision: fp32 (--precision fp32); training (train.bf16=false) and evaluation ran in fp32." \
-        in text
+    # the default, --precision auto: bf16 where this machine runs it natively (this CPU: yes), else fp32
+    precision, note = resolve_precision("auto")
+    flag = "true" if precision == "bf16" else "false"
+    assert f"- Precision: {note}; training (train.bf16={flag}) and evaluation ran in {precision}" in text
     assert "Time per phase (s): photos" in text
 
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert 20.0 < summary["bicubic_psnr"] < 40.0
     assert isinstance(summary["psnr_stage_psnr"], float)
     assert summary["psnr_stage_beats_bicubic"] == (summary["psnr_stage_psnr"] > summary["bicubic_psnr"])
-    assert summary["precision"] == "fp32" and set(summary["stages"]) == {"psnr", "esrgan", "spsr_g"}
+    assert summary["precision"] == precision and summary["precision_requested"] == "auto"
+    assert set(summary["stages"]) == {"psnr", "esrgan", "spsr_g"}
     # every stage drew a validation curve of val_points points, the last at its final step
     for stage, steps in (("psnr", 4), ("esrgan", 2), ("spsr_g", 2)):
         rows = read_jsonl(tmp_path / "demo" / stage / "metrics.jsonl")
