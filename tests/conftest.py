@@ -62,3 +62,20 @@ def bundled_shards(tmp_path_factory):
         train_dir, _ = export_bundled_photos(root / "photos")
         write_shards(train_dir, out, scale=4, workers=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def noise_shards(tmp_path_factory):
+    """Shards of eight 48x48 random-noise HR images (x4), several small tar files, made once per
+    session: for the multi-process training tests, which only read them."""
+    from PIL import Image
+
+    from spsr_hpc.data import write_shards
+
+    root = tmp_path_factory.mktemp("noise_shards")
+    rng = np.random.default_rng(0)
+    (root / "hr").mkdir()
+    for i in range(8):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(root / "hr" / f"{i}.png")
+    write_shards(root / "hr", root / "shards", scale=4, workers=0, progress=False, shard_size_mb=0.01)
+    return root / "shards"

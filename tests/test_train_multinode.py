@@ -14,10 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import REPO, _env  # the same clean launcher environment
@@ -44,16 +42,8 @@ def _overrides(shards: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from spsr_hpc.data import write_shards
-
-    root = tmp_path_factory.mktemp("multinode")
-    rng = np.random.default_rng(0)
-    (root / "hr").mkdir()
-    for i in range(8):
-        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(root / "hr" / f"{i}.png")
-    write_shards(root / "hr", root / "shards", scale=4, workers=0, progress=False, shard_size_mb=0.01)
-    return root / "shards"
+def shards(noise_shards) -> Path:
+    return noise_shards  # tests/conftest.py: read only
 
 
 def test_two_launchers_with_hostfile_and_no_ssh_train_like_one_node(shards, tmp_path):
