@@ -153,6 +153,148 @@ def test_discriminator_inputs_reused_from_generator_step():
             torch.testing.assert_close(reused_terms[k], fresh_terms[k], rtol=0, atol=0)
 
 
+def _tiny_d(seed: int):
+    from spsr_hpc.models.discriminators import VGGDiscriminator
+
+    torch.manual_seed(seed)
+    return VGGDiscriminator(nf=4, input_size=32)
+
+
+def test_real_logits_computed_once_for_both_steps():
+    """generator_loss(d_real=...) runs D(real) once, through the trainable D, and the D step
+    reuses it: the G loss, the gradient into SR, the D loss and D's gradients are exactly those
+    of the public code's two separate forwards (a frozen one in the G step, a trainable one in
+    the D step), with one D call fewer per discriminator."""
+    from spsr_hpc.losses import DInputs, LossConfig, PerceptualLoss, SRObjective
+    from spsr_hpc.models import SROutput
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        perceptual = PerceptualLoss(random_weights=True, end=4)
+    obj = SRObjective(LossConfig(method="spsr_g"), perceptual=perceptual)
+    g = torch.Generator().manual_seed(0)
+    sr0, hr = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+
+    def run(reuse: bool) -> dict:
+        ds = {"image": _tiny_d(1), "gradient": _tiny_d(2)}  # training mode: BatchNorm on batch stats
+        calls = {n: 0 for n in ds}
+
+        def frozen(name):
+            def f(x):
+                calls[name] += 1
+                for p in ds[name].parameters():
+                    p.requires_grad_(False)
+                try:
+                    return ds[name](x)
+                finally:
+                    for p in ds[name].parameters():
+                        p.requires_grad_(True)
+            return f
+
+        def trainable(name):
+            def f(x):
+                calls[name] += 1
+                return ds[name](x)
+            return f
+
+        sr = sr0.clone().requires_grad_(True)
+        out = SROutput(sr=sr, grad_sr=torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        recorded: dict = {}
+        total, _ = obj.generator_loss(out, hr, {n: frozen(n) for n in ds}, d_inputs=recorded,
+                                      d_real={n: trainable(n) for n in ds} if reuse else None)
+        (sr_grad,) = torch.autograd.grad(total, sr)
+        res = {"g_total": total.detach(), "sr_grad": sr_grad, "calls": calls}
+        for name, d in ds.items():
+            assert isinstance(recorded[name], DInputs)
+            assert (recorded[name].real_logits is not None) == reuse
+            loss, _ = obj.discriminator_loss(name, out, hr, trainable(name), inputs=recorded[name])
+            loss.backward()
+            res[f"d_{name}"] = loss.detach()
+            res[f"d_{name}_grads"] = [p.grad.clone() for p in d.parameters()]
+        return res
+
+    separate, once = run(False), run(True)
+    assert separate["calls"] == {"image": 4, "gradient": 4} and once["calls"] == {"image": 3, "gradient": 3}
+    for k in ("g_total", "sr_grad", "d_image", "d_gradient"):
+        torch.testing.assert_close(once[k], separate[k], rtol=0, atol=0, msg=k)
+    for name in ("image", "gradient"):
+        for a, b in zip(once[f"d_{name}_grads"], separate[f"d_{name}_grads"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="d_real needs d_inputs"):
+        obj.generator_loss(SROutput(sr=sr0, grad_sr=sr0), hr, {"image": _tiny_d(1), "gradient": _tiny_d(2)},
+                           d_real={"image": _tiny_d(1)})
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_batchnorm_counted_twice_equals_two_forwards(momentum):
+    """One forward under batchnorm_counted_twice leaves the running statistics (and the batch
+    count) of two forwards of the same batch, gives the same output, and restores the momenta."""
+    from spsr_hpc.train.engines import batchnorm_counted_twice
+
+    def net():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=momentum),
+                                torch.nn.ReLU(), torch.nn.BatchNorm2d(4, momentum=momentum))
+        m(torch.randn(4, 3, 8, 8))  # some history first (num_batches_tracked 1)
+        return m
+
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    twice, once = net(), net()
+    twice(x)
+    y_ref = twice(x)
+    with batchnorm_counted_twice(once):
+        y = once(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(once.named_buffers(), twice.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(m.momentum == momentum for m in once if isinstance(m, torch.nn.BatchNorm2d))
+    # Eval mode: nothing moves, nothing is counted.
+    once.eval()
+    before = {k: v.clone() for k, v in once.named_buffers()}
+    with batchnorm_counted_twice(once):
+        once(x)
+    for k, v in once.named_buffers():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", ["tiny_spsr_g.yaml", "tiny_spsr_r.yaml"])
+def test_channels_last_every_convolution_reads_its_weights_format(tmp_path, config):
+    """With train.channels_last every convolution of a step (G, each D, and the frozen VGG19 and
+    NSE inside the objective) gets a channels_last input *and* channels_last weights: a mixed
+    pair makes oneDNN reorder the weights at every call. The objective's extractors were left
+    contiguous before (32 VGG19 calls per bf16 SPSR-G step at the paper's size)."""
+    from spsr_hpc.train.trainer import Trainer
+
+    cfg = load_config(
+        REPO / "configs" / config,
+        [f"logging.run_dir={tmp_path}", "logging.progress_bar=false", "logging.tensorboard=false",
+         "logging.image_every=0", "checkpoint.every=0", "checkpoint.resume=none", "train.device=cpu",
+         "train.ema_decay=null", "train.channels_last=true", "perceptual.layer=conv2_2"],
+    )
+    trainer = Trainer(cfg, loader=_batches(1))
+    seen: list[tuple[str, bool, bool]] = []
+    roots = {"generator": trainer.g_engine.module, "objective": trainer.objective,
+             **{f"d_{n}": d.module for n, d in trainer.d_engines.items()}}
+    handles = []
+    for root, module in roots.items():
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1):
+                handles.append(m.register_forward_pre_hook(
+                    lambda mod, args, key=f"{root}.{name}": seen.append((
+                        key,
+                        args[0].is_contiguous(memory_format=torch.channels_last),
+                        mod.weight.is_contiguous(memory_format=torch.channels_last),
+                    ))
+                ))
+    trainer.train_step()
+    for h in handles:
+        h.remove()
+    trainer.close()
+    assert {k.split(".")[0] for k, _, _ in seen} == set(roots)
+    assert any(k.startswith("objective.") for k, _, _ in seen)
+    mixed = sorted({k for k, x_cl, w_cl in seen if not (x_cl and w_cl)})
+    assert not mixed, mixed
+
+
 def test_allreduce_kept_under_zero1(tmp_path):
     from spsr_hpc.train.trainer import Trainer
 

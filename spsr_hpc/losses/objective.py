@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -162,6 +163,19 @@ class LossConfig:
 DiscriminatorFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class DInputs(NamedTuple):
+    """What ``generator_loss(d_inputs=...)`` records per discriminator for ``discriminator_loss``.
+
+    real, fake: the D inputs (no graph; fake detached from G).
+    real_logits: D(real) with its graph into D's parameters when ``generator_loss`` computed it
+        with a trainable D (``d_real``), else None (``discriminator_loss`` runs D(real) itself).
+    """
+
+    real: torch.Tensor
+    fake: torch.Tensor
+    real_logits: torch.Tensor | None = None
+
+
 class SRObjective(nn.Module):
     """Generator and discriminator losses for one method/ablation (see module docstring).
 
@@ -230,11 +244,30 @@ class SRObjective(nn.Module):
             fake = self.nse(sr)
         return real, fake
 
-    def _gan_g(self, d: DiscriminatorFn, real_in: torch.Tensor, fake_in: torch.Tensor) -> torch.Tensor:
+    def _gan_g(
+        self,
+        d: DiscriminatorFn,
+        real_in: torch.Tensor,
+        fake_in: torch.Tensor,
+        d_real: DiscriminatorFn | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(G's adversarial loss, D(real) with a graph into D or None).
+
+        RaGAN reads D(real) as a constant. With ``d_real`` (the same D, trainable) it is computed
+        once with its graph, for the D step to reuse; without, by the frozen D under no_grad.
+        Either way after D(fake), the order the public code runs the two forwards in.
+        """
         fake = d(fake_in)
-        with torch.no_grad():
-            real = d(real_in) if self.cfg.gan_type == "ragan" else None
-        return self._g_loss(real, fake)
+        real_graph = None
+        if self.cfg.gan_type != "ragan":
+            real = None
+        elif d_real is not None:
+            real_graph = d_real(real_in)
+            real = real_graph.detach()
+        else:
+            with torch.no_grad():
+                real = d(real_in)
+        return self._g_loss(real, fake), real_graph
 
     @staticmethod
     def _check_pair(out: SROutput, hr: torch.Tensor) -> None:
@@ -250,7 +283,8 @@ class SRObjective(nn.Module):
         hr: torch.Tensor,
         discriminators: Mapping[str, DiscriminatorFn] | None = None,
         *,
-        d_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        d_inputs: dict[str, DInputs] | None = None,
+        d_real: Mapping[str, DiscriminatorFn] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the active generator terms.
 
@@ -258,13 +292,25 @@ class SRObjective(nn.Module):
         hr: (B, 3, H, W) float in [0, 1].
         discriminators: name -> callable returning logits, for every name in
             `discriminator_names` (frozen: the caller sets requires_grad_(False)).
-        d_inputs: optional dict, filled with name -> (real input, detached fake input) of every
-            discriminator evaluated here (e.g. the padded gradient maps), for
+        d_inputs: optional dict, filled with name -> DInputs (real input, detached fake input) of
+            every discriminator evaluated here (e.g. the padded gradient maps), for
             ``discriminator_loss(..., inputs=d_inputs[name])`` to reuse instead of recomputing.
+        d_real: optional name -> the same discriminator with trainable parameters (needs
+            d_inputs). With RaGAN, D(real) is then computed once, with its graph into D, and
+            kept in ``d_inputs[name].real_logits`` for the D step: one D forward per
+            discriminator and step fewer. The values are those of two separate forwards (D's
+            parameters do not change in between; BatchNorm normalises with the batch's own
+            statistics in training mode); the caller owns what else the second forward changed
+            (the BatchNorm running averages, see ``spsr_hpc.train.trainer``).
         Returns (total 0-dim fp32 tensor with graph, {term: detached weighted value}).
         """
         self._check_pair(out, hr)
         discriminators = dict(discriminators or {})
+        d_real = dict(d_real or {})
+        if d_real and d_inputs is None:
+            raise ValueError(
+                "SRObjective.generator_loss: d_real needs d_inputs (where D(real) is kept for the D step)"
+            )
         absent = [n for n in self.discriminator_names if n not in discriminators]
         if absent:
             raise ValueError(
@@ -278,9 +324,10 @@ class SRObjective(nn.Module):
         if "perceptual" in w:
             terms["perceptual"] = w["perceptual"] * self.perceptual(sr, hr)
         if "image_gan" in w:
-            terms["image_gan"] = w["image_gan"] * self._gan_g(discriminators["image"], hr, sr)
+            loss, real = self._gan_g(discriminators["image"], hr, sr, d_real.get("image"))
+            terms["image_gan"] = w["image_gan"] * loss
             if d_inputs is not None:
-                d_inputs["image"] = (hr.detach(), sr.detach())
+                d_inputs["image"] = DInputs(hr.detach(), sr.detach(), real)
         if "gradient_pixel" in w or "gradient_gan" in w:
             sr_grad = padded_gradient(sr)
             with torch.no_grad():
@@ -290,11 +337,10 @@ class SRObjective(nn.Module):
                     sr_grad.float(), hr_grad.float()
                 )
             if "gradient_gan" in w:
-                terms["gradient_gan"] = w["gradient_gan"] * self._gan_g(
-                    discriminators["gradient"], hr_grad, sr_grad
-                )
+                loss, real = self._gan_g(discriminators["gradient"], hr_grad, sr_grad, d_real.get("gradient"))
+                terms["gradient_gan"] = w["gradient_gan"] * loss
                 if d_inputs is not None:
-                    d_inputs["gradient"] = (hr_grad, sr_grad.detach())
+                    d_inputs["gradient"] = DInputs(hr_grad, sr_grad.detach(), real)
         if "branch_pixel" in w:
             if out.grad_sr is None:
                 raise ValueError(
@@ -312,11 +358,12 @@ class SRObjective(nn.Module):
                     sr_feat, hr_feat, self.cfg.structure_distance
                 )
             if "structure_gan" in w:
-                terms["structure_gan"] = w["structure_gan"] * self._gan_g(
-                    discriminators["structure"], hr_feat, sr_feat
+                loss, real = self._gan_g(
+                    discriminators["structure"], hr_feat, sr_feat, d_real.get("structure")
                 )
+                terms["structure_gan"] = w["structure_gan"] * loss
                 if d_inputs is not None:
-                    d_inputs["structure"] = (hr_feat, sr_feat.detach())
+                    d_inputs["structure"] = DInputs(hr_feat, sr_feat.detach(), real)
         total = torch.stack([t.float() for t in terms.values()]).sum()
         return total, {k: v.detach().float() for k, v in terms.items()}
 
@@ -327,13 +374,14 @@ class SRObjective(nn.Module):
         hr: torch.Tensor,
         d: DiscriminatorFn,
         *,
-        inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        inputs: DInputs | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of discriminator `name` ("image", "gradient" or "structure") on detached SR.
 
         Real and fake terms are combined into one scalar (one backward per D per step).
-        inputs: (real input, fake input) that `generator_loss(d_inputs=...)` recorded for the
-        same out and hr; None computes them from out.sr and hr.
+        inputs: the DInputs (or a (real input, fake input) pair) that
+        `generator_loss(d_inputs=...)` recorded for the same out and hr, D(real) included when it
+        was computed there; None computes them from out.sr and hr.
         Returns (loss with graph into D only, {"d_loss", "d_real", "d_fake"}) where d_real /
         d_fake are the mean logits.
         """
@@ -343,12 +391,16 @@ class SRObjective(nn.Module):
                 f"with these switches; active discriminators: {self.discriminator_names}"
             )
         self._check_pair(out, hr)
+        real = None
         if inputs is not None:
-            real_in, fake_in = (t.detach() for t in inputs)
+            inputs = DInputs(*inputs)
+            real_in, fake_in, real = inputs.real.detach(), inputs.fake.detach(), inputs.real_logits
         else:
             with torch.no_grad():
                 real_in, fake_in = self._d_inputs(name, out.sr.detach(), hr)
-        real, fake = d(real_in), d(fake_in)
+        if real is None:
+            real = d(real_in)
+        fake = d(fake_in)
         loss = self._d_loss(real, fake)
         return loss, {
             "d_loss": loss.detach(),

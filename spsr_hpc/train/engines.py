@@ -18,10 +18,11 @@ never train after the unfreeze). See :func:`set_trainable`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,38 @@ def skip_single_rank_allreduce(engine: Any) -> bool:
         return False
     engine.enable_backward_allreduce = False
     return True
+
+
+@contextlib.contextmanager
+def batchnorm_counted_twice(module: nn.Module) -> Iterator[None]:
+    """One training forward of ``module`` moves its BatchNorm running averages as two forwards of
+    the same batch would (outputs and gradients are untouched: training mode normalises with the
+    batch's own statistics).
+
+    For a forward whose output stands for two identical ones, e.g. D(real), which the public code
+    runs in the G step and again in the D step: with momentum m two updates by the same batch
+    statistic s give (1-m)^2·r + (1-(1-m)^2)·s, one update with momentum 1-(1-m)^2 (with
+    momentum None, the cumulative average over n batches, 2/(n+2)); ``num_batches_tracked``
+    counts two batches. Restores the momenta on exit.
+    """
+    bns = [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        if m.momentum is None:
+            m.momentum = 2.0 / (int(m.num_batches_tracked) + 2)
+        else:
+            m.momentum = 1.0 - (1.0 - m.momentum) ** 2
+    try:
+        yield
+        with torch.no_grad():
+            for m in bns:
+                m.num_batches_tracked.add_(1)
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
 
 
 def set_trainable(module: nn.Module, predicate: Callable[[str], bool] | bool) -> int:

@@ -10,7 +10,9 @@ Launch (launch/train.py is a thin wrapper around :func:`main`)::
 
 One optimizer step (per micro batch, ``train.grad_accum`` of them per step):
   1. G forward: discriminators frozen (``requires_grad_(False)``) and called as ``engine.module``
-     so no DeepSpeed bookkeeping or gradient of theirs is touched.
+     for D(fake), so no DeepSpeed bookkeeping or gradient of theirs is touched. RaGAN's D(real)
+     runs once, through the trainable D's engine: step 1 reads it as a constant, step 2 reuses it
+     with its graph (the public code runs it twice; BatchNorm running averages are kept equal).
   2. each D forward ("image", then "gradient" or "structure"): on the detached SR of step 1, real
      and fake terms summed into one loss. Its inputs (padded gradient maps, NSE features) are the
      detached tensors step 1 computed, not recomputed.
@@ -59,6 +61,7 @@ from spsr_hpc.train.checkpoint import (
 )
 from spsr_hpc.train.ema import EMA
 from spsr_hpc.train.engines import (
+    batchnorm_counted_twice,
     build_engine,
     check_global_batch,
     deepspeed_config,
@@ -212,9 +215,13 @@ class Trainer:
             self.d_engines[name] = build_engine(d, ds, lr=o.lr_d, **opt_kw)
         if tc.channels_last:
             # After deepspeed.initialize (its parameter broadcast needs contiguous tensors); the
-            # Parameter objects stay the same, so the optimizers keep them.
+            # Parameter objects stay the same, so the optimizers keep them. The frozen extractors
+            # inside the objective (VGG19, the NSE) too: a channels_last input with contiguous
+            # weights makes oneDNN reorder the weights at every call (2 % of the bf16 SPSR-G step
+            # on the 2-core CPU, docs/training.md).
             for engine in (self.g_engine, *self.d_engines.values()):
                 engine.module.to(memory_format=torch.channels_last)
+            self.objective.to(memory_format=torch.channels_last)
         if tc.compile:
             self._compile_networks(tc.compile_mode)
         self.engines = {GENERATOR: self.g_engine, **{f"d_{n}": e for n, e in self.d_engines.items()}}
@@ -392,6 +399,25 @@ class Trainer:
 
         return call
 
+    def _d_real_call(self, d: Any) -> Any:
+        """D(real) once for both steps (``SRObjective.generator_loss(d_real=...)``): the G step's
+        RaGAN term reads it detached, the D step reuses it with its graph, instead of a frozen
+        forward in the G step and a second one in the D step. D is trainable for this call (and
+        runs through its engine, as in the D step); its BatchNorm running averages move as by
+        the two forwards (:func:`batchnorm_counted_twice`), so every state equals the public
+        code's step (tests/test_train_speed.py)."""
+        call = self._d_call(d)
+
+        def real(x: torch.Tensor) -> torch.Tensor:
+            set_trainable(d.module, True)
+            try:
+                with batchnorm_counted_twice(d.module):
+                    return call(x)
+            finally:
+                set_trainable(d.module, False)
+
+        return real
+
     def _check(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
         """Global-batch host floats of the terms and the first non-finite one (None: all finite).
 
@@ -431,6 +457,7 @@ class Trainer:
         G's step does not touch), so nothing is applied when any term of the micro step is
         non-finite. Returns (global-batch metrics, first non-finite term or None).
         """
+        from spsr_hpc.losses import DInputs
         from spsr_hpc.models import SROutput
 
         fmt = self.memory_format
@@ -445,9 +472,10 @@ class Trainer:
         # each D) autocast their own forwards again, every loss reads .float() inputs.
         out = SROutput(*[t.float() if t is not None else None for t in raw])
         d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
-        d_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # reused by the D forwards
+        d_real = {n: self._d_real_call(d) for n, d in self.d_engines.items()}
+        d_inputs: dict[str, DInputs] = {}  # reused by the D forwards (D(real) included)
         with self._amp():
-            g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs)
+            g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs, d_real=d_real)
         for d in self.d_engines.values():
             set_trainable(d.module, True)
         fake = SROutput(*[t.detach() if t is not None else None for t in out])
