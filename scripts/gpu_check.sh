@@ -24,7 +24,8 @@
 #   benches   (GPU) gradient-map and InfoNCE benchmarks, fp32 then bf16 -> <results>/*.csv, each
 #             row appended as soon as it is measured
 #   static    sm_90 compiled-code report (no GPU) -> <results>/kernels_static.{csv,md}
-#   train     (GPU, with deepspeed importable) one bf16 SPSR-G run of 2 steps on one GPU
+#   train     (GPU, with deepspeed importable) one bf16 SPSR-G run of 2 steps on one GPU, then
+#             the paper-size step vs the reference (fp32 and bf16 rows) -> <results>/train_vs_reference.csv
 # The whole output goes to <run>/log.txt and each step's status to <run>/steps.txt, with
 # <run> = <results>/gpu_check_<UTC time>/. Exit 0 when every step that ran passed.
 set -uo pipefail
@@ -218,6 +219,9 @@ if ((has_cuda)) && "$py" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
         "data.shards=$site/shards" "logging.run_dir=$site/train" train.device=cuda train.bf16=true \
         train.max_steps=2 train.fusion_warmup_steps=1 checkpoint.every=0 logging.image_every=0 \
         logging.tensorboard=false logging.progress_bar=false logging.log_every=1 val.dir=null
+    # The paper-size SPSR-G step rows (reference fp32, ours fp32, ours bf16 + channels_last),
+    # interleaved -> <results>/train_vs_reference.csv
+    step "train step vs reference (paper size)" 150 "$py" launch/bench_train.py --vs-reference --rounds 7
 elif ((has_cuda)); then
     skip "train bf16 SPSR-G" "deepspeed/webdataset not importable: pass --wheels DIR (scripts/gpu_wheels.sh)"
 else

@@ -121,7 +121,8 @@ def test_gpu_check_gpu_plan(tmp_path):
         "warm-up (compile)", "tests gradient_map", "tests info_nce",
         "gradient_map bench float32", "gradient_map bench bfloat16",
         "info_nce bench float32", "info_nce bench bfloat16", "info_nce bench NSE batch",
-        "train", "train bf16 SPSR-G (2 steps, 1 GPU)", "static sm_90 report",
+        "train", "train bf16 SPSR-G (2 steps, 1 GPU)", "train step vs reference (paper size)",
+        "static sm_90 report",
     ]  # fmt: skip
     (run,) = (tmp_path / "r").glob("gpu_check_*")
     assert f"--junitxml={run}/tests_gradient_map.xml" in plan[1]
@@ -129,5 +130,6 @@ def test_gpu_check_gpu_plan(tmp_path):
     if importlib.util.find_spec("pytest_timeout") is not None:
         assert "--timeout=90" in plan[1]
     assert "train.bf16=true" in plan[9] and "train.device=cuda" in plan[9]
+    assert "launch/bench_train.py --vs-reference" in plan[10]
     assert "--dtype bfloat16" in plan[4] and "--batches 48" in plan[7]
     assert "install: ok" in (run / "steps.txt").read_text()
