@@ -1,5 +1,6 @@
-"""Fast checks of the fault plumbing (no process group): config keys, NCCL environment defaults,
-the watchdog, the words for a failed write, and the exit statuses the docs list."""
+"""Fast checks of the fault plumbing: config keys, NCCL environment defaults, the watchdog, the
+words for a failed write, the exit statuses the docs list, and (in a one-process gloo group) the
+collective timeout setter."""
 
 from __future__ import annotations
 
@@ -110,3 +111,29 @@ def test_gloo_failures_are_collective_failures(message, timed_out):
     assert ("did not complete within" in str(err)) is timed_out
     assert "step_0000002" in str(err) and str(faults.EXIT_COLLECTIVE) in str(err)
     assert not faults.is_collective_failure(RuntimeError("CUDA out of memory"))
+
+
+def test_collective_timeout_reaches_every_group_without_a_deprecation_warning(tmp_path):
+    """set_collective_timeout uses torch.distributed.set_timeout where torch has it: the private
+    _set_pg_timeout it used before printed a FutureWarning in every training run (this test, with
+    warnings as errors, failed on that code)."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    from spsr_hpc.train.engines import set_collective_timeout
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            n = set_collective_timeout(7.0)
+        if hasattr(dist, "set_timeout"):
+            assert n >= 1
+        dist.all_reduce(torch.ones(1))  # the group still works under the new timeout
+    finally:
+        if started:
+            dist.destroy_process_group()

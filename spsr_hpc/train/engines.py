@@ -170,14 +170,16 @@ def _timeout_kwargs(timeout_s: float | None) -> dict[str, Any]:
 def set_collective_timeout(timeout_s: float) -> int:
     """Give every existing process group (the world and the ones DeepSpeed created for its
     engines) the timeout ``timeout_s`` for the collectives from now on; returns how many groups
-    took it (0 where this torch lacks the private setter: then the watchdog still ends a hang)."""
+    took it (0 where this torch has neither setter: then the watchdog still ends a hang).
+    ``torch.distributed.set_timeout`` where it exists (the private ``_set_pg_timeout`` it
+    replaces warns that it is deprecated), else the private one."""
     if not sdist.is_initialized():
         return 0
     import torch.distributed.distributed_c10d as c10d
 
     from spsr_hpc.train.faults import timedelta
 
-    setter = getattr(c10d, "_set_pg_timeout", None)
+    setter = getattr(torch.distributed, "set_timeout", None) or getattr(c10d, "_set_pg_timeout", None)
     world = getattr(c10d, "_world", None)
     if setter is None or world is None:
         return 0
