@@ -427,3 +427,18 @@ def load_backbone_part(module, backbone: str, weights_path=None, *, prefix: str,
         )
     module.load_state_dict({k: wanted[k] for k in own})
     return source
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def freeze_with_imagenet_norm_(module: torch.nn.Module) -> torch.nn.Module:
+    """A fixed ImageNet feature extractor's finishing touches: the normalisation buffers ``mean``
+    and ``std`` ((1, 3, 1, 1), not saved in state dicts), no trainable parameter, eval mode.
+    Shared by the perceptual loss and the ImageNet structure extractors; returns ``module``."""
+    module.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+    module.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+    module.requires_grad_(False)
+    module.eval()
+    return module

@@ -23,14 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 N = 12  # samples in the shard
 
 
-@pytest.fixture()
-def shard_dir(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
+def _noise_shards(tmp_path: Path, size: int, seed: int) -> Path:
+    """N random size x size photos in tmp_path/hr, written as x4 shards to tmp_path/shards."""
+    rng = np.random.default_rng(seed)
     (tmp_path / "hr").mkdir()
     for i in range(N):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "hr" / f"{i}.png")
+        pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "hr" / f"{i}.png")
     write_shards(tmp_path / "hr", tmp_path / "shards", scale=4, workers=0, progress=False)
     return tmp_path / "shards"
+
+
+@pytest.fixture()
+def shard_dir(tmp_path) -> Path:
+    return _noise_shards(tmp_path, 32, seed=0)
 
 
 def _shard(shard_dir: Path) -> Path:
@@ -201,12 +207,7 @@ def test_dali_bad_image_ends_nse_pretraining_with_one_error_line_and_status_6(tm
 
 
 def _nse_shards(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(1)
-    (tmp_path / "hr").mkdir()
-    for i in range(N):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "hr" / f"{i}.png")
-    write_shards(tmp_path / "hr", tmp_path / "shards", scale=4, workers=0, progress=False)
-    return tmp_path / "shards"
+    return _noise_shards(tmp_path, 64, seed=1)
 
 
 def _nse_cmd(tmp_path: Path, shards: Path) -> list[str]:

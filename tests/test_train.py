@@ -403,32 +403,33 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train")
+def run_workers(script: str, out: Path, timeout: float, *, keep_logs: tuple[str, ...] = ()) -> None:
+    """Run a test file's two worker sides at once: ``ws2`` under torchrun (2 ranks, gloo) and
+    ``single`` (one process), each as ``<script> <side> <out>``; fail naming the side and its log
+    tail when one exits non-zero. ``keep_logs``: sides whose output is saved as ``<out>/<side>.log``
+    (before the check, so it is there for a failing run too)."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    procs = {
-        "ws2": subprocess.Popen(
-            [str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, "ws2", str(out)],
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        ),
-        "single": subprocess.Popen(
-            [sys.executable, __file__, "single", str(out)],
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        ),
+    argv = {
+        "ws2": [str(torchrun), "--standalone", "--nproc_per_node", "2", script, "ws2", str(out)],
+        "single": [sys.executable, script, "single", str(out)],
     }
-    logs = {k: p.communicate(timeout=900)[0] for k, p in procs.items()}
+    procs = {
+        k: subprocess.Popen(a, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+        for k, a in argv.items()
+    }
+    logs = {k: p.communicate(timeout=timeout)[0] for k, p in procs.items()}
+    for k in keep_logs:
+        (out / f"{k}.log").write_text(logs[k])
     for k, p in procs.items():
         if p.returncode != 0:
             pytest.fail(f"{k} worker failed (rc {p.returncode}):\n{logs[k][-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train")
+    run_workers(__file__, out, 900)
     return out
 
 

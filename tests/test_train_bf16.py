@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import REPO, FixedBatches, _cfg, _env, _losses, _optim_state, _params, method_overrides
+from test_train import FixedBatches, _cfg, _losses, _optim_state, _params, method_overrides, run_workers
 
 from spsr_hpc.precision import cpu_bf16_native
 
@@ -250,21 +249,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bf16")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    procs = {
-        "ws2": subprocess.Popen(
-            [str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, "ws2", str(out)],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ),
-        "single": subprocess.Popen(
-            [sys.executable, __file__, "single", str(out)],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ),
-    }  # fmt: skip
-    logs = {k: p.communicate(timeout=900)[0] for k, p in procs.items()}
-    for k, p in procs.items():
-        if p.returncode != 0:
-            pytest.fail(f"{k} worker failed (rc {p.returncode}):\n{logs[k][-6000:]}")
+    run_workers(__file__, out, 900)
     return out
 
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import REPO, FixedBatches, _cfg, _env, _losses, _params, method_overrides
+from test_train import FixedBatches, _cfg, _env, _losses, _params, method_overrides, run_workers
 
 SPSR_STEPS = 3
 # Adam with eps 1 updates by ~lr * grad for small gradients: with the default eps 1e-8 the first
@@ -296,22 +296,7 @@ def worker_single(out: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    procs = {
-        "ws2": subprocess.Popen(
-            [str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, "ws2", str(out)],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ),
-        "single": subprocess.Popen(
-            [sys.executable, __file__, "single", str(out)],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ),
-    }
-    logs = {k: p.communicate(timeout=1500)[0] for k, p in procs.items()}
-    (out / "single.log").write_text(logs["single"])
-    for k, p in procs.items():
-        if p.returncode != 0:
-            pytest.fail(f"{k} worker failed (rc {p.returncode}):\n{logs[k][-6000:]}")
+    run_workers(__file__, out, 1500, keep_logs=("single",))
     return out
 
 

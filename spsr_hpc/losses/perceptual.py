@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from spsr_hpc.weights import load_backbone_part
+from spsr_hpc.weights import freeze_with_imagenet_norm_, load_backbone_part
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # features[:35] ends at conv5_4, before its ReLU (ESRGAN/SPSR "VGG19-54").
 CONV5_4_END = 35
 # backbone -> (torchvision VGG config, default layer: the last conv of block 5, before its ReLU)
@@ -102,10 +100,7 @@ class PerceptualLoss(nn.Module):
         else:
             self.source = load_backbone_part(self.features, backbone, weights_path, prefix="features.",
                                              what="PerceptualLoss")
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
+        freeze_with_imagenet_norm_(self)
 
     def train(self, mode: bool = True) -> PerceptualLoss:
         """Stays in eval mode: the backbone is a fixed feature extractor."""

@@ -37,13 +37,11 @@ import torchvision
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from spsr_hpc.weights import load_backbone_part
+from spsr_hpc.weights import freeze_with_imagenet_norm_, load_backbone_part
 
 log = logging.getLogger(__name__)
 
 EXTRACTORS = ("nse", "vgg19", "vgg16", "resnet18")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -137,10 +135,7 @@ class ImageNetExtractor(nn.Module):
         else:
             self.source = load_backbone_part(self.body, spec.backbone, weights_path, prefix=prefix,
                                              what=f"structure extractor {name} ({spec.layer})")
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
+        freeze_with_imagenet_norm_(self)
 
     def train(self, mode: bool = True) -> ImageNetExtractor:
         """Stays in eval mode: a fixed feature extractor (ResNet's BatchNorm keeps its statistics)."""
