@@ -160,11 +160,13 @@ def _tiny_d(seed: int):
     return VGGDiscriminator(nf=4, input_size=32)
 
 
-def test_real_logits_computed_once_for_both_steps():
+@pytest.mark.parametrize("once", ["real", "real+fake"])
+def test_logits_computed_once_for_both_steps(once):
     """generator_loss(d_real=...) runs D(real) once, through the trainable D, and the D step
-    reuses it: the G loss, the gradient into SR, the D loss and D's gradients are exactly those
-    of the public code's two separate forwards (a frozen one in the G step, a trainable one in
-    the D step), with one D call fewer per discriminator."""
+    reuses it; with d_fake=... D(fake) too (on a detached copy of the fake input, G's gradient
+    through it taken inside generator_loss). The G loss, the gradient into SR, the D loss and D's
+    gradients are those of the public code's separate forwards (frozen ones in the G step,
+    trainable ones in the D step), with one or two D calls fewer per discriminator."""
     from spsr_hpc.losses import DInputs, LossConfig, PerceptualLoss, SRObjective
     from spsr_hpc.models import SROutput
 
@@ -174,7 +176,7 @@ def test_real_logits_computed_once_for_both_steps():
     g = torch.Generator().manual_seed(0)
     sr0, hr = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
 
-    def run(reuse: bool) -> dict:
+    def run(reuse: str) -> dict:
         ds = {"image": _tiny_d(1), "gradient": _tiny_d(2)}  # training mode: BatchNorm on batch stats
         calls = {n: 0 for n in ds}
 
@@ -199,29 +201,108 @@ def test_real_logits_computed_once_for_both_steps():
         sr = sr0.clone().requires_grad_(True)
         out = SROutput(sr=sr, grad_sr=torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
         recorded: dict = {}
-        total, _ = obj.generator_loss(out, hr, {n: frozen(n) for n in ds}, d_inputs=recorded,
-                                      d_real={n: trainable(n) for n in ds} if reuse else None)
+        total, terms = obj.generator_loss(
+            out, hr, {n: frozen(n) for n in ds}, d_inputs=recorded,
+            d_real={n: trainable(n) for n in ds} if "real" in reuse else None,
+            d_fake={n: trainable(n) for n in ds} if "fake" in reuse else None,
+        )
+        assert all(p.grad is None for d in ds.values() for p in d.parameters())  # G's step leaves D alone
         (sr_grad,) = torch.autograd.grad(total, sr)
-        res = {"g_total": total.detach(), "sr_grad": sr_grad, "calls": calls}
+        res = {"g_total": total.detach(), "sr_grad": sr_grad, "calls": calls, "terms": terms}
         for name, d in ds.items():
             assert isinstance(recorded[name], DInputs)
-            assert (recorded[name].real_logits is not None) == reuse
+            assert (recorded[name].real_logits is not None) == ("real" in reuse)
+            assert (recorded[name].fake_logits is not None) == ("fake" in reuse)
             loss, _ = obj.discriminator_loss(name, out, hr, trainable(name), inputs=recorded[name])
             loss.backward()
             res[f"d_{name}"] = loss.detach()
             res[f"d_{name}_grads"] = [p.grad.clone() for p in d.parameters()]
         return res
 
-    separate, once = run(False), run(True)
-    assert separate["calls"] == {"image": 4, "gradient": 4} and once["calls"] == {"image": 3, "gradient": 3}
-    for k in ("g_total", "sr_grad", "d_image", "d_gradient"):
-        torch.testing.assert_close(once[k], separate[k], rtol=0, atol=0, msg=k)
+    separate, reused = run(""), run(once)
+    fewer = 1 if once == "real" else 2
+    assert separate["calls"] == {"image": 4, "gradient": 4}
+    assert reused["calls"] == {"image": 4 - fewer, "gradient": 4 - fewer}
+    for k in ("g_total", "d_image", "d_gradient"):
+        torch.testing.assert_close(reused[k], separate[k], rtol=0, atol=0, msg=k)
+    for k, v in separate["terms"].items():
+        torch.testing.assert_close(reused["terms"][k], v, rtol=0, atol=0, msg=k)
+    # With d_fake the adversarial gradients reach SR through a surrogate term: the same values,
+    # added to the other terms' in another order (fp32 rounding of the sum).
+    exact = {"rtol": 0, "atol": 0} if once == "real" else {"rtol": 1e-5, "atol": 1e-9}
+    torch.testing.assert_close(reused["sr_grad"], separate["sr_grad"], **exact)
     for name in ("image", "gradient"):
-        for a, b in zip(once[f"d_{name}_grads"], separate[f"d_{name}_grads"]):
+        for a, b in zip(reused[f"d_{name}_grads"], separate[f"d_{name}_grads"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="d_real needs d_inputs"):
-        obj.generator_loss(SROutput(sr=sr0, grad_sr=sr0), hr, {"image": _tiny_d(1), "gradient": _tiny_d(2)},
-                           d_real={"image": _tiny_d(1)})
+    for arg in ("d_real", "d_fake"):
+        with pytest.raises(ValueError, match=f"{arg} needs d_inputs"):
+            obj.generator_loss(SROutput(sr=sr0, grad_sr=sr0), hr,
+                               {"image": _tiny_d(1), "gradient": _tiny_d(2)}, **{arg: {"image": _tiny_d(1)}})
+
+
+def _bn_net(momentum):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=momentum),
+                            torch.nn.ReLU(), torch.nn.BatchNorm2d(4, momentum=momentum))
+    m(torch.randn(4, 3, 8, 8))  # some history first (num_batches_tracked 1)
+    return m
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_batchnorm_replayable_equals_forwards_in_the_public_order(momentum):
+    """D(fake) once for both steps: its forward under batchnorm_replayable, then D(real) counted
+    twice, then the replay leave the running statistics (and the batch count) of the public
+    code's four forwards, fake, real, real, fake; the outputs are the same, the fake forward's
+    graph still backpropagates after the replay, the momenta are restored."""
+    from spsr_hpc.train.engines import batchnorm_counted_twice, batchnorm_replayable
+
+    g = torch.Generator().manual_seed(3)
+    xf, xr = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g) + 1.0
+    four, ours = _bn_net(momentum), _bn_net(momentum)
+    yf_ref = four(xf)
+    four(xr)
+    four(xr)
+    four(xf)
+    leaf = xf.clone().requires_grad_(True)
+    with batchnorm_replayable(ours) as replay:
+        yf = ours(leaf)
+    with batchnorm_counted_twice(ours):
+        ours(xr)
+    replay()
+    torch.testing.assert_close(yf, yf_ref, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(ours.named_buffers(), four.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(m.momentum == momentum for m in ours if isinstance(m, torch.nn.BatchNorm2d))
+    (gx,) = torch.autograd.grad(yf.square().sum(), leaf)  # the saved buffers passed the version check
+    (gx_ref,) = torch.autograd.grad(four(leaf).square().sum(), leaf)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_batchnorm_replayable_leaves_eval_mode_and_failed_forwards_alone():
+    from spsr_hpc.train.engines import batchnorm_replayable
+
+    net = _bn_net(0.1)
+    x = torch.randn(4, 3, 8, 8)
+    before = {k: v.clone() for k, v in net.named_buffers()}
+    with pytest.raises(RuntimeError, match="before the recorded forward"), \
+            batchnorm_replayable(net) as replay:
+        replay()
+    # A forward that fails after the first BatchNorm ran (with momentum 1 there) leaves the
+    # running averages as they were.
+    def fail(*_):
+        raise RuntimeError("the forward failed")
+
+    handle = net[2].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="forward failed"), batchnorm_replayable(net):
+        net(x)
+    handle.remove()
+    net.eval()
+    with batchnorm_replayable(net) as replay:
+        net(x)
+    replay()
+    for k, v in net.named_buffers():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert all(m.momentum == 0.1 for m in net if isinstance(m, torch.nn.BatchNorm2d))
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
@@ -230,15 +311,8 @@ def test_batchnorm_counted_twice_equals_two_forwards(momentum):
     count) of two forwards of the same batch, gives the same output, and restores the momenta."""
     from spsr_hpc.train.engines import batchnorm_counted_twice
 
-    def net():
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=momentum),
-                                torch.nn.ReLU(), torch.nn.BatchNorm2d(4, momentum=momentum))
-        m(torch.randn(4, 3, 8, 8))  # some history first (num_batches_tracked 1)
-        return m
-
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    twice, once = net(), net()
+    twice, once = _bn_net(momentum), _bn_net(momentum)
     twice(x)
     y_ref = twice(x)
     with batchnorm_counted_twice(once):

@@ -169,11 +169,14 @@ class DInputs(NamedTuple):
     real, fake: the D inputs (no graph; fake detached from G).
     real_logits: D(real) with its graph into D's parameters when ``generator_loss`` computed it
         with a trainable D (``d_real``), else None (``discriminator_loss`` runs D(real) itself).
+    fake_logits: D(fake) likewise, when ``generator_loss`` computed it with a trainable D
+        (``d_fake``) on a detached copy of the fake input, else None.
     """
 
     real: torch.Tensor
     fake: torch.Tensor
     real_logits: torch.Tensor | None = None
+    fake_logits: torch.Tensor | None = None
 
 
 class SRObjective(nn.Module):
@@ -249,15 +252,30 @@ class SRObjective(nn.Module):
         d: DiscriminatorFn,
         real_in: torch.Tensor,
         fake_in: torch.Tensor,
+        weight: float,
         d_real: DiscriminatorFn | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(G's adversarial loss, D(real) with a graph into D or None).
+        d_fake: DiscriminatorFn | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weighted G adversarial term for the total, its detached value, D(real) and D(fake)
+        with their graphs into D or None).
 
         RaGAN reads D(real) as a constant. With ``d_real`` (the same D, trainable) it is computed
         once with its graph, for the D step to reuse; without, by the frozen D under no_grad.
         Either way after D(fake), the order the public code runs the two forwards in.
+
+        With ``d_fake`` (the same D, trainable), D(fake) runs once too, on a detached leaf copy of
+        ``fake_in``, with its graph into D for the D step. G's gradient through it is taken right
+        away (``torch.autograd.grad`` to the leaf only: D's data-gradient chain, what G's backward
+        through the frozen D computes) and handed to G's graph by a surrogate whose value is 0
+        and whose gradient with respect to ``fake_in`` is that gradient; the term's value is the
+        loss's own.
         """
-        fake = d(fake_in)
+        leaf = None
+        if d_fake is not None:
+            leaf = fake_in.detach().requires_grad_(True)
+            fake = fake_graph = d_fake(leaf)
+        else:
+            fake, fake_graph = d(fake_in), None
         real_graph = None
         if self.cfg.gan_type != "ragan":
             real = None
@@ -267,7 +285,16 @@ class SRObjective(nn.Module):
         else:
             with torch.no_grad():
                 real = d(real_in)
-        return self._g_loss(real, fake), real_graph
+        term = weight * self._g_loss(real, fake)
+        if leaf is None:
+            return term, term.detach(), real_graph, fake_graph
+        # G's backward runs outside autocast; so does this part of it.
+        with torch.autocast(leaf.device.type, enabled=False):
+            (grad,) = torch.autograd.grad(term, leaf, retain_graph=True)
+        # fp32 products: the gradient of the sum is exactly ``grad`` (times G's loss scale).
+        surrogate = (fake_in.float() * grad.float()).sum()
+        value = term.detach()
+        return value + (surrogate - surrogate.detach()), value, real_graph, fake_graph
 
     @staticmethod
     def _check_pair(out: SROutput, hr: torch.Tensor) -> None:
@@ -285,6 +312,7 @@ class SRObjective(nn.Module):
         *,
         d_inputs: dict[str, DInputs] | None = None,
         d_real: Mapping[str, DiscriminatorFn] | None = None,
+        d_fake: Mapping[str, DiscriminatorFn] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the active generator terms.
 
@@ -302,15 +330,23 @@ class SRObjective(nn.Module):
             parameters do not change in between; BatchNorm normalises with the batch's own
             statistics in training mode); the caller owns what else the second forward changed
             (the BatchNorm running averages, see ``spsr_hpc.train.trainer``).
+        d_fake: optional name -> the same discriminator with trainable parameters (needs
+            d_inputs). D(fake) is then computed once, on a detached copy of the fake input, with
+            its graph into D, and kept in ``d_inputs[name].fake_logits`` for the D step; G's
+            gradient through it is taken here (see ``_gan_g``). Another D forward fewer per
+            discriminator and step; the total's value and its gradient into G are those of
+            the frozen forward, the BatchNorm running averages again the caller's.
         Returns (total 0-dim fp32 tensor with graph, {term: detached weighted value}).
         """
         self._check_pair(out, hr)
         discriminators = dict(discriminators or {})
-        d_real = dict(d_real or {})
-        if d_real and d_inputs is None:
-            raise ValueError(
-                "SRObjective.generator_loss: d_real needs d_inputs (where D(real) is kept for the D step)"
-            )
+        d_real, d_fake = dict(d_real or {}), dict(d_fake or {})
+        for arg, given in (("d_real", d_real), ("d_fake", d_fake)):
+            if given and d_inputs is None:
+                raise ValueError(
+                    f"SRObjective.generator_loss: {arg} needs d_inputs "
+                    "(where its logits are kept for the D step)"
+                )
         absent = [n for n in self.discriminator_names if n not in discriminators]
         if absent:
             raise ValueError(
@@ -319,15 +355,21 @@ class SRObjective(nn.Module):
             )
         sr, w = out.sr, self.weights
         terms: dict[str, torch.Tensor] = {}
+        totals: dict[str, torch.Tensor] = {}  # where a GAN term's graph differs from its value
+
+        def gan(term: str, name: str, real_in: torch.Tensor, fake_in: torch.Tensor) -> None:
+            totals[term], terms[term], real, fake = self._gan_g(
+                discriminators[name], real_in, fake_in, w[term], d_real.get(name), d_fake.get(name)
+            )
+            if d_inputs is not None:
+                d_inputs[name] = DInputs(real_in.detach(), fake_in.detach(), real, fake)
+
         if "pixel" in w:
             terms["pixel"] = w["pixel"] * pixel_loss(sr, hr, self.cfg.pixel_criterion)
         if "perceptual" in w:
             terms["perceptual"] = w["perceptual"] * self.perceptual(sr, hr)
         if "image_gan" in w:
-            loss, real = self._gan_g(discriminators["image"], hr, sr, d_real.get("image"))
-            terms["image_gan"] = w["image_gan"] * loss
-            if d_inputs is not None:
-                d_inputs["image"] = DInputs(hr.detach(), sr.detach(), real)
+            gan("image_gan", "image", hr, sr)
         if "gradient_pixel" in w or "gradient_gan" in w:
             sr_grad = padded_gradient(sr)
             with torch.no_grad():
@@ -337,10 +379,7 @@ class SRObjective(nn.Module):
                     sr_grad.float(), hr_grad.float()
                 )
             if "gradient_gan" in w:
-                loss, real = self._gan_g(discriminators["gradient"], hr_grad, sr_grad, d_real.get("gradient"))
-                terms["gradient_gan"] = w["gradient_gan"] * loss
-                if d_inputs is not None:
-                    d_inputs["gradient"] = DInputs(hr_grad, sr_grad.detach(), real)
+                gan("gradient_gan", "gradient", hr_grad, sr_grad)
         if "branch_pixel" in w:
             if out.grad_sr is None:
                 raise ValueError(
@@ -358,13 +397,8 @@ class SRObjective(nn.Module):
                     sr_feat, hr_feat, self.cfg.structure_distance
                 )
             if "structure_gan" in w:
-                loss, real = self._gan_g(
-                    discriminators["structure"], hr_feat, sr_feat, d_real.get("structure")
-                )
-                terms["structure_gan"] = w["structure_gan"] * loss
-                if d_inputs is not None:
-                    d_inputs["structure"] = DInputs(hr_feat, sr_feat.detach(), real)
-        total = torch.stack([t.float() for t in terms.values()]).sum()
+                gan("structure_gan", "structure", hr_feat, sr_feat)
+        total = torch.stack([totals.get(k, t).float() for k, t in terms.items()]).sum()
         return total, {k: v.detach().float() for k, v in terms.items()}
 
     def discriminator_loss(
@@ -380,8 +414,8 @@ class SRObjective(nn.Module):
 
         Real and fake terms are combined into one scalar (one backward per D per step).
         inputs: the DInputs (or a (real input, fake input) pair) that
-        `generator_loss(d_inputs=...)` recorded for the same out and hr, D(real) included when it
-        was computed there; None computes them from out.sr and hr.
+        `generator_loss(d_inputs=...)` recorded for the same out and hr, D(real) and D(fake)
+        included when they were computed there; None computes them from out.sr and hr.
         Returns (loss with graph into D only, {"d_loss", "d_real", "d_fake"}) where d_real /
         d_fake are the mean logits.
         """
@@ -391,16 +425,18 @@ class SRObjective(nn.Module):
                 f"with these switches; active discriminators: {self.discriminator_names}"
             )
         self._check_pair(out, hr)
-        real = None
+        real = fake = None
         if inputs is not None:
             inputs = DInputs(*inputs)
-            real_in, fake_in, real = inputs.real.detach(), inputs.fake.detach(), inputs.real_logits
+            real_in, fake_in = inputs.real.detach(), inputs.fake.detach()
+            real, fake = inputs.real_logits, inputs.fake_logits
         else:
             with torch.no_grad():
                 real_in, fake_in = self._d_inputs(name, out.sr.detach(), hr)
         if real is None:
             real = d(real_in)
-        fake = d(fake_in)
+        if fake is None:
+            fake = d(fake_in)
         loss = self._d_loss(real, fake)
         return loss, {
             "d_loss": loss.detach(),

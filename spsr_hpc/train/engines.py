@@ -346,10 +346,7 @@ def batchnorm_counted_twice(module: nn.Module) -> Iterator[None]:
     momentum None, the cumulative average over n batches, 2/(n+2)); ``num_batches_tracked``
     counts two batches. Restores the momenta on exit.
     """
-    bns = [
-        m for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
+    bns = _training_batchnorms(module)
     saved = [m.momentum for m in bns]
     for m in bns:
         if m.momentum is None:
@@ -363,6 +360,76 @@ def batchnorm_counted_twice(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.add_(1)
     finally:
         for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+
+
+def _training_batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+
+
+def _update_factor(m: nn.modules.batchnorm._BatchNorm, momentum: float | None) -> float:
+    """The weight of the next batch in ``m``'s running averages (``num_batches_tracked`` counted
+    already): momentum, or 1/n for the cumulative average (momentum None)."""
+    return 1.0 / int(m.num_batches_tracked) if momentum is None else float(momentum)
+
+
+@contextlib.contextmanager
+def batchnorm_replayable(module: nn.Module) -> Iterator[Callable[[], None]]:
+    """One training forward of ``module`` that moves its BatchNorm running averages as usual and
+    keeps the batch's statistics; yields ``replay``, which moves them once more by that batch,
+    later, as a second forward of the same batch would at that point.
+
+    For a forward whose output stands for two identical ones that the public code runs at
+    different times, e.g. D(fake): once in the G step, before D(real), and again at the end of
+    the D step. Inside, every momentum is 1 (the running averages become the batch's mean and
+    unbiased variance, computed by BatchNorm itself); on exit they are set to what the normal
+    update gives, in float64 as BatchNorm's CPU kernel does, and the momenta are restored.
+    Outputs and gradients are untouched (training mode normalises with the batch's own statistics).
+    """
+    bns = _training_batchnorms(module)
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in bns]
+    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def move(m: nn.modules.batchnorm._BatchNorm, momentum: float | None, mean: torch.Tensor,
+             var: torch.Tensor) -> None:
+        # Through .data: the forward's graph saved these buffers (BatchNorm's backward takes them
+        # as arguments); an in-place write would fail its version check, as BatchNorm's own
+        # update inside the kernel does not.
+        f = _update_factor(m, momentum)
+        for running, stat in ((m.running_mean.data, mean), (m.running_var.data, var)):
+            running.copy_(stat.double() * f + running.double() * (1.0 - f))
+
+    @torch.no_grad()
+    def replay() -> None:
+        if len(batch) != len(bns):
+            raise RuntimeError("batchnorm_replayable: replay() before the recorded forward finished")
+        for m, (momentum, *_), (mean, var) in zip(bns, saved, batch):
+            m.num_batches_tracked.add_(1)
+            move(m, momentum, mean, var)
+
+    for m in bns:
+        m.momentum = 1.0
+    try:
+        yield replay
+        with torch.no_grad():
+            for m, (momentum, mean0, var0, _) in zip(bns, saved):
+                batch.append((m.running_mean.clone(), m.running_var.clone()))
+                m.running_mean.data.copy_(mean0)
+                m.running_var.data.copy_(var0)
+                move(m, momentum, *batch[-1])
+    except BaseException:
+        with torch.no_grad():  # a failed forward leaves the running averages as they were
+            for m, (_, mean0, var0, count) in zip(bns, saved):
+                m.running_mean.data.copy_(mean0)
+                m.running_var.data.copy_(var0)
+                m.num_batches_tracked.copy_(count)
+        raise
+    finally:
+        for m, (momentum, *_) in zip(bns, saved):
             m.momentum = momentum
 
 

@@ -62,6 +62,7 @@ from spsr_hpc.train.checkpoint import (
 from spsr_hpc.train.ema import EMA
 from spsr_hpc.train.engines import (
     batchnorm_counted_twice,
+    batchnorm_replayable,
     build_engine,
     check_global_batch,
     deepspeed_config,
@@ -418,6 +419,31 @@ class Trainer:
 
         return real
 
+    def _d_fake_call(self, d: Any, replays: list[Any]) -> Any:
+        """D(fake) once for both steps (``SRObjective.generator_loss(d_fake=...)``), with D
+        trainable. The public code runs it first in the G step (frozen, before D(real)) and again
+        last in the D step: its BatchNorm running averages move by the fake batch now and once
+        more when the trainer calls the replay appended to ``replays`` after the D losses
+        (:func:`batchnorm_replayable`), in the public code's order.
+
+        Through ``d.module``, not the engine: G's gradient is taken through these logits by
+        ``torch.autograd.grad`` in the G step, and DeepSpeed's hooks on an engine's outputs would
+        count that as a (refused, or 1/grad_accum-scaled) D backward. ``d.backward`` scales the
+        D loss as a whole, these logits included."""
+        call = self._d_call(d.module)
+
+        def fake(x: torch.Tensor) -> torch.Tensor:
+            set_trainable(d.module, True)
+            try:
+                with batchnorm_replayable(d.module) as replay:
+                    logits = call(x)
+                replays.append(replay)
+                return logits
+            finally:
+                set_trainable(d.module, False)
+
+        return fake
+
     def _check(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
         """Global-batch host floats of the terms and the first non-finite one (None: all finite).
 
@@ -473,9 +499,13 @@ class Trainer:
         out = SROutput(*[t.float() if t is not None else None for t in raw])
         d_fns = {n: self._d_call(d.module) for n, d in self.d_engines.items()}
         d_real = {n: self._d_real_call(d) for n, d in self.d_engines.items()}
-        d_inputs: dict[str, DInputs] = {}  # reused by the D forwards (D(real) included)
+        replays: list[Any] = []
+        d_fake = {n: self._d_fake_call(d, replays) for n, d in self.d_engines.items()}
+        d_inputs: dict[str, DInputs] = {}  # reused by the D step (D(real) and D(fake) included)
         with self._amp():
-            g_total, g_terms = self.objective.generator_loss(out, hr, d_fns, d_inputs=d_inputs, d_real=d_real)
+            g_total, g_terms = self.objective.generator_loss(
+                out, hr, d_fns, d_inputs=d_inputs, d_real=d_real, d_fake=d_fake
+            )
         for d in self.d_engines.values():
             set_trainable(d.module, True)
         fake = SROutput(*[t.detach() if t is not None else None for t in out])
@@ -486,6 +516,8 @@ class Trainer:
                 name, fake, hr, self._d_call(d), inputs=d_inputs.get(name)
             )
             terms.update({f"d_{name}/{k}": v for k, v in d_terms.items()})
+        for replay in replays:  # D(fake)'s second BatchNorm update, last as in the public code
+            replay()
         vals, bad = self._check(terms)
         if bad is None:
             self.g_engine.backward(g_total)
