@@ -407,3 +407,27 @@ def test_vs_reference_runs_with_its_bf16_row():
     assert by_side[OURS]["precision"] == by_side[REFERENCE]["precision"] == "fp32"
     assert by_side[REFERENCE]["speedup_vs_reference_median"] == 1.0
     assert all(r["median_s"] > 0 and r["loadavg_1m_start"] >= 0 for r in rows)
+
+
+def test_process_group_start_builds_no_inference_shm_op():
+    """DeepSpeed's torch backend would JIT-build its shared-memory op for inference_all_reduce in
+    every CPU process (~30 s per fresh environment); training never calls it, so init_distributed
+    keeps it from being built. Fails on the code before: the backend holds the loaded op."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, deepspeed.comm.comm as c\n"
+        "from spsr_hpc.train.engines import destroy_distributed, init_distributed\n"
+        "init_distributed('gloo', torch.device('cpu'))\n"
+        "print('SHM', c.cdb.shm_comm_op, flush=True)\n"
+        "t = torch.ones(3); c.all_reduce(t); assert t.tolist() == [1.0, 1.0, 1.0]\n"
+        "destroy_distributed()\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SHM None" in out.stdout, out.stdout
+    assert "shm_comm" not in out.stdout + out.stderr

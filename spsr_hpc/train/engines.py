@@ -153,8 +153,26 @@ def init_distributed(
         torch.cuda.set_device(device)
     import deepspeed
 
+    _skip_inference_shm_op()
     deepspeed.init_distributed(dist_backend=dist_backend, verbose=False, **_timeout_kwargs(timeout_s))
     _STARTED_GROUP = True
+
+
+def _skip_inference_shm_op() -> None:
+    """Keep DeepSpeed's torch backend from building its shared-memory all-reduce op.
+
+    On a CPU accelerator, every ``deepspeed.init_distributed`` JIT-compiles that C++ extension
+    (about 30 s on the 2-core CPU, in every process of a fresh environment; a cached build still
+    runs the extension loader). Only ``inference_all_reduce`` (DeepSpeed-Inference's tensor
+    parallelism) calls it; training's all-reduce goes to ``torch.distributed`` whether it is built
+    or not. Where DeepSpeed no longer has the hook, nothing is changed.
+    """
+    import importlib
+
+    # By module path: the package attribute deepspeed.comm.torch is the torch package itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if callable(getattr(ds_torch, "build_shm_op", None)):
+        ds_torch.build_shm_op = lambda: None
 
 
 def _timeout_kwargs(timeout_s: float | None) -> dict[str, Any]:
