@@ -498,8 +498,14 @@ class ValConfig:
     lpips: bool = True
     """Also LPIPS-AlexNet (val/lpips) when its weights are on disk (`python -m spsr_hpc.weights
     fetch`); without them it is skipped with one warning, never an error."""
+    precision: str = "auto"
+    """Autocast of the validation forward: "auto" (the training's: bf16 with train.bf16, else
+    fp32), "fp32", or "bf16" (where bf16 is native, as train.bf16). The forward of `evaluate
+    --precision` / `infer --precision` (spsr_hpc.inference.sr_images)."""
 
     def validate(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError("precision", f"{self.precision!r} is not 'auto', 'fp32' or 'bf16'")
         if self.every < 0:
             raise ConfigError("every", f"must be >= 0, got {self.every}")
         if self.max_size is not None and self.max_size < 1:
@@ -598,12 +604,16 @@ def _run_config_class() -> type:
         val: ValConfig = dataclasses.field(default_factory=ValConfig)
 
         def validate(self) -> None:
-            if self.train.bf16:
-                from spsr_hpc.precision import bf16_unsupported
+            from spsr_hpc.precision import bf16_unsupported
 
+            if self.train.bf16:
                 reason = bf16_unsupported(self.train.device)
                 if reason is not None:
                     raise ConfigError("train.bf16", f"{reason}; set train.bf16=false")
+            if self.val.precision == "bf16":
+                reason = bf16_unsupported(self.train.device)
+                if reason is not None:
+                    raise ConfigError("val.precision", f"bf16: {reason}; set val.precision=auto or fp32")
             if self.train.channels_last and self.deepspeed.zero_stage != 0:
                 raise ConfigError(
                     "train.channels_last",

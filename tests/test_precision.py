@@ -23,6 +23,15 @@ TINY = GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1])
 TINY_ARGS = ["--arch", "spsr", "--nf", "8", "--nb", "2", "--gc", "4", "--taps", "0", "1"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    """The trainers of this module share one single-process group, closed at the end."""
+    yield
+    from spsr_hpc.train.engines import destroy_distributed
+
+    destroy_distributed()
+
+
 @pytest.fixture
 def no_native_bf16(monkeypatch):
     """A CPU without avx512_bf16/AMX (and no CUDA device)."""
@@ -49,6 +58,66 @@ def test_train_config_refuses_bf16_without_native_support(no_native_bf16, config
         load_config(REPO / "configs" / config, ["train.bf16=true", "train.device=cpu"])
     assert info.value.key == "train.bf16" and "no native bf16" in str(info.value)
     load_config(REPO / "configs" / config, ["train.bf16=false", "train.device=cpu"])
+
+
+def test_val_precision_checked_at_config_time(no_native_bf16):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/tiny_spsr_g.yaml", ["val.precision=bf16", "train.device=cpu"])
+    assert info.value.key == "val.precision" and "no native bf16" in str(info.value)
+    with pytest.raises(ConfigError, match=r"val\.precision.*'fp16'"):
+        load_config(REPO / "configs/tiny_spsr_g.yaml", ["val.precision=fp16"])
+    for ok in ("auto", "fp32"):
+        load_config(REPO / "configs/tiny_spsr_g.yaml", [f"val.precision={ok}", "train.device=cpu"])
+
+
+@pytest.mark.skipif(not NATIVE, reason="this CPU has no native bf16")
+@pytest.mark.parametrize(("overrides", "want"), [
+    (["train.bf16=true"], "bf16"),  # auto: the training's precision
+    (["train.bf16=true", "val.precision=fp32"], "fp32"),
+    (["val.precision=bf16"], "bf16"),
+    ([], "fp32"),
+])
+def test_validation_runs_in_its_precision(tmp_path, overrides, want):
+    """Trainer.validate's PSNR/SSIM equal an independent computation: the fp32 copy of G on the
+    held-out images under torch.autocast(bfloat16) or none, as val.precision resolves; and the
+    two precisions give different SR images, so the check can tell them apart."""
+    from spsr_hpc.data import FolderDataset, to_uint8
+    from spsr_hpc.metrics import psnr, ssim
+    from spsr_hpc.train.trainer import Trainer
+
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    g = torch.Generator().manual_seed(5)
+    for i, (h, w) in enumerate([(40, 52), (36, 36)]):
+        img = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(val_dir / f"{i}.png")
+    cfg = load_config(REPO / "configs/tiny_psnr.yaml", [
+        f"logging.run_dir={tmp_path / 'run'}", "logging.progress_bar=false", "logging.tensorboard=false",
+        "checkpoint.resume=none", "train.device=cpu", f"val.dir={val_dir}", "val.lpips=false",
+        "val.use_ema=false", "model.generator.init_scale=1.0", *overrides,
+    ])
+    trainer = Trainer(cfg, loader=[])
+    try:
+        assert trainer.val_precision == want
+        got = trainer.validate()
+        model = trainer._inference_model(False)
+        srs = {}
+        for prec in ("fp32", "bf16"):
+            ps, ss, srs[prec] = [], [], []
+            for item in (FolderDataset(val_dir, scale=4)[i] for i in range(2)):
+                ctx = torch.autocast("cpu", torch.bfloat16) if prec == "bf16" else torch.no_grad()
+                with ctx, torch.no_grad():
+                    sr = model(item["lr"][None]).sr[0].float().clamp(0, 1)
+                sr_u8 = to_uint8(sr.permute(1, 2, 0).numpy())
+                srs[prec].append(sr_u8)
+                ps.append(psnr(sr_u8, item["hr"], 4))
+                ss.append(ssim(sr_u8, item["hr"], 4))
+            if prec == want:
+                assert got["val/psnr"] == pytest.approx(float(np.mean(ps)), abs=1e-9)
+                assert got["val/ssim"] == pytest.approx(float(np.mean(ss)), abs=1e-9)
+        assert any((a != b).any() for a, b in zip(srs["fp32"], srs["bf16"]))
+    finally:
+        trainer.close()
 
 
 def test_nse_config_refuses_bf16_without_native_support(no_native_bf16):

@@ -143,6 +143,10 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"{source}: {e}") from e
         self.bf16 = bool(tc.bf16)
+        # The validation forward's autocast ("auto": the training's precision; an explicit bf16 is
+        # checked against the device with the config, as train.bf16 is).
+        vp = cfg.val.precision
+        self.val_precision = ("bf16" if self.bf16 else "fp32") if vp == "auto" else vp
         self.micro_batch = cfg.data.batch_size
         try:
             self.global_batch = check_global_batch(
@@ -628,12 +632,13 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Rank 0: PSNR/SSIM (Y channel, docs/method.md §8) and LPIPS on val.dir; other ranks return {}
-        after a barrier."""
+        after a barrier. The forward runs in ``val.precision`` (by default the training's)."""
         vc = self.cfg.val
         result: dict[str, float] = {}
         if vc.dir and sdist.is_main_process():
             threads = _borrow_local_cores(self.device)  # the other local ranks wait in the barrier
             from spsr_hpc.data import FolderDataset, to_uint8
+            from spsr_hpc.inference import sr_images
             from spsr_hpc.metrics import psnr, ssim
 
             scale = self.cfg.model.generator.scale
@@ -651,9 +656,8 @@ class Trainer:
                     y, x = (h - ch) // 2, (w - cw) // 2
                     lr = lr[:, y : y + ch, x : x + cw]
                     hr = hr[y * scale : (y + ch) * scale, x * scale : (x + cw) * scale]
-                out = model(lr[None].to(self.device))
-                sr = (out.sr if hasattr(out, "sr") else out)[0].clamp(0, 1)
-                sr_u8 = to_uint8(sr.permute(1, 2, 0).cpu().numpy())
+                sr, _ = sr_images(model, lr[None].to(self.device), precision=self.val_precision)
+                sr_u8 = to_uint8(sr[0].permute(1, 2, 0).cpu().numpy())
                 ps.append(psnr(sr_u8, hr, vc.crop_border))
                 ss.append(ssim(sr_u8, hr, vc.crop_border))
                 if lpips_metric is not None:
