@@ -431,3 +431,18 @@ def test_process_group_start_builds_no_inference_shm_op():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SHM None" in out.stdout, out.stdout
     assert "shm_comm" not in out.stdout + out.stderr
+
+
+def test_a_second_run_after_the_process_group_was_destroyed(tmp_path):
+    """Two runs one after the other in one process (a notebook, a sweep, this test session):
+    after destroy_distributed the next Trainer starts a new group and its engines broadcast over
+    it. Failed before: DeepSpeed kept its clone of the destroyed world group ("Group ... is not
+    registered")."""
+    from spsr_hpc.train.engines import destroy_distributed
+    from spsr_hpc.train.trainer import Trainer
+
+    for i in range(2):
+        trainer = Trainer(_config(tmp_path / str(i)), loader=_batches(1))
+        assert trainer.train_step()["loss/g_total"] > 0
+        trainer.close()
+        destroy_distributed()

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -216,10 +217,20 @@ def set_collective_timeout(timeout_s: float) -> int:
 
 
 def destroy_distributed() -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+    """Destroy the process group if :func:`init_distributed` created it.
+
+    DeepSpeed keeps its clone of the world group (``deepspeed.utils.groups._WORLD_GROUP``) across
+    that; the next engine of the process (a new group from :func:`init_distributed`, e.g. a second
+    run in a notebook or a sweep) would broadcast over the destroyed one ("Group ... is not
+    registered"). So its cached groups are dropped too, and DeepSpeed makes new ones.
+    """
     global _STARTED_GROUP
     if _STARTED_GROUP and sdist.is_initialized():
         torch.distributed.destroy_process_group()
+        groups = sys.modules.get("deepspeed.utils.groups")
+        for name, value in list(vars(groups).items()) if groups is not None else ():
+            if name.endswith("_GROUP") and name.isupper() and name.startswith("_"):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
     _STARTED_GROUP = False
 
 
