@@ -85,12 +85,10 @@ def test_validation_runs_in_its_precision(tmp_path, overrides, want):
     from spsr_hpc.metrics import psnr, ssim
     from spsr_hpc.train.trainer import Trainer
 
-    val_dir = tmp_path / "val"
-    val_dir.mkdir()
-    g = torch.Generator().manual_seed(5)
-    for i, (h, w) in enumerate([(40, 52), (36, 36)]):
-        img = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(img).save(val_dir / f"{i}.png")
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_train import write_val_images
+
+    val_dir = write_val_images(tmp_path / "val")
     cfg = load_config(REPO / "configs/tiny_psnr.yaml", [
         f"logging.run_dir={tmp_path / 'run'}", "logging.progress_bar=false", "logging.tensorboard=false",
         "checkpoint.resume=none", "train.device=cpu", f"val.dir={val_dir}", "val.lpips=false",

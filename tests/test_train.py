@@ -313,14 +313,8 @@ def worker_single(out: Path) -> None:
     nse_path = out / "nse.safetensors"
     save_file({k: v.contiguous() for k, v in nse.state_dict().items()}, str(nse_path))
     results["methods"] = {}
-    from PIL import Image
 
-    val_dir = out / "val"
-    val_dir.mkdir()
-    g = torch.Generator().manual_seed(5)
-    for i, (h, w) in enumerate([(40, 52), (36, 36)]):
-        img = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(img).save(val_dir / f"img{i}.png")
+    val_dir = write_val_images(out / "val")
     for method in ("psnr", "esrgan", "spsr_g_no_grad_gan", "spsr_p", "spsr_j", "edsr_g"):
         name, m_ovs = method_overrides(method, str(nse_path))
         run_dir = out / f"m_{method}"
@@ -401,6 +395,18 @@ def _env() -> dict[str, str]:
     }
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TRITON_INTERPRET="1")
     return env
+
+
+def write_val_images(val_dir: Path) -> Path:
+    """Two random RGB validation images (40x52 and 36x36, img0.png / img1.png) in a new folder."""
+    from PIL import Image
+
+    val_dir.mkdir()
+    g = torch.Generator().manual_seed(5)
+    for i, (h, w) in enumerate([(40, 52), (36, 36)]):
+        img = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(val_dir / f"img{i}.png")
+    return val_dir
 
 
 def run_workers(script: str, out: Path, timeout: float, *, keep_logs: tuple[str, ...] = ()) -> None:
