@@ -423,22 +423,23 @@ def batchnorm_replayable(module: nn.Module) -> Iterator[Callable[[], None]]:
              for m in bns]
     batch: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def move(m: nn.modules.batchnorm._BatchNorm, momentum: float | None, mean: torch.Tensor,
-             var: torch.Tensor) -> None:
-        # Through .data: the forward's graph saved these buffers (BatchNorm's backward takes them
-        # as arguments); an in-place write would fail its version check, as BatchNorm's own
-        # update inside the kernel does not.
+    def move(m: nn.modules.batchnorm._BatchNorm, momentum: float | None,
+             stats: tuple[torch.Tensor, torch.Tensor], old: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """running = f·batch + (1-f)·old, for the running mean and variance. Through .data: the
+        forward's graph saved these buffers (BatchNorm's backward takes them as arguments); an
+        in-place write would fail its version check, as BatchNorm's own update in the kernel
+        does not."""
         f = _update_factor(m, momentum)
-        for running, stat in ((m.running_mean.data, mean), (m.running_var.data, var)):
-            running.copy_(stat.double() * f + running.double() * (1.0 - f))
+        for running, stat, prev in zip((m.running_mean.data, m.running_var.data), stats, old):
+            running.copy_(stat.double() * f + prev.double() * (1.0 - f))
 
     @torch.no_grad()
     def replay() -> None:
         if len(batch) != len(bns):
             raise RuntimeError("batchnorm_replayable: replay() before the recorded forward finished")
-        for m, (momentum, *_), (mean, var) in zip(bns, saved, batch):
+        for m, (momentum, *_), stats in zip(bns, saved, batch):
             m.num_batches_tracked.add_(1)
-            move(m, momentum, mean, var)
+            move(m, momentum, stats, (m.running_mean, m.running_var))
 
     for m in bns:
         m.momentum = 1.0
@@ -447,9 +448,7 @@ def batchnorm_replayable(module: nn.Module) -> Iterator[Callable[[], None]]:
         with torch.no_grad():
             for m, (momentum, mean0, var0, _) in zip(bns, saved):
                 batch.append((m.running_mean.clone(), m.running_var.clone()))
-                m.running_mean.data.copy_(mean0)
-                m.running_var.data.copy_(var0)
-                move(m, momentum, *batch[-1])
+                move(m, momentum, batch[-1], (mean0, var0))
     except BaseException:
         with torch.no_grad():  # a failed forward leaves the running averages as they were
             for m, (_, mean0, var0, count) in zip(bns, saved):

@@ -411,17 +411,7 @@ class Trainer:
         runs through its engine, as in the D step); its BatchNorm running averages move as by
         the two forwards (:func:`batchnorm_counted_twice`), so every state equals the public
         code's step (tests/test_train_speed.py)."""
-        call = self._d_call(d)
-
-        def real(x: torch.Tensor) -> torch.Tensor:
-            set_trainable(d.module, True)
-            try:
-                with batchnorm_counted_twice(d.module):
-                    return call(x)
-            finally:
-                set_trainable(d.module, False)
-
-        return real
+        return self._once_call(d, d, batchnorm_counted_twice)
 
     def _d_fake_call(self, d: Any, replays: list[Any]) -> Any:
         """D(fake) once for both steps (``SRObjective.generator_loss(d_fake=...)``), with D
@@ -434,19 +424,26 @@ class Trainer:
         ``torch.autograd.grad`` in the G step, and DeepSpeed's hooks on an engine's outputs would
         count that as a (refused, or 1/grad_accum-scaled) D backward. ``d.backward`` scales the
         D loss as a whole, these logits included."""
-        call = self._d_call(d.module)
+        return self._once_call(d, d.module, batchnorm_replayable, keep=replays)
 
-        def fake(x: torch.Tensor) -> torch.Tensor:
+    def _once_call(self, d: Any, target: Any, bn_context: Any, keep: list[Any] | None = None) -> Any:
+        """A call of ``target`` (D's engine or module) whose logits stand for two forwards: D
+        trainable for it, its BatchNorm bookkeeping by ``bn_context(d.module)``, whose yielded
+        value (if any) is appended to ``keep``."""
+        call = self._d_call(target)
+
+        def once(x: torch.Tensor) -> torch.Tensor:
             set_trainable(d.module, True)
             try:
-                with batchnorm_replayable(d.module) as replay:
+                with bn_context(d.module) as kept:
                     logits = call(x)
-                replays.append(replay)
+                if keep is not None:
+                    keep.append(kept)
                 return logits
             finally:
                 set_trainable(d.module, False)
 
-        return fake
+        return once
 
     def _check(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
         """Global-batch host floats of the terms and the first non-finite one (None: all finite).
