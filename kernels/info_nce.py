@@ -42,6 +42,10 @@ REDUCTIONS = ("none", "mean", "sum")
 # Smallest default PyTorch tile (B · chunk_n · chunk_m logits): below this, per-op overhead
 # (dispatch, OpenMP fork/join, which a busy machine stretches) outweighs the cache benefit.
 TORCH_MIN_TILE_ELEMENTS = 1 << 16
+# Default PyTorch tile on a GPU (fp32 logits, 256 MiB): there a tile is a few kernel launches, so
+# it is sized by memory, not by a CPU core's cache (which would make B=48, N=M=10^4 into 10^4 tiles
+# of one anchor row each, ~10^5 launches per pass).
+TORCH_GPU_TILE_ELEMENTS = 1 << 26
 # Widest d the kernels take, by input dtype (launch/bench_kernels.py --static: every kernel compiles
 # for sm_90 without register spills up to these). fp32 runs its dots as tf32x3 (three MMAs on split
 # operands): d = 64 needs 32 x 64 backward tiles; d = 128 compiles spill-free only at 16 x 16
@@ -889,13 +893,19 @@ def _cache_bytes() -> int:
 _CACHE_BYTES = _cache_bytes()  # read once at import (torch.compile cannot trace file reads)
 
 
-def _torch_tiles(B: int, N: int, M: int, chunk_size: int | None) -> tuple[int, int]:
+def _torch_tiles(
+    B: int, N: int, M: int, chunk_size: int | None, device: torch.device | str | None = None
+) -> tuple[int, int]:
     """(chunk_n, chunk_m). Default: whole key rows (no online LSE, one logsumexp per tile) and as
     many anchors as fit one fp32 tile in the per-core cache (_cache_bytes; at least
-    TORCH_MIN_TILE_ELEMENTS so per-op overhead stays small next to the work)."""
+    TORCH_MIN_TILE_ELEMENTS so per-op overhead stays small next to the work); on a CUDA
+    ``device``, as many as fit TORCH_GPU_TILE_ELEMENTS."""
     if chunk_size is not None:
         return min(N, chunk_size), min(M, chunk_size)
-    budget = max(_CACHE_BYTES // 4, TORCH_MIN_TILE_ELEMENTS)
+    if device is not None and torch.device(device).type == "cuda":
+        budget = TORCH_GPU_TILE_ELEMENTS
+    else:
+        budget = max(_CACHE_BYTES // 4, TORCH_MIN_TILE_ELEMENTS)
     return max(1, min(N, budget // (B * M))), M
 
 
@@ -1330,7 +1340,7 @@ def info_nce(
     if path == "triton":
         loss = InfoNCEFunction.apply(pred, keys, pos_index, crow, ccol, float(scale), width, radius)
     else:
-        chunk_n, chunk_m = _torch_tiles(pred.shape[0], pred.shape[1], keys.shape[1], chunk_size)
+        chunk_n, chunk_m = _torch_tiles(pred.shape[0], pred.shape[1], keys.shape[1], chunk_size, pred.device)
         loss = InfoNCEChunkedFunction.apply(
             pred, keys, pos_index, crow, ccol, float(scale), width, radius, chunk_n, chunk_m
         )

@@ -14,18 +14,20 @@
 # Steps, each under its own `timeout -s INT` (pytest and the benchmarks then stop cleanly and keep
 # what they wrote) and clipped to what is left of the budget; a failed or timed-out step is
 # recorded and the next one runs:
-#   install   offline: pip install --no-deps --no-build-isolation --no-index --target <tmp>/site .
-#             (wheels from --wheels DIR into the same folder); PYTHONPATH=<tmp>/site:<repo>
-#   imports   spsr_kernels, spsr_hpc, versions against the floors; device.txt (GPU name, driver)
+#   install   offline: the --wheels DIR wheels, then pip install --no-deps --no-build-isolation
+#             --no-index --target <tmp>/site . (with the carried setuptools); PYTHONPATH=<tmp>/site:<repo>
+#   imports   spsr_kernels, spsr_hpc, versions against the floors, the benchmarks' configs found
+#             in this checkout (SPSR_REPO); device.txt (GPU name, driver, git revision)
 #   warm-up   (GPU) the kernel tests with every core (pytest-xdist when present): each Triton
 #             specialisation is compiled once into the cache before anything is timed
 #   tests     (GPU) each kernel test file natively -> <run>/tests_<file>.xml (JUnit, written
 #             also when the step's time runs out; per-test limit with pytest-timeout when present)
+#   train     (GPU; with --wheels after importing deepspeed and webdataset as a step of its own)
+#             one bf16 SPSR-G run of 2 steps on one GPU, then the paper-size step vs the
+#             reference (fp32 and bf16 rows) -> <results>/train_vs_reference.csv
 #   benches   (GPU) gradient-map and InfoNCE benchmarks, fp32 then bf16 -> <results>/*.csv, each
 #             row appended as soon as it is measured
 #   static    sm_90 compiled-code report (no GPU) -> <results>/kernels_static.{csv,md}
-#   train     (GPU, with deepspeed importable) one bf16 SPSR-G run of 2 steps on one GPU, then
-#             the paper-size step vs the reference (fp32 and bf16 rows) -> <results>/train_vs_reference.csv
 # The whole output goes to <run>/log.txt and each step's status to <run>/steps.txt, with
 # <run> = <results>/gpu_check_<UTC time>/. Exit 0 when every step that ran passed.
 set -uo pipefail
@@ -68,7 +70,9 @@ site="$(mktemp -d "${TMPDIR:-/tmp}/spsr_gpu_check.XXXXXX")"
 trap 'rm -rf "$site"' EXIT
 # The interpreter must stay off: these checks are about the compiled kernels.
 unset TRITON_INTERPRET
-export SPSR_RESULTS_DIR="$results" PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# SPSR_REPO: the benchmarks read configs/ and stamp rows with the git revision of this checkout,
+# not of the throwaway install folder that spsr_hpc is imported from.
+export SPSR_RESULTS_DIR="$results" SPSR_REPO="$repo" PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 exec > >(tee -a "$run_dir/log.txt") 2>&1
 
 mode="GPU"
@@ -108,14 +112,17 @@ skip() { echo "$1: skipped ($2)" | tee -a "$steps"; }
 
 # --- install (offline) ---------------------------------------------------------------------------
 install() {
-    "$py" -m pip install --quiet --no-deps --no-build-isolation --no-index --target "$site/site" "$repo" || return 1
-    rm -rf "$repo/build"  # setuptools' build folder (the egg-info is gitignored and harmless)
+    # The wheels first: they carry setuptools (pyproject's license string needs >= 77), which the
+    # project's build below imports through PYTHONPATH instead of the machine's own.
     if [[ -n "$wheels" ]]; then
         shopt -s nullglob
         local whl=("$wheels"/*.whl)
         ((${#whl[@]})) || { echo "no .whl files in $wheels"; return 1; }
         "$py" -m pip install --quiet --no-deps --no-index --no-compile --target "$site/site" "${whl[@]}" || return 1
     fi
+    PYTHONPATH="$site/site${PYTHONPATH:+:$PYTHONPATH}" \
+        "$py" -m pip install --quiet --no-deps --no-build-isolation --no-index --target "$site/site" "$repo" || return 1
+    rm -rf "$repo/build"  # setuptools' build folder (the egg-info is gitignored and harmless)
 }
 export py site repo wheels run_dir
 export -f install
@@ -133,6 +140,8 @@ import torch
 import spsr_kernels
 from spsr_kernels._triton import HAS_TRITON, TORCH_MIN, TRITON_MIN, TRITON_MISSING, version_tuple
 import spsr_hpc, spsr_hpc.bench.gradient_map, spsr_hpc.bench.info_nce, spsr_hpc.config  # noqa: F401
+from spsr_hpc.bench.common import REPO_ROOT, git_revision
+from spsr_hpc.bench.train_vs_reference import PAPER_CONFIG
 try:
     import triton
     tv = triton.__version__
@@ -163,10 +172,9 @@ if torch.cuda.is_available():
         pass
 else:
     print("no CUDA device visible")
-try:
-    print("git", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
-except OSError:
-    pass
+print("git", git_revision(), "checkout", REPO_ROOT)
+if not PAPER_CONFIG.is_file():
+    bad.append(f"the benchmarks' config {PAPER_CONFIG} does not exist (SPSR_REPO={REPO_ROOT})")
 if bad:
     sys.exit("error: below the supported versions: " + "; ".join(bad))
 EOF
@@ -196,7 +204,43 @@ if ((has_cuda)); then
         step "tests ${name#test_}" 75 "$py" -m pytest "$f" -m "gpu or not slow" -q -p no:cacheprovider \
             --durations=10 "${timeout_opt[@]}" --junitxml="$run_dir/tests_${name#test_}.xml"
     done
-    # --- benchmarks: each row appended as soon as it is measured -----------------------------------
+elif ((no_gpu)); then
+    skip "warm-up, tests, benchmarks" "--no-gpu"
+fi
+
+# --- one bf16 SPSR-G run on one GPU (needs deepspeed, webdataset: --wheels) ----------------------
+# Before the kernel benchmarks: its rows (train_vs_reference.csv) are what no CPU can measure, and
+# a benchmark that runs to its limit must not leave it without time. Into the throwaway folder:
+# the log keeps the losses and the summary line.
+train_steps() {
+    if ! step "train: shards of the bundled photos" 60 "$py" launch/make_shards.py --bundled \
+            --out "$site/shards" --crop 128 --step 128 --workers 4 --no-progress; then
+        skip "train bf16 SPSR-G (2 steps, 1 GPU)" "no shards"
+        return
+    fi
+    step "train bf16 SPSR-G (2 steps, 1 GPU)" 120 "$py" launch/train.py --config configs/tiny_spsr_g.yaml \
+        "data.shards=$site/shards" "logging.run_dir=$site/train" train.device=cuda train.bf16=true \
+        train.max_steps=2 train.fusion_warmup_steps=1 checkpoint.every=0 logging.image_every=0 \
+        logging.tensorboard=false logging.progress_bar=false logging.log_every=1 val.dir=null
+    # The paper-size SPSR-G step rows (reference fp32, ours fp32, ours bf16 + channels_last),
+    # interleaved -> <results>/train_vs_reference.csv
+    step "train step vs reference (paper size)" 150 "$py" launch/bench_train.py --vs-reference --rounds 7
+}
+if ((has_cuda)) && [[ -n "$wheels" ]]; then
+    # A step of its own, so that an import error of the carried wheels is in log.txt.
+    step "wheels import (deepspeed, webdataset)" 60 "$py" -c \
+        "import deepspeed, webdataset; print('deepspeed', deepspeed.__version__, 'from', deepspeed.__file__)" &&
+        train_steps
+elif ((has_cuda)) && "$py" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
+    train_steps  # installed on the machine itself
+elif ((has_cuda)); then
+    skip "train bf16 SPSR-G" "deepspeed/webdataset not importable: pass --wheels DIR (scripts/gpu_wheels.sh)"
+else
+    skip "train bf16 SPSR-G" "needs a GPU"
+fi
+
+# --- kernel benchmarks: each row appended as soon as it is measured -------------------------------
+if ((has_cuda)); then
     for dtype in float32 bfloat16; do
         step "gradient_map bench $dtype" 45 "$py" launch/bench_kernels.py --op gradient_map --dtype "$dtype"
     done
@@ -206,26 +250,6 @@ if ((has_cuda)); then
     done
     step "info_nce bench NSE batch" 35 "$py" launch/bench_kernels.py --op info_nce --dtype bfloat16 \
         --sizes 10000 --batches 48 --providers triton chunked
-elif ((no_gpu)); then
-    skip "warm-up, tests, benchmarks" "--no-gpu"
-fi
-
-# --- one bf16 SPSR-G run on one GPU (needs deepspeed, webdataset: --wheels) ----------------------
-# Into the throwaway folder: the log keeps the losses and the summary line.
-if ((has_cuda)) && "$py" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
-    step "train: shards of the bundled photos" 60 "$py" launch/make_shards.py --bundled --out "$site/shards" \
-        --crop 128 --step 128 --workers 4 --no-progress &&
-    step "train bf16 SPSR-G (2 steps, 1 GPU)" 120 "$py" launch/train.py --config configs/tiny_spsr_g.yaml \
-        "data.shards=$site/shards" "logging.run_dir=$site/train" train.device=cuda train.bf16=true \
-        train.max_steps=2 train.fusion_warmup_steps=1 checkpoint.every=0 logging.image_every=0 \
-        logging.tensorboard=false logging.progress_bar=false logging.log_every=1 val.dir=null
-    # The paper-size SPSR-G step rows (reference fp32, ours fp32, ours bf16 + channels_last),
-    # interleaved -> <results>/train_vs_reference.csv
-    step "train step vs reference (paper size)" 150 "$py" launch/bench_train.py --vs-reference --rounds 7
-elif ((has_cuda)); then
-    skip "train bf16 SPSR-G" "deepspeed/webdataset not importable: pass --wheels DIR (scripts/gpu_wheels.sh)"
-else
-    skip "train bf16 SPSR-G" "needs a GPU"
 fi
 
 # --- static sm_90 report (no GPU needed) ---------------------------------------------------------

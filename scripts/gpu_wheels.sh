@@ -11,8 +11,11 @@
 #     missing dependencies hjson, pydantic, pydantic-core (compiled: the target's wheel),
 #     annotated-types, typing-inspection;
 #   webdataset 1.0.2 and braceexpand;
-#   lpips 0.1.4 (the metrics import it; its VGG/AlexNet weights are not needed by the step).
-# One version of each (two would stop the --no-deps install there); ~10 MB in all.
+#   lpips 0.1.4 (the metrics import it; its VGG/AlexNet weights are not needed by the step);
+#   typing-extensions 4.16.0 (pydantic 2.14 needs >= 4.16; the machine's own may be older);
+#   setuptools 84.2.1 (gpu_check builds the project with --no-build-isolation, and pyproject's
+#     license string needs setuptools >= 77; the machine's own may be older).
+# One version of each (two would stop the --no-deps install there); ~12 MB in all.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${1:-$repo/.whl}"
@@ -23,7 +26,7 @@ mkdir -p "$dir"
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 binary=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-        webdataset==1.0.2 braceexpand==0.1.7)
+        webdataset==1.0.2 braceexpand==0.1.7 typing-extensions==4.16.0 setuptools==84.2.1)
 "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
     "${platforms[@]}" -d "$dir" "${binary[@]}"
 # lpips and deepspeed publish no wheel for every tag: build pure-Python wheels (the setup scripts

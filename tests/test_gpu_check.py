@@ -78,6 +78,9 @@ def test_gpu_check_no_gpu(tmp_path):
     assert "warm-up, tests, benchmarks: skipped (--no-gpu)" in steps
     device = (run / "device.txt").read_text()
     assert "torch " in device and "spsr_kernels from " + str(tmp_path) in device, device
+    # spsr_hpc comes from the throwaway install, yet the benchmarks read this checkout's configs
+    # and stamp their rows with its revision (SPSR_REPO), not "unknown".
+    assert f"checkout {REPO}" in device and "git unknown" not in device, device
     with (results / "kernels_static.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["kernel"] for r in rows} == {"_gradient_map_fwd_kernel", "_gradient_map_bwd_kernel"}
@@ -117,11 +120,14 @@ def test_gpu_check_gpu_plan(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     plan = [line[4:] for line in proc.stdout.splitlines() if line.startswith("DRY ")]
     names = [p.split(":", 1)[0] for p in plan]
+    # The training rows before the kernel benchmarks (no benchmark running to its limit can starve
+    # them); the carried wheels' import a step of its own (its error in the log, not hidden).
     assert names == [
         "warm-up (compile)", "tests gradient_map", "tests info_nce",
+        "wheels import (deepspeed, webdataset)",
+        "train", "train bf16 SPSR-G (2 steps, 1 GPU)", "train step vs reference (paper size)",
         "gradient_map bench float32", "gradient_map bench bfloat16",
         "info_nce bench float32", "info_nce bench bfloat16", "info_nce bench NSE batch",
-        "train", "train bf16 SPSR-G (2 steps, 1 GPU)", "train step vs reference (paper size)",
         "static sm_90 report",
     ]  # fmt: skip
     (run,) = (tmp_path / "r").glob("gpu_check_*")
@@ -129,7 +135,29 @@ def test_gpu_check_gpu_plan(tmp_path):
     assert f"--junitxml={run}/tests_info_nce.xml" in plan[2]
     if importlib.util.find_spec("pytest_timeout") is not None:
         assert "--timeout=90" in plan[1]
-    assert "train.bf16=true" in plan[9] and "train.device=cuda" in plan[9]
-    assert "launch/bench_train.py --vs-reference" in plan[10]
-    assert "--dtype bfloat16" in plan[4] and "--batches 48" in plan[7]
+    assert "import\\ deepspeed" in plan[3]  # printf %q quoting
+    assert "train.bf16=true" in plan[5] and "train.device=cuda" in plan[5]
+    assert "launch/bench_train.py --vs-reference" in plan[6]
+    assert "--dtype bfloat16" in plan[8] and "--batches 48" in plan[11]
     assert "install: ok" in (run / "steps.txt").read_text()
+
+
+def test_bench_repo_root(monkeypatch, tmp_path):
+    """Where the benchmarks find configs/ and the git revision: $SPSR_REPO, else the checkout the
+    module lies in, else (a non-editable install outside any checkout) the working directory."""
+    from spsr_hpc.bench import common
+
+    monkeypatch.setenv("SPSR_REPO", str(tmp_path))
+    assert common._repo_root() == tmp_path.resolve()
+    monkeypatch.delenv("SPSR_REPO")
+    assert common._repo_root() == REPO
+    installed = tmp_path / "site" / "spsr_hpc" / "bench"
+    installed.mkdir(parents=True)
+    shutil.copy(common.__file__, installed / "common.py")
+    spec = importlib.util.spec_from_file_location("installed_common", installed / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert module._repo_root() == elsewhere

@@ -571,3 +571,21 @@ def test_kernel_key_tiles_read_the_bitmap(block_m, monkeypatch):
     _assert_close("loss", loss, ref, 1e-4, 1e-4)
     _assert_close("dpred", gp, rp, 1e-4, 1e-4)
     _assert_close("dkeys", gk, rk, 1e-4, 1e-4)
+
+
+def test_torch_tile_sizes():
+    """The PyTorch path's default tiles: whole key rows, anchors by a CPU core's cache, or by
+    TORCH_GPU_TILE_ELEMENTS on a CUDA device (B=48, N=M=10^4, the NSE batch: ~140 anchors per tile,
+    not the 1-2 a CPU cache budget gives); an explicit chunk_size wins everywhere."""
+    mod = importlib.import_module("spsr_kernels.info_nce")
+
+    B, N, M = 48, 10_000, 10_000
+    cpu_n, cpu_m = mod._torch_tiles(B, N, M, None, torch.device("cpu"))
+    gpu_n, gpu_m = mod._torch_tiles(B, N, M, None, "cuda")
+    assert cpu_m == gpu_m == M
+    assert cpu_n == max(1, max(mod._CACHE_BYTES // 4, mod.TORCH_MIN_TILE_ELEMENTS) // (B * M))
+    assert gpu_n == mod.TORCH_GPU_TILE_ELEMENTS // (B * M) == 139
+    assert B * gpu_n * gpu_m <= mod.TORCH_GPU_TILE_ELEMENTS
+    assert mod._torch_tiles(B, N, M, None) == (cpu_n, cpu_m)  # no device: the CPU rule
+    assert mod._torch_tiles(2, 64, 64, None, "cuda") == (64, 64)  # small problems: one tile
+    assert mod._torch_tiles(B, N, M, 256, "cuda") == mod._torch_tiles(B, N, M, 256, "cpu") == (256, 256)

@@ -20,7 +20,19 @@ import torch
 
 from spsr_hpc.device import device_name  # re-exported: the benchmarks import it from here
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+def _repo_root() -> Path:
+    """The checkout whose configs the benchmarks read and whose git revision their rows carry:
+    ``$SPSR_REPO`` when set (scripts/gpu_check.sh sets it), else the checkout this file lies in
+    (a source tree or an editable install), else the working directory (a non-editable install,
+    e.g. gpu_check's throwaway ``--target`` folder, run from the repo root)."""
+    if os.environ.get("SPSR_REPO"):
+        return Path(os.environ["SPSR_REPO"]).resolve()
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "configs").is_dir() else Path.cwd()
+
+
+REPO_ROOT = _repo_root()
 # SPSR_RESULTS_DIR redirects every benchmark's CSV (scripts/gpu_check.sh --results DIR; tests).
 RESULTS_DIR = Path(os.environ.get("SPSR_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results")
 

@@ -79,7 +79,9 @@ def make_inputs(
     return pred, keys, pos, centres, W
 
 
-def estimate_bytes(provider: str, B: int, N: int, M: int, d: int, elem: int) -> int:
+def estimate_bytes(
+    provider: str, B: int, N: int, M: int, d: int, elem: int, device: torch.device | str | None = None
+) -> int:
     """Analytic extra memory of one forward+backward of the loss (beyond inputs and their grads)."""
     if provider in ("naive", "compile"):
         # fp32 logits, their masked copy, the mask, and the backward's two (B, N, M) temporaries.
@@ -88,7 +90,7 @@ def estimate_bytes(provider: str, B: int, N: int, M: int, d: int, elem: int) -> 
     if provider == "chunked":
         from spsr_kernels.info_nce import _torch_tiles
 
-        chunk_n, chunk_m = _torch_tiles(B, N, M, None)
+        chunk_n, chunk_m = _torch_tiles(B, N, M, None, device)
         excluded = B * N * 3 * (2 * 4 - 1) ** 2 * 8  # removed-key lists, 3 centres, radius 4
         # normalised copies, their fp32 gradients and the normalisation backward's temporaries
         # (~6 fp32 copies), the removed-key lists and one fp32 tile of logits.
@@ -167,7 +169,7 @@ def bench_one(
         "dtype": str(dtype).replace("torch.", ""), "scale": 64.0,
     }  # fmt: skip
     elem = torch.finfo(dtype).bits // 8
-    est = estimate_bytes(provider, B, N, M, d, elem)
+    est = estimate_bytes(provider, B, N, M, d, elem, device)
     row["mem_estimate_MB"] = est / 2**20
     if provider == "triton" and device.type != "cuda":
         row["status"] = "skipped: needs CUDA (CPU runs the kernels only in the test interpreter)"
