@@ -15,7 +15,7 @@
 #   typing-extensions 4.16.0 (pydantic 2.14 needs >= 4.16; the machine's own may be older);
 #   setuptools 84.2.1 (gpu_check builds the project with --no-build-isolation, and pyproject's
 #     license string needs setuptools >= 77; the machine's own may be older).
-# One version of each (two would stop the --no-deps install there); ~12 MB in all.
+# One version of each (two would stop the --no-deps install there); ~6 MB in all.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${1:-$repo/.whl}"
