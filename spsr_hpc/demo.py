@@ -429,9 +429,11 @@ def stage_plan(
 
 def stage_timing(run_dir: Path, t_start: float, t_end: float) -> dict[str, float]:
     """Where a stage's wall time went, from its metrics.jsonl: ``start_up_s`` (stage start to the
-    first logged step, less those steps' share), ``train_s``, ``val_s`` (validation: a val record's
-    time minus the same step's training record), ``val_points``, ``s_per_step`` (training only),
-    ``wrap_up_s`` (last record to the stage's end: checkpoint, export)."""
+    first logged step, less those steps' share at the rate of the first logging window: SPSR-G's
+    fusion-only warm-up steps are faster than the later ones), ``train_s``, ``val_s`` (validation:
+    a val record's time minus the same step's training record), ``val_points``, ``s_per_step``
+    (training only, first to last logged step), ``wrap_up_s`` (last record to the stage's end:
+    checkpoint, export)."""
     from spsr_hpc.train.logging import read_jsonl
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -441,17 +443,20 @@ def stage_timing(run_dir: Path, t_start: float, t_end: float) -> dict[str, float
     steps = sorted(train)
     if len(steps) < 2:
         return {"wall_s": t_end - t_start, "val_s": val_s, "val_points": len(vals)}
-    span_steps = steps[-1] - steps[0]
-    # validations between the first and the last training record (each follows its step's record)
-    val_inside = sum(r["time"] - train[r["step"]] for r in vals
-                     if r["step"] in train and steps[0] <= r["step"] < steps[-1])
-    s_per_step = (train[steps[-1]] - train[steps[0]] - val_inside) / span_steps
-    t_first = train[steps[0]] - s_per_step * steps[0]  # when step 1 began, at the steady rate
+    def val_between(a: int, b: int) -> float:
+        """Validation time after training record ``a`` and before record ``b`` (each validation
+        follows its step's training record)."""
+        return sum(r["time"] - train[r["step"]] for r in vals if r["step"] in train and a <= r["step"] < b)
+
+    s0, s1, last_step = steps[0], steps[1], steps[-1]
+    s_per_step = (train[last_step] - train[s0] - val_between(s0, last_step)) / (last_step - s0)
+    first_rate = (train[s1] - train[s0] - val_between(s0, s1)) / (s1 - s0)
+    t_first = train[s0] - first_rate * s0  # when step 1 began, at the rate of the steps after it
     last = max(r["time"] for r in rows)
     return {
         "wall_s": round(t_end - t_start, 1),
-        "start_up_s": round(t_first - t_start, 1),
-        "train_s": round(s_per_step * steps[-1], 1),
+        "start_up_s": round(max(0.0, t_first - t_start), 1),
+        "train_s": round(train[last_step] - max(t_first, t_start) - val_between(0, last_step), 1),
         "val_s": round(val_s, 1),
         "val_points": len(vals),
         "s_per_step": round(s_per_step, 3),

@@ -146,6 +146,21 @@ def test_stage_timing_splits_validation_from_training(tmp_path):
                  "s_per_step": 1.0, "wrap_up_s": 4.0}
 
 
+def test_stage_timing_start_up_with_faster_first_steps(tmp_path):
+    """SPSR-G's fusion-only warm-up steps run faster than the later ones: the start-up is
+    estimated from the first logging window's rate, not the stage's average (which put the step-1
+    start before the stage's own start: a negative start-up in the 2026-12-07 report)."""
+    rows = [{"step": 10, "time": 105.0, "loss/g_total": 1.0},   # steps 1-20 at 0.5 s, from t=100
+            {"step": 20, "time": 110.0, "loss/g_total": 1.0},
+            {"step": 30, "time": 120.0, "loss/g_total": 1.0},   # then 1 s/step
+            {"step": 40, "time": 130.0, "loss/g_total": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = stage_timing(tmp_path, t_start=99.0, t_end=131.0)
+    assert t["start_up_s"] == 1.0 and t["train_s"] == 30.0 and t["wrap_up_s"] == 1.0
+    assert t["s_per_step"] == pytest.approx(25.0 / 30.0, abs=1e-3)  # the logged span's average
+    assert t["start_up_s"] + t["train_s"] + t["val_s"] + t["wrap_up_s"] == t["wall_s"]
+
+
 def test_train_stages_returns_at_the_last_summary_and_finish_reports_the_exit(tmp_path, monkeypatch, capsys):
     """The launch's output plumbing with a stand-in for the ranks: each stage's lines go to its own
     log, the summaries are parsed, control comes back before the processes exit (they wait on a

@@ -128,6 +128,7 @@ def test_gpu_check_gpu_plan(tmp_path):
         "train", "train bf16 SPSR-G (2 steps, 1 GPU)", "train step vs reference (paper size)",
         "gradient_map bench float32", "gradient_map bench bfloat16",
         "info_nce bench float32", "info_nce bench bfloat16", "info_nce bench NSE batch",
+        "gradient_map bench compile baseline", "info_nce bench compile baseline",
         "static sm_90 report",
     ]  # fmt: skip
     (run,) = (tmp_path / "r").glob("gpu_check_*")
@@ -139,6 +140,9 @@ def test_gpu_check_gpu_plan(tmp_path):
     assert "train.bf16=true" in plan[5] and "train.device=cuda" in plan[5]
     assert "launch/bench_train.py --vs-reference" in plan[6]
     assert "--dtype bfloat16" in plan[8] and "--batches 48" in plan[11]
+    # torch.compile baselines (a cold compile per shape) only after every fused-kernel row
+    assert all("compile" not in p for p in plan[7:12]), plan[7:12]
+    assert "--providers compile_slice" in plan[12] and "--providers compile" in plan[13]
     assert "install: ok" in (run / "steps.txt").read_text()
 
 
