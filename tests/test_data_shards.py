@@ -201,6 +201,40 @@ def test_parallel_workers_give_identical_shards(hr_folder, tmp_path):
     assert m0["shards"] == m2["shards"]
 
 
+@pytest.mark.distributed
+def test_conversion_workers_are_not_forks_of_the_caller(hr_folder, tmp_path):
+    """write_shards' worker pool must not fork its caller: a fork inherits state that is not
+    fork-safe. Found in CI: a DALI pipeline awaiting garbage collection was collected inside a
+    forked worker, and its __del__ waited forever for DALI threads that live only in the parent,
+    so the main job's shard step hung. Here the caller registers an at-fork handler that never
+    returns in the child (any such state): with forked workers the call hangs, so it runs in its
+    own process group under a time limit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (
+        "import os, sys, threading\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        "from spsr_hpc.data import write_shards\n"
+        "os.register_at_fork(after_in_child=lambda: threading.Event().wait())\n"
+        f"m = write_shards({str(hr_folder)!r}, {str(tmp_path / 'out')!r}, scale=4, workers=2,\n"
+        "                  progress=False)\n"
+        "print('samples', m['num_samples'])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its hung forked workers
+        proc.communicate()
+        pytest.fail("write_shards(workers=2) hung: its workers are forks of the caller")
+    assert proc.returncode == 0 and "samples 2" in out, out[-2000:]
+
+
 def test_parameter_errors(hr_folder, tmp_path):
     with pytest.raises(ValueError, match="multiples of scale"):
         write_shards(hr_folder, tmp_path / "o", scale=4, crop_size=30, step=16)

@@ -357,6 +357,22 @@ def verify_shards(shards: list[str], mode: str = "size") -> list[tuple[str, str]
     return out
 
 
+def _worker_context() -> mp.context.BaseContext:
+    """Start method of the conversion workers: never a fork of the calling process.
+
+    A forked worker inherits whatever the caller holds that is not fork-safe: found in the test
+    suite, a DALI pipeline awaiting garbage collection was collected inside the fork, and its
+    ``__del__`` waited forever for DALI threads that exist only in the parent (the main job's
+    shard step hung). Workers come from a forkserver (Linux; one clean server process per caller,
+    this module imported there once) or are spawned (macOS, Windows).
+    """
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # no effect once this caller's server runs
+        return ctx
+    return mp.get_context("spawn")
+
+
 def write_shards(
     hr_dir: str | Path,
     out_dir: str | Path,
@@ -465,7 +481,7 @@ def write_shards(
     pool = None
     try:
         if n_workers > 1:
-            pool = mp.get_context("spawn" if sys.platform == "darwin" else None).Pool(n_workers)
+            pool = _worker_context().Pool(n_workers)
             results = pool.imap(_process_file, jobs, chunksize=1)  # ordered: shards are deterministic
         else:
             results = map(_process_file, jobs)
