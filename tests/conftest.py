@@ -17,7 +17,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gc  # noqa: E402
 import random  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -79,3 +81,13 @@ def noise_shards(tmp_path_factory):
         Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(root / "hr" / f"{i}.png")
     write_shards(root / "hr", root / "shards", scale=4, workers=0, progress=False, shard_size_mb=0.01)
     return root / "shards"
+
+
+@pytest.fixture
+def release_dali_pipelines():
+    """Collect garbage after a test that may build DALI pipelines, so that their ``__del__`` runs
+    in this process, where DALI's threads live: collected inside a later fork (a DataLoader
+    worker, any multiprocessing fork), it waits forever for threads the fork does not have."""
+    yield
+    if "nvidia.dali" in sys.modules:
+        gc.collect()

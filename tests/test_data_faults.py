@@ -19,6 +19,8 @@ from spsr_hpc.data import DataConfig, read_manifest, write_shards
 from spsr_hpc.data.wds_loader import SKIP_REASONS, WebDatasetLoader, plan_streams
 from spsr_hpc.preflight import data_problems
 
+pytestmark = pytest.mark.usefixtures("release_dali_pipelines")  # conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 N = 12  # samples in the shard
 

@@ -15,6 +15,8 @@ from spsr_hpc.data import DataConfig, build_train_loader, imresize, to_uint8, wr
 from spsr_hpc.data.augment import aligned_patch, dihedral
 from spsr_hpc.data.wds_loader import plan_streams
 
+pytestmark = pytest.mark.usefixtures("release_dali_pipelines")  # conftest.py
+
 S = 4  # scale
 N_IMAGES = 12
 HR_SIZE = 64  # LR 16
