@@ -151,7 +151,7 @@ print(f"python {platform.python_version()}  torch {torch.__version__}  triton {t
 print(f"spsr_kernels from {spsr_kernels.__file__}")
 bad = []
 if version_tuple(torch.__version__) < TORCH_MIN:
-    bad.append(f"torch {torch.__version__} < {'.'.join(map(str, TORCH_MIN))}")
+    bad.append(f"torch {torch.__version__} is below the supported {'.'.join(map(str, TORCH_MIN))}")
 if not HAS_TRITON:
     bad.append(TRITON_MISSING)
 import importlib.util
@@ -176,7 +176,7 @@ print("git", git_revision(), "checkout", REPO_ROOT)
 if not PAPER_CONFIG.is_file():
     bad.append(f"the benchmarks' config {PAPER_CONFIG} does not exist (SPSR_REPO={REPO_ROOT})")
 if bad:
-    sys.exit("error: below the supported versions: " + "; ".join(bad))
+    sys.exit("error: " + "; ".join(bad))
 EOF
 
 has_cuda=0
