@@ -451,12 +451,13 @@ def stage_timing(run_dir: Path, t_start: float, t_end: float) -> dict[str, float
     s0, s1, last_step = steps[0], steps[1], steps[-1]
     s_per_step = (train[last_step] - train[s0] - val_between(s0, last_step)) / (last_step - s0)
     first_rate = (train[s1] - train[s0] - val_between(s0, s1)) / (s1 - s0)
-    t_first = train[s0] - first_rate * s0  # when step 1 began, at the rate of the steps after it
+    # When step 1 began, at the rate of the steps after it (not before the stage itself).
+    t_first = max(t_start, train[s0] - first_rate * s0)
     last = max(r["time"] for r in rows)
     return {
         "wall_s": round(t_end - t_start, 1),
-        "start_up_s": round(max(0.0, t_first - t_start), 1),
-        "train_s": round(train[last_step] - max(t_first, t_start) - val_between(0, last_step), 1),
+        "start_up_s": round(t_first - t_start, 1),
+        "train_s": round(train[last_step] - t_first - val_between(0, last_step), 1),
         "val_s": round(val_s, 1),
         "val_points": len(vals),
         "s_per_step": round(s_per_step, 3),
