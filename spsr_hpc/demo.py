@@ -269,7 +269,7 @@ def _fmt(v: float | None, digits: int) -> str:
 # --- precision --------------------------------------------------------------------------------
 
 # The demo's default precision: bf16 where the hardware runs it natively, else fp32. Measured on
-# the main job (docs/demo.md, "Precision"): 1.8x faster on a 2-core CPU with avx512_bf16, and
+# the main job (docs/demo.md, "Precision"): 1.7x faster on a 2-core CPU with avx512_bf16, and
 # every LPIPS within 0.01 of the fp32 run's at the same steps.
 DEFAULT_PRECISION = "auto"
 # GAN steps per stage: what bf16 leaves room for within 8 minutes on 2 CPU cores at the slowest
