@@ -211,7 +211,7 @@ def run_stages(plan_path: str | Path) -> int:
 # not fall below the PSNR stage's within 300 steps; the paper trains 400k steps. Learning rates
 # 3e-4 (G) / 6e-4 (D), three times the paper's: at 1e-4 / 2e-4 SPSR-G's validation LPIPS fell
 # about linearly and reached .2991 in 300 steps, at 2e-4 / 4e-4 .2857, at 3e-4 / 6e-4 .2788
-# (same PSNR-stage start, docs/demo.md "Why lr 3e-4 and 350 GAN steps").
+# (same PSNR-stage start, docs/demo.md "Why lr 3e-4, EMA decay 0.98 and 350 GAN steps").
 GAN_OVERRIDES = [
     "optim.lr_g=3e-4",
     "optim.lr_d=6e-4",
@@ -273,11 +273,11 @@ def _fmt(v: float | None, digits: int) -> str:
 # --- precision --------------------------------------------------------------------------------
 
 # The demo's default precision: bf16 where the hardware runs it natively, else fp32. Measured on
-# the main job (docs/demo.md, "Precision"): 1.7x faster on a 2-core CPU with avx512_bf16, and
+# the main job (docs/demo.md, "Precision"): 1.8x faster on a 2-core CPU with avx512_bf16, and
 # every LPIPS within 0.01 of the fp32 run's at the same steps.
 DEFAULT_PRECISION = "auto"
 # GAN steps per stage: what bf16 leaves room for within 8 minutes on 2 CPU cores at the slowest
-# step times measured on this shared machine (docs/demo.md "Why lr 3e-4 and 350 GAN steps").
+# step times measured on this shared machine (docs/demo.md "Why lr 3e-4, EMA decay 0.98 and 350 GAN steps").
 DEFAULT_GAN_STEPS = 350
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 
