@@ -230,11 +230,18 @@ SPSR_OVERRIDES = [
     "model.generator.fusion_init=passthrough",
 ]
 GAN_WARMUP_FRACTION = 0.1  # SPSR-G's fusion-only warm-up, as a fraction of its steps
-RECIPE_NOTE = (
-    "pixel weight 1, perceptual L1 on conv2_2 (weight 1), RaGAN weight 5e-2 (image and gradient D), "
-    "lr 3e-4 (G) / 6e-4 (D), SPSR-G's fusion initialised as a pass-through of the PSNR stage; the paper "
-    "uses pixel 1e-2, conv5_4, GAN 5e-3 and lr 1e-4 over 400k steps. Both GAN rows are the EMA weights "
-    "(decay 0.98)"
+_RECIPE = dict(o.split("=", 1) for o in (*GAN_OVERRIDES, *SPSR_OVERRIDES))
+_GAN_WEIGHTS = (
+    f"{_RECIPE['loss.image_gan_weight']} (image and gradient D)"
+    if _RECIPE["loss.image_gan_weight"] == _RECIPE["loss.gradient_gan_weight"]
+    else f"{_RECIPE['loss.image_gan_weight']} (image D) / {_RECIPE['loss.gradient_gan_weight']} (gradient D)"
+)
+RECIPE_NOTE = (  # the report's sentence on the recipe, read from the overrides above
+    f"pixel weight {_RECIPE['loss.pixel_weight']}, perceptual L1 on {_RECIPE['perceptual.layer']} "
+    f"(weight 1), RaGAN weight {_GAN_WEIGHTS}, "
+    f"lr {_RECIPE['optim.lr_g']} (G) / {_RECIPE['optim.lr_d']} (D), SPSR-G's fusion initialised as a "
+    "pass-through of the PSNR stage; the paper uses pixel 1e-2, conv5_4, GAN 5e-3 and lr 1e-4 over 400k "
+    f"steps. Both GAN rows are the EMA weights (decay {_RECIPE['train.ema_decay']})"
 )
 
 
