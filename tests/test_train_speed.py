@@ -112,6 +112,65 @@ def test_channels_last_step_equals_reference(tmp_path):
     _compare(tmp_path, "train.channels_last=true")
 
 
+def _moments(engine) -> dict[str, torch.Tensor]:
+    """An engine's per-parameter optimizer tensors (Adam's moments), by parameter name."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return {
+        f"{names[id(p)]}.{k}": v
+        for p, st in engine.optimizer.state.items()
+        for k, v in st.items()
+        if torch.is_tensor(v) and v.dim()
+    }
+
+
+@pytest.mark.parametrize("saved_channels_last", [False, True])
+def test_resume_in_the_other_layout_steps_as_the_same_layout(tmp_path, saved_channels_last):
+    """A checkpoint written with one train.channels_last, resumed with the other (e.g. an fp32
+    NCHW run continued in bf16 with channels_last): every Adam moment takes its parameter's
+    layout with its values unchanged, and the resumed step equals a resume in the saved layout.
+
+    Fails on the code before match_state_layouts: the moments kept the saved layout and torch's
+    fused CPU Adam, which reads parameter and moments as raw memory of one layout, moved the
+    weights with other weights' moments (mean error ~lr on every engine).
+    """
+    from spsr_hpc.train.trainer import Trainer
+
+    batches = _batches(3)
+    saved = "true" if saved_channels_last else "false"
+    writer = Trainer(_config(tmp_path / "w", f"train.channels_last={saved}"), loader=list(batches[:2]))
+    writer.train_step()
+    writer.train_step()
+    ckpt = writer.save()
+    writer.close()
+
+    def resume(channels_last: str) -> Trainer:
+        overrides = (f"train.channels_last={channels_last}", f"checkpoint.resume={ckpt}")
+        cfg = _config(tmp_path / f"r_{channels_last}", *overrides)
+        return Trainer(cfg, loader=list(batches[2:]))
+
+    other, same = resume("false" if saved_channels_last else "true"), resume(saved)
+    assert other.g_engine.optimizer.defaults["fused"] is True
+    for name, engine in other.engines.items():
+        params = dict(engine.module.named_parameters())
+        moments, reference = _moments(engine), _moments(same.engines[name])
+        assert moments.keys() == reference.keys() and len(moments) >= 2 * len(params), name
+        for key, m in moments.items():
+            p = params[key.rsplit(".", 1)[0]]
+            assert m.stride() == p.stride(), (name, key, m.stride(), p.stride())
+            assert torch.equal(m, reference[key]), (name, key)  # values unchanged
+    other.train_step()
+    same.train_step()
+    for name, engine in other.engines.items():
+        sa, sb = _named_state(engine.module), _named_state(same.engines[name].module)
+        # As in _compare: the two layouts round fp32 gradients differently (mean ~1e-6, sign
+        # flips of ~0 gradients on a few weights); a wrong pairing moves most weights by ~lr.
+        diff = torch.cat([(sa[k].detach() - sb[k].detach()).abs().flatten() for k in sa])
+        assert float(diff.mean()) <= 5e-6, (name, float(diff.mean()))
+        assert float((diff > 1e-5).float().mean()) <= 0.01, (name, float((diff > 1e-5).float().mean()))
+    other.close()
+    same.close()
+
+
 def test_per_channel_gradient_matches_fused_map():
     import spsr_kernels
 

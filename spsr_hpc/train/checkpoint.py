@@ -28,7 +28,9 @@ its size (a truncated or missing engine file, engine folder or rank file fails).
 takes the newest checkpoint that verifies and reports each newer one it passes over, with what is
 wrong; an explicit resume path that does not verify is an error saying what is wrong.
 
-Loading: our own files use ``torch.load(weights_only=True)``. DeepSpeed's engine loader uses
+Loading: every optimizer moment takes its parameter's memory layout (:func:`match_state_layouts`:
+a run may resume with another ``train.channels_last``). Our own files use
+``torch.load(weights_only=True)``. DeepSpeed's engine loader uses
 ``torch.load(weights_only=False)`` internally (pickle): only resume from checkpoints you trust.
 """
 
@@ -506,6 +508,31 @@ class _NoSpace(OSError):
         self.reason = reason
 
 
+def match_state_layouts(optimizer: Any) -> int:
+    """Give every per-parameter optimizer state tensor (Adam's moments) its parameter's memory
+    layout; values are unchanged. Returns how many tensors were re-laid.
+
+    A checkpoint keeps the layout its moments had when saved, and ``load_state_dict`` keeps it
+    too. Resumed with another ``train.channels_last`` (an fp32 NCHW run continued in bf16 with
+    channels_last, or the reverse), the parameters are in one layout and their moments in the
+    other. torch's fused CPU Adam (``optim.fused``, torch 2.11-2.14) reads the parameter, its
+    gradient and its moments as raw memory of one layout, so it would pair each weight with
+    another weight's moments, silently (measured on a tiny SPSR-G: generator weights 1.8e-4 off
+    after one resumed step, about 2 lr; tests/test_train_speed.py). Under ZeRO 1/2 the moments
+    are flat partitions and nothing changes.
+    """
+    moved = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            for key, value in (state or {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    # empty_like keeps p's dense strides (channels_last or contiguous)
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    moved += 1
+    return moved
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -548,6 +575,8 @@ def load_checkpoint(
             raise damaged(f"engine '{ename}' ({p / ename})", e) from e
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load engine '{ename}' from {p / ename}")
+        if load_optimizer_states:
+            match_state_layouts(engine.optimizer)
     try:
         trainer_state = torch.load(p / TRAINER_NAME, map_location="cpu", weights_only=True)
         rank_state: dict[str, Any] = {}
