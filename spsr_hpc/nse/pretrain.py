@@ -203,12 +203,15 @@ class NSEPretrainer:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
         if path is None:
             return None
-        trainer_state, rank_state, meta = ckpt.load_checkpoint(path, engines={ENGINE_NAME: self.engine})
-        if meta.get("method", self.cfg.objective.method) != self.cfg.objective.method:
-            raise ValueError(
-                f"checkpoint {path} is from a {meta.get('method')} run, this config trains "
+        method = (ckpt.read_meta(path) or {}).get("method", self.cfg.objective.method)
+        if method != self.cfg.objective.method:  # before DeepSpeed meets another objective's state
+            raise ckpt.ResumeError(
+                f"checkpoint {path} is from a {method} run, this config trains "
                 f"{self.cfg.objective.method}; use another logging.run_dir or checkpoint.resume=none"
             )
+        log = (lambda m: print(m, flush=True)) if sdist.is_main_process() else None
+        engines = {ENGINE_NAME: self.engine}
+        trainer_state, rank_state, _ = ckpt.load_checkpoint(path, engines=engines, log=log)
         self.step = int(trainer_state["step"])
         self.micro_step = int(trainer_state["micro_step"])
         if rank_state:
@@ -381,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = NSEPretrainer(cfg)
         path = trainer.train()
+    except ckpt.ResumeError as e:
+        destroy_distributed()
+        return print_errors(e)
     except ShardReadError as e:  # this rank's DALI loader stopped at bad data (as the SR trainer)
         print(error_line(e, sdist.get_rank()), file=sys.stderr, flush=True)
         code = leave_after_data_error()

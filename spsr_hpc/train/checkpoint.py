@@ -53,6 +53,13 @@ import torch
 from spsr_hpc import distributed as sdist
 from spsr_hpc.train.faults import EXIT_CHECKPOINT, RunFailure
 
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed (missing, damaged, or written by an incompatible run):
+    one line naming it and the fix. launch/train.py and launch/pretrain_nse.py print it as one
+    ``error:`` line and exit with status 2, before any step."""
+
+
 CHECKPOINT_PREFIX = "step_"
 META_NAME = "meta.json"
 TRAINER_NAME = "trainer.pt"
@@ -194,14 +201,14 @@ def resolve_resume(resume: str, ckpt_dir: str | Path, *, log: Any = None) -> Pat
         return found
     p = Path(resume)
     if not is_complete(p):
-        raise ValueError(
+        raise ResumeError(
             f"checkpoint.resume={resume!r} is not a complete checkpoint folder (step_XXXXXXX with a "
             f"{META_NAME} marked complete); use 'auto', 'none' or such a folder"
         )
     problems = verify_checkpoint(p)
     if problems:
         older = [str(q) for _, q in list_checkpoints(p.parent) if q != p and not verify_checkpoint(q)]
-        raise ValueError(
+        raise ResumeError(
             f"checkpoint.resume={resume!r} is damaged: {'; '.join(problems)}. "
             + (f"Checkpoints that verify: {older}" if older else "No other checkpoint in its folder verifies")
         )
@@ -477,6 +484,7 @@ def save_checkpoint(
                 "step": int(step),
                 "world_size": sdist.get_world_size(),
                 "engines": sorted(engines),
+                "zero_stages": {n: int(e.zero_optimization_stage()) for n, e in engines.items()},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **(meta or {}),
                 "files": _manifest(tmp),
@@ -533,39 +541,140 @@ def match_state_layouts(optimizer: Any) -> int:
     return moved
 
 
+def check_resumable(path: str | Path, meta: dict[str, Any], engines: dict[str, Any], world_size: int) -> None:
+    """Raise :class:`ResumeError` when DeepSpeed cannot load the checkpoint into these engines.
+
+    DeepSpeed 0.19.8 keeps ZeRO 0's Adam state with the module and ZeRO 1/2's in one partition
+    file per rank. Loading across 0 and 1/2 fails deep inside DeepSpeed (a missing
+    ``zero_pp_rank_*`` file, or ``'NoneType' object has no attribute 'copy'``), and so does a
+    partitioned state on another number of ranks (it does not re-partition); each would read as a
+    damaged checkpoint. ZeRO 1 <-> 2 on the same ranks loads and continues exactly, as does ZeRO 0
+    on any number of ranks. Checkpoints without ``zero_stages`` in their meta are not checked.
+    """
+    saved = meta.get("zero_stages") or {}
+    saved_world = int(meta.get("world_size", world_size))
+    for ename, engine in engines.items():
+        if ename not in saved:
+            continue
+        was, now = int(saved[ename]), int(engine.zero_optimization_stage())
+        if (was == 0) != (now == 0):
+            raise ResumeError(
+                f"checkpoint {path}: engine '{ename}' was saved under ZeRO stage {was} and this run uses "
+                f"stage {now}; DeepSpeed cannot move Adam's state between stage 0 and stages 1/2: "
+                f"resume with deepspeed.zero_stage={was}, or start a new run (checkpoint.resume=none) "
+                "from its export"
+            )
+        if now > 0 and saved_world != world_size:
+            raise ResumeError(
+                f"checkpoint {path}: saved by {saved_world} rank(s) under ZeRO stage {was}, whose Adam state "
+                f"is partitioned per rank; this run has {world_size}: resume on {saved_world} rank(s), or "
+                "start a new run (checkpoint.resume=none) from its export"
+            )
+
+
+# Adam's per-group settings that come from the run config (``lr`` and ``initial_lr`` follow the
+# schedule and are handled with it).
+_SCHEDULED = ("params", "lr", "initial_lr")
+
+
+def _run_settings(engine: Any) -> tuple[list[dict[str, Any]], tuple[list[float], list[int], float] | None]:
+    """The optimizer and MultiStepLR settings an engine was built with (the run config's)."""
+    groups = [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in engine.optimizer.param_groups]
+    s = getattr(engine, "lr_scheduler", None)
+    if not isinstance(s, torch.optim.lr_scheduler.MultiStepLR):
+        return groups, None
+    return groups, (list(s.base_lrs), sorted(s.milestones.elements()), float(s.gamma))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return list(a) == list(b)
+    return bool(a == b)
+
+
+def keep_run_settings(engine: Any, settings: Any) -> list[str]:
+    """After loading a checkpoint into ``engine``: put back the run config's optimizer and LR
+    schedule settings (``settings`` from before the load) wherever the checkpoint's differ, and
+    return what changed, as "name old -> new".
+
+    ``load_state_dict`` restores Adam's betas, eps, weight decay, ... and the MultiStepLR's base
+    lr, milestones and gamma from the checkpoint, so a run resumed with another ``optim.lr_g`` or
+    ``optim.milestones`` would train with the old ones, silently, while its config.yaml shows
+    the new ones. With a new base lr, milestones or gamma the current lr is the schedule's closed
+    form at the resumed step (base lr x gamma^(milestones passed)), what a run started with that
+    config would use at this step. Unchanged settings are left exactly as loaded (bit-exact resume).
+    """
+    groups, sched = settings
+    opt = engine.optimizer
+    changes: list[str] = []
+    for g, want in zip(opt.param_groups, groups):
+        for k, v in want.items():
+            if not _same(g.get(k), v):
+                change = f"{k} {g.get(k)} -> {v}"
+                if change not in changes:
+                    changes.append(change)
+                g[k] = v
+    s = getattr(engine, "lr_scheduler", None)
+    if sched is not None and isinstance(s, torch.optim.lr_scheduler.MultiStepLR):
+        base, miles, gamma = sched
+        loaded = (list(s.base_lrs), sorted(s.milestones.elements()), float(s.gamma))
+        if loaded != (base, miles, gamma):
+            for name, was, now in zip(("base lr", "milestones", "gamma"), loaded, sched):
+                if was != now:
+                    changes.append(f"{name} {was} -> {now}")
+            import bisect
+            from collections import Counter
+
+            s.base_lrs, s.milestones, s.gamma = list(base), Counter(miles), gamma
+            passed = bisect.bisect_right(miles, s.last_epoch)
+            for g, b in zip(opt.param_groups, base):
+                g["initial_lr"], g["lr"] = b, b * gamma**passed
+            s._last_lr = [g["lr"] for g in opt.param_groups]
+            changes.append(f"lr now {s._last_lr[0]:g} at schedule step {s.last_epoch}")
+    return changes
+
+
 def load_checkpoint(
     path: str | Path,
     *,
     engines: dict[str, Any],
     load_optimizer_states: bool = True,
+    log: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Collective: restore every engine from a complete checkpoint.
 
     Returns (trainer_state, rank_state, meta). The rank state of this rank is required when the
     world size is unchanged; with another world size it is returned empty (RNG streams and data
-    positions cannot be mapped onto a different number of ranks) and the caller decides.
+    positions cannot be mapped onto a different number of ranks) and the caller decides. A
+    checkpoint that cannot be loaded raises :class:`ResumeError` (:func:`check_resumable`, a
+    damaged file). The run config's optimizer settings win over the checkpoint's
+    (:func:`keep_run_settings`); each change is passed to ``log``.
     """
     p = Path(path)
     meta = read_meta(p)
     if not is_complete(p) or meta is None:
-        raise ValueError(f"{p} is not a complete checkpoint (no {META_NAME} marked complete)")
+        raise ResumeError(f"{p} is not a complete checkpoint (no {META_NAME} marked complete)")
     problems = verify_checkpoint(p)
     if problems:
-        raise ValueError(f"checkpoint {p} is damaged: {'; '.join(problems)}")
+        raise ResumeError(f"checkpoint {p} is damaged: {'; '.join(problems)}")
     missing = sorted(set(engines) - set(meta.get("engines", [])))
     if missing:
-        raise ValueError(
+        raise ResumeError(
             f"checkpoint {p} has no state for engine(s) {missing} (it holds {meta.get('engines')}); "
             "was it written by a run with another objective?"
         )
+    check_resumable(p, meta, engines, sdist.get_world_size())
 
-    def damaged(what: str, exc: Exception) -> ValueError:
-        return ValueError(
+    def damaged(what: str, exc: Exception) -> ResumeError:
+        return ResumeError(
             f"checkpoint {p}: could not load {what} ({type(exc).__name__}: {exc}); the checkpoint is "
             "damaged: resume from an older one (checkpoint.resume=<path>) or move this one away"
         )
 
     for ename, engine in engines.items():
+        settings = _run_settings(engine)
         try:
             load_path, _ = engine.load_checkpoint(
                 str(p), tag=ename, load_optimizer_states=load_optimizer_states,
@@ -574,9 +683,13 @@ def load_checkpoint(
         except Exception as e:  # DeepSpeed raises anything from AssertionError to pickle errors
             raise damaged(f"engine '{ename}' ({p / ename})", e) from e
         if load_path is None:
-            raise ValueError(f"DeepSpeed could not load engine '{ename}' from {p / ename}")
+            raise ResumeError(f"DeepSpeed could not load engine '{ename}' from {p / ename}")
         if load_optimizer_states:
             match_state_layouts(engine.optimizer)
+            changes = keep_run_settings(engine, settings)
+            if changes and log is not None:
+                log(f"[spsr] resume: engine '{ename}' takes the run config's settings, not the checkpoint's: "
+                    + ", ".join(changes))
     try:
         trainer_state = torch.load(p / TRAINER_NAME, map_location="cpu", weights_only=True)
         rank_state: dict[str, Any] = {}

@@ -33,7 +33,9 @@ class EMA:
     def state_dict(self) -> dict[str, object]:
         return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> float:
+        """Load the averaged weights; the decay stays this EMA's own (the run's config). Returns
+        the saved decay, for the caller to report a change."""
         shadow = state["shadow"]
         assert isinstance(shadow, dict)
         if set(shadow) != set(self.shadow):
@@ -41,7 +43,7 @@ class EMA:
             raise ValueError(f"EMA state does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
         for k, v in shadow.items():
             self.shadow[k].copy_(v)
-        self.decay = float(state["decay"])  # type: ignore[arg-type]
+        return float(state["decay"])  # type: ignore[arg-type]
 
     def copy_to(self, module: nn.Module) -> None:
         """Load the averaged weights into ``module`` (cast to its dtypes)."""

@@ -52,6 +52,7 @@ from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, save_resolved, to_dict
 from spsr_hpc.precision import autocast, cast_frozen_weights_, check_bf16
 from spsr_hpc.train.checkpoint import (
+    ResumeError,
     capture_rng_state,
     find_latest,
     load_checkpoint,
@@ -287,8 +288,10 @@ class Trainer:
         self.data_skipped = dict(self.data_skipped_base)
         if self.ema is not None:
             if state.get("ema") is None:
-                raise ValueError("checkpoint has no EMA state but train.ema_decay is set; set it to null")
-            self.ema.load_state_dict(state["ema"])
+                raise ResumeError("checkpoint has no EMA state but train.ema_decay is set; set it to null")
+            saved = self.ema.load_state_dict(state["ema"])
+            if saved != self.ema.decay and sdist.is_main_process():
+                print(f"[spsr] resume: EMA decay {saved} -> {self.ema.decay} (train.ema_decay)", flush=True)
 
     def rank_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"rng": capture_rng_state()}
@@ -338,11 +341,12 @@ class Trainer:
                 answer = (None, f"{self.source}: {e}")
         path, error = sdist.broadcast_object(answer)  # type: ignore[misc]
         if error is not None:
-            raise ValueError(error)
+            raise ResumeError(error)
         return Path(path) if path is not None else None
 
     def load(self, path: str | Path) -> None:
-        trainer_state, rank_state, meta = load_checkpoint(path, engines=self.engines)
+        log = (lambda m: print(m, flush=True)) if sdist.is_main_process() else None
+        trainer_state, rank_state, meta = load_checkpoint(path, engines=self.engines, log=log)
         self.load_state_dict(trainer_state)
         if rank_state:
             restore_rng_state(rank_state["rng"])
@@ -902,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         summary = run(cfg, source=args.config)
+    except ResumeError as e:
+        return print_errors(e)
     except RunFailure as e:
         return _report_failure(e)
     except ShardReadError as e:  # this rank's (DALI) loader stopped at bad data

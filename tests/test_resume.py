@@ -1,0 +1,149 @@
+"""Resuming with a config that differs from the checkpoint's run.
+
+* Optimizer, LR schedule and EMA settings: the run config wins over the checkpoint (torch's and
+  DeepSpeed's loaders restore the saved ones), and each change is printed. Before this, a run
+  resumed with a new ``optim.lr_g``, ``optim.betas``, ``optim.milestones`` or
+  ``train.ema_decay`` trained with the checkpoint's values, silently (its config.yaml showing the
+  new ones).
+* ZeRO 0 <-> 1/2, and ZeRO 1/2 on another number of ranks, which DeepSpeed cannot load: one
+  error naming the checkpoint, the stage and the fix. Before, DeepSpeed's exception (a missing
+  ``zero_pp_rank`` file, ``'NoneType' object has no attribute 'copy'``) came out as "the
+  checkpoint is damaged: move this one away".
+* From the command line, a checkpoint that cannot be resumed is one ``error:`` line and exit
+  status 2, not a traceback (exit status 1 before).
+
+One process on the CPU, tiny SPSR-G (tests/test_train_speed.py's config helpers).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train_speed import _batches, _config
+
+from spsr_hpc.train.checkpoint import ResumeError, check_resumable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    yield
+    from spsr_hpc.train.engines import destroy_distributed
+
+    destroy_distributed()
+
+
+def _checkpoint(tmp_path: Path, *overrides: str, steps: int = 2) -> Path:
+    from spsr_hpc.train.trainer import Trainer
+
+    writer = Trainer(_config(tmp_path / "writer", *overrides), loader=_batches(steps))
+    for _ in range(steps):
+        writer.train_step()
+    path = writer.save()
+    writer.close()
+    return path
+
+
+def test_resume_takes_the_run_configs_optimizer_schedule_and_ema_settings(tmp_path, capsys):
+    from spsr_hpc.train.trainer import Trainer
+
+    ckpt = _checkpoint(tmp_path, "train.ema_decay=0.9")
+    new = ("optim.lr_g=5e-4", "optim.betas=[0.5,0.9]", "optim.milestones=[1,100]", "optim.gamma=0.25",
+           "train.ema_decay=0.5")  # fmt: skip
+    capsys.readouterr()
+    run = Trainer(_config(tmp_path / "resumed", *new, f"checkpoint.resume={ckpt}"), loader=_batches(2))
+    said = capsys.readouterr().out
+    assert run.step == 2
+    # At step 2 the new schedule has passed milestone 1: lr = base x gamma.
+    expected_lr = {"generator": 5e-4 * 0.25, "d_image": 1e-4 * 0.25, "d_gradient": 1e-4 * 0.25}
+    for name, engine in run.engines.items():
+        for g in engine.optimizer.param_groups:
+            assert tuple(g["betas"]) == (0.5, 0.9), name
+            assert g["lr"] == pytest.approx(expected_lr[name], rel=1e-12), name
+        s = engine.lr_scheduler
+        assert sorted(s.milestones.elements()) == [1, 100] and s.gamma == 0.25, name
+        assert f"engine '{name}' takes the run config's settings" in said
+    assert "betas (0.9, 0.999) -> (0.5, 0.9)" in said and "base lr [0.0001] -> [0.0005]" in said
+    assert run.ema.decay == 0.5 and "EMA decay 0.9 -> 0.5" in said
+    # The next steps follow the new schedule: no milestone until 100.
+    run.train_step()
+    assert run.g_engine.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * 0.25, rel=1e-12)
+    run.close()
+
+
+def test_resume_with_the_same_settings_changes_nothing(tmp_path, capsys):
+    from spsr_hpc.train.trainer import Trainer
+
+    ckpt = _checkpoint(tmp_path, "optim.milestones=[1,100]", "optim.gamma=0.1")
+    saved = torch.load(ckpt / "generator" / "mp_rank_00_model_states.pt", weights_only=False)
+    capsys.readouterr()
+    same = ("optim.milestones=[1,100]", "optim.gamma=0.1", f"checkpoint.resume={ckpt}")
+    run = Trainer(_config(tmp_path / "resumed", *same), loader=_batches(2))
+    assert "takes the run config's settings" not in capsys.readouterr().out
+    # The loaded lr is kept as saved (gamma 0.1 is not exact in binary: no recomputation).
+    assert run.g_engine.optimizer.param_groups[0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
+    run.close()
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(0, 1), (1, 0)])
+def test_resume_across_zero_0_and_1_is_refused_with_the_fix(tmp_path, saved, resumed):
+    from spsr_hpc.train.trainer import Trainer
+
+    ckpt = _checkpoint(tmp_path, f"deepspeed.zero_stage={saved}", steps=1)
+    cfg = _config(tmp_path / "resumed", f"deepspeed.zero_stage={resumed}", f"checkpoint.resume={ckpt}")
+    with pytest.raises(ResumeError, match=rf"ZeRO stage {saved} and this run uses stage {resumed}.*"
+                                          rf"deepspeed.zero_stage={saved}") as e:  # fmt: skip
+        Trainer(cfg, loader=_batches(1))
+    assert "damaged" not in str(e.value)
+
+
+def test_zero_1_checkpoint_resumes_under_zero_2(tmp_path):
+    from spsr_hpc.train.trainer import Trainer
+
+    ckpt = _checkpoint(tmp_path, "deepspeed.zero_stage=1", steps=1)
+    cfg = _config(tmp_path / "r", "deepspeed.zero_stage=2", f"checkpoint.resume={ckpt}")
+    run = Trainer(cfg, loader=_batches(1))
+    assert run.step == 1
+    run.train_step()
+    run.close()
+
+
+def _engines(**stages: int) -> dict[str, SimpleNamespace]:
+    return {n: SimpleNamespace(zero_optimization_stage=lambda s=s: s) for n, s in stages.items()}
+
+
+def test_partitioned_state_on_another_number_of_ranks_is_refused():
+    meta = {"world_size": 2, "zero_stages": {"generator": 1, "d_image": 1}}
+    refused = r"saved by 2 rank\(s\) under ZeRO stage 1.*this run has 1: resume on 2"
+    with pytest.raises(ResumeError, match=refused):
+        check_resumable("ck", meta, _engines(generator=1, d_image=1), world_size=1)
+    check_resumable("ck", meta, _engines(generator=2, d_image=2), world_size=2)  # 1 -> 2, same ranks
+    zero0 = {"world_size": 2, "zero_stages": {"generator": 0}}
+    check_resumable("ck", zero0, _engines(generator=0), world_size=1)  # ZeRO 0: any number of ranks
+    check_resumable("ck", {"world_size": 2}, _engines(generator=1), world_size=1)  # older meta: not checked
+
+
+def test_cli_unresumable_checkpoint_is_one_error_line(tmp_path, bundled_shards):
+    missing = tmp_path / "step_0000009"
+    # Not this process's rendezvous (the in-process trainers above set MASTER_PORT).
+    dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    cmd = [
+        sys.executable, str(REPO / "launch" / "train.py"),
+        "--config", str(REPO / "configs" / "tiny_spsr_g.yaml"),
+        f"data.shards={bundled_shards}", f"logging.run_dir={tmp_path / 'run'}", "train.max_steps=1",
+        "train.device=cpu", "val.dir=null", "perceptual.random_weights=true",
+        f"checkpoint.resume={missing}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-2000:]
+    assert "checkpoint.resume" in errors[0] and "Traceback" not in proc.stderr
