@@ -583,6 +583,7 @@ def infer(
     """
     files = _input_files(Path(inputs))
     out = Path(out_dir)
+    _check_outputs(files, out)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     # Decode everything first so that a bad file fails the run before hours of GPU work.
@@ -610,6 +611,21 @@ def infer(
     return written
 
 
+
+
+def _check_outputs(files: list[Path], out: Path) -> None:
+    """ValueError before any work when the output folder is a file, or when two inputs would
+    write the same ``<stem>_SR.png`` (``a.png`` and ``a.jpg``): one result would overwrite the other."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_stem:
+            raise ValueError(
+                f"--input: {by_stem[f.stem].name} and {f.name} would both be written as {f.stem}_SR.png "
+                "in --out: rename one of them, or super-resolve them into different --out folders"
+            )
+        by_stem[f.stem] = f
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -699,8 +715,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     try:
         check_precision(device, args.precision)  # before the model is built
         cfg = arch_from_args(args, args.checkpoint)
-        if args.input is not None:
-            _input_files(Path(args.input))  # a wrong --input fails before the model is built
+        if args.input is not None:  # a wrong --input or --out fails before the model is built
+            _check_outputs(_input_files(Path(args.input)), Path(args.out))
         model = build_and_load(args.checkpoint, cfg, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(_user_error(e)) from None

@@ -47,6 +47,7 @@ def data_problems(data: Any) -> list[str]:
                 "data.verify_shards=off to train on them anyway (lost samples are then counted and "
                 "limited by train.max_skip_rate)"
             )
+    problems += _manifest_problems(data, shards)
     if data.loader == "dali":
         msg = dali_missing_message()
         if msg:
@@ -56,6 +57,36 @@ def data_problems(data: Any) -> list[str]:
             problems.append(
                 f"data.loader=dali needs an index next to every shard; missing {missing[:3]}"
                 f"{' ...' if len(missing) > 3 else ''} (make_shards writes them, or run DALI's wds2idx)"
+            )
+    return problems
+
+
+def _manifest_problems(data: Any, shards: list[str]) -> list[str]:
+    """Shards whose make_shards manifest says they were cut at another scale, or into crops
+    smaller than the HR training patch: every sample would be refused as unusable, and the run
+    would stop only after thousands of them (the loader's consecutive-unusable limit)."""
+    from spsr_hpc.data.shards import MANIFEST_NAME, read_manifest
+
+    problems = []
+    for folder in sorted({str(Path(sh).parent) for sh in shards}):
+        if not (Path(folder) / MANIFEST_NAME).is_file():
+            continue
+        try:
+            params = read_manifest(folder).get("params") or {}
+        except ValueError:
+            continue  # resolve_shards / verify_shards report an unreadable manifest
+        scale, crop = params.get("scale"), params.get("crop_size")
+        if not data.hr_only and scale is not None and int(scale) != data.scale:
+            problems.append(
+                f"data.shards: {folder} was made at scale {scale} (its manifest) but "
+                f"data.scale={data.scale}: set data.scale={scale} (and model.generator.scale), or make "
+                f"shards at scale {data.scale} with launch/make_shards.py --scale"
+            )
+        elif crop is not None and int(crop) < data.hr_patch:
+            problems.append(
+                f"data.shards: {folder} holds {crop}x{crop} HR crops (its manifest) but the HR training "
+                f"patch is {data.hr_patch}: lower data.patch_size, or make shards with "
+                f"launch/make_shards.py --crop {data.hr_patch} (or more) --step ..."
             )
     return problems
 
@@ -103,6 +134,44 @@ def weight_problems(cfg: Any) -> list[str]:
     return [p for p in problems if p]
 
 
+def run_problems(cfg: Any) -> list[str]:
+    """The run's device, its output folder and its validation images (SR runs)."""
+    problems = []
+    train = getattr(cfg, "train", None)
+    if getattr(train, "device", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    run_dir = getattr(getattr(cfg, "logging", None), "run_dir", None)
+    if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        problems.append(f"logging.run_dir={run_dir} is a file, not a folder: choose another logging.run_dir")
+    val = getattr(cfg, "val", None)
+    if val is not None and val.dir and Path(val.dir).is_dir():
+        problems += _val_problems(val)
+    return problems
+
+
+def _val_problems(val: Any) -> list[str]:
+    """Validation reads the first ``val.max_images`` images of ``val.dir`` at each validation; an
+    unusable one would stop the run there, after the steps since the last checkpoint."""
+    from spsr_hpc.data.images import BadImageError, list_images, read_rgb
+
+    files = list_images(val.dir)
+    if not files:
+        return [f"val.dir={val.dir} holds no image files: add HR images, or set val.dir=null"]
+    bad = []
+    for path in files[: val.max_images]:
+        try:
+            read_rgb(path)
+        except (BadImageError, OSError, ValueError) as e:
+            bad.append(str(e))
+    if bad:
+        return [f"val.dir={val.dir}: {len(bad)} unreadable image(s): {'; '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}: replace or remove them"]
+    return []
+
+
 def launch_problems() -> list[str]:
     """Several srun tasks that would all be rank 0 (see spsr_hpc.distributed.check_launch_env)."""
     from spsr_hpc.distributed import check_launch_env
@@ -116,7 +185,7 @@ def launch_problems() -> list[str]:
 
 def run_input_problems(cfg: Any) -> list[str]:
     """Every problem :func:`check_run_inputs` would report (an empty list when all is well)."""
-    return launch_problems() + data_problems(cfg.data) + weight_problems(cfg)
+    return launch_problems() + data_problems(cfg.data) + weight_problems(cfg) + run_problems(cfg)
 
 
 def check_run_inputs(cfg: Any, *, source: str = "<config>") -> None:

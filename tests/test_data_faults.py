@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spsr_hpc.data import DataConfig, read_manifest, write_shards
@@ -299,3 +300,59 @@ def test_dali_error_on_one_rank_ends_every_rank_at_once(shard_dir, tmp_path):
     # Rank 0 fails its collective ("a peer rank is gone", 5) unless torchrun's SIGTERM comes first.
     assert all(ln.startswith("error: rank 1:") or "a peer rank is gone" in ln for ln in errors), errors
     assert "exitcode  : 6" in out, out[-3000:]  # before the fix: rank 1 was SIGTERMed (-15)
+
+
+def _run_cfg(shard_dir: Path, tmp_path: Path, *overrides: str):
+    from spsr_hpc.config import load_config
+
+    return load_config(REPO / "configs" / "tiny_psnr.yaml", [
+        f"data.shards={shard_dir}", f"logging.run_dir={tmp_path / 'run'}", "data.patch_size=4",
+        "val.dir=null", *overrides,
+    ])  # fmt: skip
+
+
+def test_shards_of_another_scale_or_too_small_crops_are_refused_at_start(tmp_path):
+    """make_shards records its scale and crop size in the manifest: shards made at ×2 for a ×4
+    run (or cut smaller than the HR patch) are one start-up problem naming the fix. Before, every
+    sample was refused in the loader and the run died after 3001 of them with a RuntimeError."""
+    from spsr_hpc.preflight import run_input_problems
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(hr / f"{i}.png")
+    write_shards(hr, tmp_path / "x2", scale=2, workers=0, progress=False)
+    write_shards(hr, tmp_path / "crops", scale=4, crop_size=16, step=16, workers=0, progress=False)
+    problems = run_input_problems(_run_cfg(tmp_path / "x2", tmp_path))
+    assert len(problems) == 1 and "made at scale 2" in problems[0] and "data.scale=2" in problems[0], problems
+    x2 = _run_cfg(tmp_path / "x2", tmp_path, "data.scale=2", "model.generator.scale=2")
+    assert run_input_problems(x2) == []
+    problems = run_input_problems(_run_cfg(tmp_path / "crops", tmp_path, "data.patch_size=8"))
+    assert len(problems) == 1 and "16x16 HR crops" in problems[0] and "HR training patch is 32" in problems[0]
+    assert run_input_problems(_run_cfg(tmp_path / "crops", tmp_path, "data.patch_size=4")) == []
+
+
+def test_unusable_validation_folder_device_and_run_dir_are_refused_at_start(shard_dir, tmp_path):
+    """Validation reads val.dir's first val.max_images images at every validation: an empty
+    folder or an undecodable image there stopped the run at its first validation, losing the
+    steps since the last checkpoint (before this check; a traceback, exit status 1). A missing
+    CUDA device and a run_dir that is a file were tracebacks too."""
+    from spsr_hpc.preflight import run_input_problems
+
+    val = tmp_path / "val"
+    val.mkdir()
+    problems = run_input_problems(_run_cfg(shard_dir, tmp_path, f"val.dir={val}"))
+    assert len(problems) == 1 and "holds no image files" in problems[0] and "val.dir=null" in problems[0]
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(val / "a.png")
+    good = (val / "a.png").read_bytes()
+    (val / "b.png").write_bytes(good[: len(good) // 2])  # a truncated PNG: its header still reads
+    problems = run_input_problems(_run_cfg(shard_dir, tmp_path, f"val.dir={val}"))
+    assert len(problems) == 1 and "b.png" in problems[0] and "1 unreadable image" in problems[0], problems
+    assert run_input_problems(_run_cfg(shard_dir, tmp_path, f"val.dir={val}", "val.max_images=1")) == []
+    (tmp_path / "afile").write_text("x")
+    problems = run_input_problems(_run_cfg(shard_dir, tmp_path, f"logging.run_dir={tmp_path / 'afile'}"))
+    assert len(problems) == 1 and "is a file" in problems[0]
+    if not torch.cuda.is_available():
+        problems = run_input_problems(_run_cfg(shard_dir, tmp_path, "train.device=cuda"))
+        assert len(problems) == 1 and "no CUDA device" in problems[0]

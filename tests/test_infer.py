@@ -222,6 +222,25 @@ def test_infer_cli(tmp_path, tiny_checkpoint):
     assert load_pretrained(build_generator(TINY), tmp_path / "copy.safetensors").fresh == []
 
 
+def test_infer_cli_refuses_inputs_that_would_overwrite_each_other(tmp_path, tiny_checkpoint, capsys):
+    """a.png and a.jpg in one --input folder both became a_SR.png: one result silently replaced
+    the other (exit 0). Now it is one error line before the model is built; --out naming a file too."""
+    _, ckpt = tiny_checkpoint
+    _write_lr_images(tmp_path / "in", [(12, 12)])
+    Image.open(tmp_path / "in" / "img0.png").save(tmp_path / "in" / "img0.jpg")
+    args = ["--checkpoint", str(ckpt), *TINY_ARGS, "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "img0.jpg" in err[0] and "img0.png" in err[0] and "img0_SR.png" in err[0], err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "in" / "img0.png"), "--out", str(tmp_path / "afile"), *args])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
 def test_sr_images_bf16_cpu_close_to_fp32():
     torch.manual_seed(4)
     model = TinySR().eval()

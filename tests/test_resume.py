@@ -27,17 +27,30 @@ import pytest
 import torch
 from test_train_speed import _batches, _config
 
+from spsr_hpc.config import load_config
 from spsr_hpc.train.checkpoint import ResumeError, check_resumable
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _process_group():
+    """The in-process trainers set up a one-rank process group (and its rendezvous variables):
+    torn down after the module, and the environment restored, so that later tests' launchers do
+    not inherit a port this process still holds."""
+    saved = {k: os.environ.get(k) for k in _RENDEZVOUS}
     yield
     from spsr_hpc.train.engines import destroy_distributed
 
     destroy_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _checkpoint(tmp_path: Path, *overrides: str, steps: int = 2) -> Path:
@@ -147,3 +160,33 @@ def test_cli_unresumable_checkpoint_is_one_error_line(tmp_path, bundled_shards):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-2000:]
     assert "checkpoint.resume" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_auto_resume_refuses_when_the_only_checkpoints_are_damaged(tmp_path):
+    """resume=auto with damaged checkpoints and none that verifies used to start from step 0
+    (exit 0), and its first save pruned the damaged folders, whose engine files were intact:
+    the work was lost. Now it is an error naming the checkpoint and the choices."""
+    from spsr_hpc.train.checkpoint import resolve_resume
+
+    ckpt = _checkpoint(tmp_path, steps=1)
+    (ckpt / "trainer.pt").write_bytes(b"")  # the manifest's size no longer matches
+    with pytest.raises(ResumeError, match=r"step_0000001 is damaged .*trainer\.pt.* no older checkpoint .*"
+                                          r"checkpoint\.resume=none"):  # fmt: skip
+        resolve_resume("auto", ckpt.parent)
+    assert ckpt.is_dir()
+    assert resolve_resume("none", ckpt.parent) is None
+
+
+def test_resume_with_another_objective_names_it_before_loading(tmp_path):
+    """An ESRGAN config on an SPSR-G run folder: DeepSpeed's "Error(s) in loading state_dict" (some
+    KB of keys) came out as "the checkpoint is damaged"; the meta's loss.method is compared first."""
+    from spsr_hpc.train.trainer import Trainer
+
+    ckpt = _checkpoint(tmp_path, steps=1)
+    cfg = load_config(REPO / "configs" / "tiny_esrgan.yaml", [
+        f"logging.run_dir={tmp_path / 'esrgan'}", "logging.progress_bar=false", "logging.tensorboard=false",
+        "train.device=cpu", f"checkpoint.resume={ckpt}", "perceptual.random_weights=true", "val.dir=null",
+    ])  # fmt: skip
+    with pytest.raises(ResumeError, match=r"loss.method=spsr_g run and this config trains esrgan") as e:
+        Trainer(cfg, loader=_batches(1))
+    assert "damaged" not in str(e.value)

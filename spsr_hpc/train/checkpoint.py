@@ -192,12 +192,19 @@ def resolve_resume(resume: str, ckpt_dir: str | Path, *, log: Any = None) -> Pat
     if resume == "auto":
         damaged: list[tuple[Path, list[str]]] = []
         found = find_latest(ckpt_dir, report=damaged)
+        if found is None and damaged:
+            # Starting fresh would train from step 0 and its first save would prune these folders,
+            # whose other files may be intact: the user decides.
+            p, problems = damaged[0]
+            raise ResumeError(
+                f"checkpoint {p} is damaged ({'; '.join(problems)}) and no older checkpoint in {ckpt_dir} "
+                "verifies: restore or repair it (or resume an intact copy with checkpoint.resume=<path>), "
+                "or set checkpoint.resume=none to start from step 0 (its first save removes damaged "
+                "checkpoints)"
+            )
         if log is not None:
             for p, problems in damaged:
-                log(
-                    f"[spsr] checkpoint {p} is damaged ({'; '.join(problems)}); "
-                    + (f"falling back to {found}" if found else "no older one verifies: starting fresh")
-                )
+                log(f"[spsr] checkpoint {p} is damaged ({'; '.join(problems)}); falling back to {found}")
         return found
     p = Path(resume)
     if not is_complete(p):
