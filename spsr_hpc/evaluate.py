@@ -45,13 +45,14 @@ from torch import nn
 from tqdm import tqdm
 
 from spsr_hpc import distributed as sdist
-from spsr_hpc.data import FolderDataset, imresize, to_uint8
+from spsr_hpc.data import BadImageError, FolderDataset, imresize, to_uint8
 from spsr_hpc.inference import (
     PRECISIONS,
     add_arch_arguments,
     arch_from_args,
     build_and_load,
     check_precision,
+    cli_device,
     sr_images,
     tensor_to_uint8,
 )
@@ -590,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     try:
         return _run_cli(args)
     except (EvalInputError, DatasetNotFoundError, CheckpointMismatchError, FileNotFoundError,
-            ModuleNotFoundError) as exc:
+            ModuleNotFoundError, BadImageError) as exc:
         if sdist.is_main_process():
             print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -622,10 +623,12 @@ def _cli_models(args: argparse.Namespace) -> dict[str, tuple[GeneratorConfig, st
 def _run_cli(args: argparse.Namespace) -> EvalReport:
     from spsr_hpc.data import export_bundled_photos
 
-    try:  # --precision against the device, before any model is built
-        check_precision(torch.device(args.device) if args.device else sdist.local_device(), args.precision)
+    try:  # --device, --tile/--overlap and --precision, before any model is built
+        check_precision(cli_device(args.device, args.tile, args.overlap), args.precision)
     except ValueError as e:
         raise EvalInputError(str(e)) from None
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalInputError(f"--out {args.out} is a file, not a folder: choose another --out")
     models = _cli_models(args)
     # The evaluation scale: --scale, else the first model's (from its metadata), else 4.
     scale = args.scale or next((cfg.scale for cfg, _ in models.values()), 4)

@@ -613,6 +613,25 @@ def infer(
 
 
 
+def cli_device(
+    spec: str | None, tile: int | None = None, overlap: int = 0, margin: int | None = None
+) -> torch.device:
+    """``--device`` (default: this rank's CUDA device, else the CPU) and ``--tile/--overlap/--margin``
+    checked before any model is built; ValueError naming the value and the fix."""
+    if spec is None:
+        device = local_device()
+    else:
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise ValueError(f"--device {spec!r} is not a device: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA device is visible; use --device cpu")
+    if tile:  # 0 / None: whole images
+        _check_tiling(tile, overlap, margin)
+    return device
+
+
 def _check_outputs(files: list[Path], out: Path) -> None:
     """ValueError before any work when the output folder is a file, or when two inputs would
     write the same ``<stem>_SR.png`` (``a.png`` and ``a.jpg``): one result would overwrite the other."""
@@ -711,8 +730,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.input is None and args.export_safetensors is None and args.onnx is None:
         raise SystemExit("nothing to do: give --input (and/or --export-safetensors / --onnx)")
-    device = torch.device(args.device) if args.device else local_device()
     try:
+        device = cli_device(args.device, args.tile, args.overlap, args.margin)
         check_precision(device, args.precision)  # before the model is built
         cfg = arch_from_args(args, args.checkpoint)
         if args.input is not None:  # a wrong --input or --out fails before the model is built
@@ -735,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             overlap=args.overlap, margin=args.margin, tile_batch=args.tile_batch, save_grad=args.save_grad,
             progress=not args.no_progress,
         )
-    except BadImageError as e:  # an unreadable input image, found before any output is written
+    except (BadImageError, ValueError) as e:  # an unreadable image (before any output), --save-grad
         raise SystemExit(_user_error(e)) from None
     for path in written:
         print(path)
@@ -756,6 +775,7 @@ __all__: Sequence[str] = [
     "autocast",
     "build_and_load",
     "check_precision",
+    "cli_device",
     "describe_arch",
     "export_generator",
     "export_onnx",

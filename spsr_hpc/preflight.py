@@ -9,9 +9,16 @@ models, DeepSpeed's engines and its one-off C++ op build). Tracebacks stay for r
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+
+class StartupError(ValueError):
+    """An input found unusable while a run starts, after these checks but before any step (a
+    pretrained file that does not fit the model, a checkpoint that cannot be resumed): the
+    training entry points print it as one ``error:`` line and exit with status 2."""
 
 
 class PreflightError(ValueError):
@@ -94,6 +101,15 @@ def _manifest_problems(data: Any, shards: list[str]) -> list[str]:
 def _file_problem(key: str, path: str | None) -> str | None:
     if path and not Path(path).expanduser().is_file():
         return f"{key}={path} does not exist (needed at start)"
+    if path and str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:  # the header only (a truncated or foreign file fails here), no tensor is read
+            with safe_open(str(Path(path).expanduser()), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+            return (f"{key}={path} is not a readable safetensors file ({e}): re-export it or point at "
+                    "another file")
     return None
 
 
@@ -143,6 +159,13 @@ def run_problems(cfg: Any) -> list[str]:
 
         if not torch.cuda.is_available():
             problems.append("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    backend = getattr(getattr(cfg, "objective", None), "loss_backend", None)  # NSE pretraining
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        import torch
+
+        if getattr(train, "device", None) == "cpu" or not torch.cuda.is_available():
+            problems.append("objective.loss_backend=triton runs the Triton kernels, which need a CUDA GPU "
+                            "(or TRITON_INTERPRET=1, slow): use objective.loss_backend=auto or torch")
     run_dir = getattr(getattr(cfg, "logging", None), "run_dir", None)
     if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
         problems.append(f"logging.run_dir={run_dir} is a file, not a folder: choose another logging.run_dir")
@@ -205,5 +228,5 @@ def print_errors(exc: BaseException) -> int:
     return 2
 
 
-__all__ = ["PreflightError", "check_run_inputs", "data_problems", "launch_problems", "print_errors",
-           "run_input_problems", "weight_problems"]
+__all__ = ["PreflightError", "StartupError", "check_run_inputs", "data_problems", "launch_problems",
+           "print_errors", "run_input_problems", "run_problems", "weight_problems"]

@@ -225,3 +225,20 @@ def test_mixed_architectures_and_model_specs(photos, random_lpips, tmp_path):
     assert _parse_model("SPSR=x.pth") == ("SPSR", None, "x.pth")
     with pytest.raises(ValueError, match="NAME=PATH"):
         _parse_model("x.pth")
+
+
+def test_cli_out_file_device_and_tiling_are_one_error_line(photos, tiny_ckpt, tmp_path, capsys):
+    """--out naming a file failed with FileExistsError after every model had run; --device gpu and
+    --tile 8 --overlap 16 were tracebacks. Now each is one error line, status 2, before any work."""
+    base = ["--model", f"tiny={tiny_ckpt}", "--arch", "spsr", "--nf", "8", "--nb", "2", "--gc", "4",
+            "--taps", "0", "1", "--dataset", f"mine={photos}", "--lpips-weights", str(tmp_path / "none.pth"),
+            "--no-progress"]  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    for flags, named in ((["--out", str(tmp_path / "afile")], "is a file"),
+                         (["--out", str(tmp_path / "o"), "--device", "gpu"], "is not a device"),
+                         (["--out", str(tmp_path / "o"), "--tile", "8", "--overlap", "16"], "overlap")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *flags])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert exit_info.value.code == 2 and len(err) == 1 and named in err[0], (flags, err)
+    assert not (tmp_path / "o").exists()

@@ -17,6 +17,7 @@ from spsr_hpc.data import BadImageError
 from spsr_hpc.inference import (
     autocast,
     build_and_load,
+    cli_device,
     export_generator,
     export_onnx,
     infer,
@@ -239,6 +240,25 @@ def test_infer_cli_refuses_inputs_that_would_overwrite_each_other(tmp_path, tiny
     with pytest.raises(SystemExit) as e:
         main(["--input", str(tmp_path / "in" / "img0.png"), "--out", str(tmp_path / "afile"), *args])
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--tile", "8", "--overlap", "16"], "overlap must be in [0, tile)"),
+    (["--tile", "-5"], "tile must be"),
+])  # fmt: skip
+def test_infer_cli_bad_device_or_tiling_is_one_error_line(tmp_path, tiny_checkpoint, capsys, flags, named):
+    """Each was a traceback (exit status 1), the tiling ones after the model was built."""
+    _, ckpt = tiny_checkpoint
+    _write_lr_images(tmp_path / "in", [(12, 12)])
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "in"), "--checkpoint", str(ckpt), *TINY_ARGS, "--no-progress",
+              "--out", str(tmp_path / "out"), *flags])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1 and named in err[0], err
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            cli_device("cuda")
 
 
 def test_sr_images_bf16_cpu_close_to_fp32():

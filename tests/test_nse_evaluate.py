@@ -203,3 +203,33 @@ def test_trained_nse_beats_random_on_heldout_top1(bundled_shards):
     print(f"top-1 h: trained {trained['mean']:.4f} ± {trained['std']:.4f}, "
           f"random {random['mean']:.4f} ± {random['std']:.4f}")
     assert trained["mean"] > random["mean"]
+
+
+def test_cli_user_errors_are_one_line_with_status_2(bundled_shards, tmp_path, capsys):
+    """A missing or foreign --nse file, a missing held-out folder, an --out that is a file: each
+    was a traceback with exit status 1 (the last one after the whole evaluation had run)."""
+    from spsr_hpc.nse.evaluate import main
+
+    val = bundled_shards.parent / "photos" / "val" / "HR"
+    fast = ["--patch", "96", "--fit-steps", "1", "--fit-batch", "2", "--num-negatives", "20",
+            "--anchors-per-patch", "4", "--repeats", "1", "--max-patches-per-image", "1",
+            "--loss-backend", "torch", "--no-random", "--train-shards", str(bundled_shards)]  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    generator = tmp_path / "g.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(generator))
+    nse = str(_export(tmp_path, "n", "jigsaw"))
+    missing = str(tmp_path / "none.safetensors")
+    cases = {
+        "missing NSE": (["--nse", missing, "--heldout", str(val)], "none.safetensors"),
+        "not an NSE": (["--nse", str(generator), "--heldout", str(val)], "g.safetensors"),
+        "missing held-out": (["--nse", nse, "--heldout", str(tmp_path / "no")], str(tmp_path / "no")),
+        "--out a file": (["--nse", nse, "--heldout", str(val), "--out", str(tmp_path / "afile")],
+                         "is a file"),
+    }
+    for name, (args, named) in cases.items():
+        capsys.readouterr()
+        assert main([*args, *fast]) == 2, name
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and named in err[0], (name, err)

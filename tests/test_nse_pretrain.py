@@ -147,3 +147,19 @@ def test_two_process_tiny_run(method, shards, tmp_path):
     assert read_nse_metadata(run_dir / "nse.safetensors")["method"] == method
     assert nse(torch.rand(1, 3, 64, 64)).shape == (1, 32, 16, 16)
     assert (run_dir / "config.yaml").is_file() and any((run_dir / "tb").iterdir())
+
+
+def test_triton_loss_backend_without_a_gpu_is_refused_at_start(shards, tmp_path, monkeypatch):
+    """objective.loss_backend=triton on a machine without CUDA (and without the interpreter)
+    passed --validate and raised a ValueError traceback at step 1; now a start-up problem."""
+    from spsr_hpc.preflight import run_input_problems
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    overrides = [f"data.shards={shards}", f"logging.run_dir={tmp_path}", "objective.loss_backend=triton",
+                 "train.device=cpu"]
+    cfg = load_config(REPO / "configs/tiny_nse_contrastive.yaml", overrides, schema=NSEPretrainConfig)
+    problems = run_input_problems(cfg)
+    assert len(problems) == 1 and "objective.loss_backend=triton" in problems[0], problems
+    assert "auto or torch" in problems[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels on the CPU (slow)
+    assert run_input_problems(cfg) == []

@@ -190,3 +190,27 @@ def test_resume_with_another_objective_names_it_before_loading(tmp_path):
     with pytest.raises(ResumeError, match=r"loss.method=spsr_g run and this config trains esrgan") as e:
         Trainer(cfg, loader=_batches(1))
     assert "damaged" not in str(e.value)
+
+
+def test_pretrained_file_that_does_not_fit_is_a_startup_error(tmp_path):
+    """model.generator.pretrained naming a truncated safetensors file passed --validate and ended
+    in a SafetensorError traceback; naming another network's file, in a CheckpointMismatchError
+    traceback. The first is now a start-up problem, the second a StartupError naming the key."""
+    from safetensors.torch import save_file
+
+    from spsr_hpc.preflight import StartupError, run_input_problems
+    from spsr_hpc.train.trainer import Trainer
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"conv.weight": torch.zeros(4, 3, 3, 3)}, str(foreign))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(foreign.read_bytes()[:40])
+    def weight_problems(cfg):  # (the tiny config's shards are not made here)
+        return [p for p in run_input_problems(cfg) if "pretrained" in p]
+
+    problems = weight_problems(_config(tmp_path / "t", f"model.generator.pretrained={truncated}"))
+    assert len(problems) == 1 and "truncated.safetensors is not a readable safetensors file" in problems[0]
+    cfg = _config(tmp_path / "f", f"model.generator.pretrained={foreign}")
+    assert weight_problems(cfg) == []
+    with pytest.raises(StartupError, match=r"model.generator.pretrained=.*foreign.safetensors: "):
+        Trainer(cfg, loader=_batches(1))

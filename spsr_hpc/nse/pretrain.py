@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = NSEPretrainer(cfg)
         path = trainer.train()
-    except ckpt.ResumeError as e:
+    except ckpt.ResumeError as e:  # a checkpoint that cannot be resumed
         destroy_distributed()
         return print_errors(e)
     except ShardReadError as e:  # this rank's DALI loader stopped at bad data (as the SR trainer)

@@ -51,10 +51,11 @@ import numpy as np
 import torch
 
 from spsr_hpc import distributed as sdist
+from spsr_hpc.preflight import StartupError
 from spsr_hpc.train.faults import EXIT_CHECKPOINT, RunFailure
 
 
-class ResumeError(ValueError):
+class ResumeError(StartupError):
     """A checkpoint that cannot be resumed (missing, damaged, or written by an incompatible run):
     one line naming it and the fix. launch/train.py and launch/pretrain_nse.py print it as one
     ``error:`` line and exit with status 2, before any step."""

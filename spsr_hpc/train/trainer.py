@@ -51,6 +51,7 @@ from torch import nn
 from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, save_resolved, to_dict
 from spsr_hpc.precision import autocast, cast_frozen_weights_, check_bf16
+from spsr_hpc.preflight import StartupError
 from spsr_hpc.train.checkpoint import (
     ResumeError,
     capture_rng_state,
@@ -162,7 +163,9 @@ class Trainer:
 
         # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's).
         _seed_all(tc.seed)
-        generator = build_generator(cfg.model.generator)
+        g_file = cfg.model.generator.pretrained
+        generator = _built(g_file and f"{source}: model.generator.pretrained={g_file}", build_generator,
+                           cfg.model.generator)
         nse = None  # the structure extractor: the NSE, or ImageNet VGG/ResNet features (Table VI)
         mc = cfg.model
         if cfg.loss.needs_nse():
@@ -172,8 +175,11 @@ class Trainer:
                     "NSE: set model.nse.pretrained (launch/pretrain_nse.py writes one), "
                     "model.nse.random_init=true (SPSR-R) or loss.no_structure_loss=true"
                 )
-            nse = build_structure_extractor(mc.structure_extractor, mc.nse, mc.structure_weights,
-                                            random_weights=mc.structure_random_weights)
+            own_nse = mc.structure_extractor == "nse" and not mc.nse.random_init
+            nse_file = mc.nse.pretrained if own_nse else None
+            nse = _built(nse_file and f"{source}: model.nse.pretrained={nse_file}", build_structure_extractor,
+                         mc.structure_extractor, mc.nse, mc.structure_weights,
+                         random_weights=mc.structure_random_weights)
             if sdist.is_main_process() and mc.structure_extractor != "nse":
                 print(f"[spsr] structure extractor: {nse.summary()}", flush=True)
         perceptual = None
@@ -868,6 +874,18 @@ class Trainer:
             self.logger = None
 
 
+def _built(what: str | None, build: Any, *args: Any, **kwargs: Any) -> Any:
+    """``build(*args, **kwargs)``. With ``what`` (a pretrained file's config key and path), a file
+    that does not fit (another network, a foreign or damaged file) becomes a :class:`StartupError`
+    naming it: one ``error:`` line, exit status 2, instead of a traceback."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if not what:
+            raise
+        raise StartupError(f"{what}: {e}") from e
+
+
 def run(cfg: Any, *, source: str = "<config>", loader: Iterable[dict] | None = None) -> dict[str, Any]:
     """Build a Trainer, train, close it. The process group is left up (see :func:`main`)."""
     trainer = Trainer(cfg, source=source, loader=loader)
@@ -914,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         summary = run(cfg, source=args.config)
-    except ResumeError as e:
+    except StartupError as e:  # a pretrained file that does not fit, a checkpoint that cannot be resumed
         return print_errors(e)
     except RunFailure as e:
         return _report_failure(e)
