@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import io
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -463,24 +462,20 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
+    from spsr_hpc.preflight import print_errors
+
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
-        return _user_error(f"--out {a.out} is a file, not a folder: choose another --out")
+        return print_errors(ValueError(f"--out {a.out} is a file, not a folder: choose another --out"))
     try:
         report = evaluate(a.nse, a.train_shards, a.heldout, s, random_baseline=not a.no_random)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # A missing or foreign NSE file, missing shards, a missing, empty or unreadable held-out
         # folder (BadImageError), patches larger than every image, a backend the device lacks.
-        return _user_error(str(e))
+        return print_errors(e)
     print(format_markdown(report))
     if a.out:
         print(f"report: {write_report(report, a.out)}/report.{{md,csv,json}}")
     return 0
-
-
-def _user_error(message: str) -> int:
-    """One ``error:`` line on stderr; exit status 2 (as the other entry points' input errors)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 __all__ = [

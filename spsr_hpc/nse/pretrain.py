@@ -203,15 +203,11 @@ class NSEPretrainer:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
         if path is None:
             return None
-        method = (ckpt.read_meta(path) or {}).get("method", self.cfg.objective.method)
-        if method != self.cfg.objective.method:  # before DeepSpeed meets another objective's state
-            raise ckpt.ResumeError(
-                f"checkpoint {path} is from a {method} run, this config trains "
-                f"{self.cfg.objective.method}; use another logging.run_dir or checkpoint.resume=none"
-            )
         log = (lambda m: print(m, flush=True)) if sdist.is_main_process() else None
-        engines = {ENGINE_NAME: self.engine}
-        trainer_state, rank_state, _ = ckpt.load_checkpoint(path, engines=engines, log=log)
+        method = ("objective.method", self.cfg.objective.method)
+        trainer_state, rank_state, _ = ckpt.load_checkpoint(
+            path, engines={ENGINE_NAME: self.engine}, log=log, method=method
+        )
         self.step = int(trainer_state["step"])
         self.micro_step = int(trainer_state["micro_step"])
         if rank_state:
@@ -362,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of launch/pretrain_nse.py."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if sdist.is_main_process() else logging.WARNING)
-    from spsr_hpc.preflight import check_run_inputs, print_errors
+    from spsr_hpc.preflight import StartupError, check_run_inputs, print_errors
 
     try:
         cfg = load_config(args.config, args.overrides, schema=NSEPretrainConfig)
@@ -384,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = NSEPretrainer(cfg)
         path = trainer.train()
-    except ckpt.ResumeError as e:  # a checkpoint that cannot be resumed
+    except StartupError as e:  # a checkpoint that cannot be resumed
         destroy_distributed()
         return print_errors(e)
     except ShardReadError as e:  # this rank's DALI loader stopped at bad data (as the SR trainer)

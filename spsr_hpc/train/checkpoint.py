@@ -36,6 +36,7 @@ a run may resume with another ``train.channels_last``). Our own files use
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
@@ -44,6 +45,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -549,8 +551,16 @@ def match_state_layouts(optimizer: Any) -> int:
     return moved
 
 
-def check_resumable(path: str | Path, meta: dict[str, Any], engines: dict[str, Any], world_size: int) -> None:
-    """Raise :class:`ResumeError` when DeepSpeed cannot load the checkpoint into these engines.
+def check_resumable(
+    path: str | Path,
+    meta: dict[str, Any],
+    engines: dict[str, Any],
+    world_size: int,
+    method: tuple[str, str] | None = None,
+) -> None:
+    """Raise :class:`ResumeError` when the checkpoint is another objective's (``method``: the
+    config key and this run's value, compared with the meta's ``method``) or DeepSpeed cannot
+    load it into these engines.
 
     DeepSpeed 0.19.8 keeps ZeRO 0's Adam state with the module and ZeRO 1/2's in one partition
     file per rank. Loading across 0 and 1/2 fails deep inside DeepSpeed (a missing
@@ -559,6 +569,12 @@ def check_resumable(path: str | Path, meta: dict[str, Any], engines: dict[str, A
     damaged checkpoint. ZeRO 1 <-> 2 on the same ranks loads and continues exactly, as does ZeRO 0
     on any number of ranks. Checkpoints without ``zero_stages`` in their meta are not checked.
     """
+    if method is not None and meta.get("method", method[1]) != method[1]:
+        key, value = method
+        raise ResumeError(
+            f"checkpoint {path} is from a {key}={meta['method']} run and this config trains {value}: use "
+            "another logging.run_dir (or checkpoint.dir), or checkpoint.resume=none"
+        )
     saved = meta.get("zero_stages") or {}
     saved_world = int(meta.get("world_size", world_size))
     for ename, engine in engines.items():
@@ -632,9 +648,6 @@ def keep_run_settings(engine: Any, settings: Any) -> list[str]:
             for name, was, now in zip(("base lr", "milestones", "gamma"), loaded, sched):
                 if was != now:
                     changes.append(f"{name} {was} -> {now}")
-            import bisect
-            from collections import Counter
-
             s.base_lrs, s.milestones, s.gamma = list(base), Counter(miles), gamma
             passed = bisect.bisect_right(miles, s.last_epoch)
             for g, b in zip(opt.param_groups, base):
@@ -650,15 +663,16 @@ def load_checkpoint(
     engines: dict[str, Any],
     load_optimizer_states: bool = True,
     log: Any = None,
+    method: tuple[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Collective: restore every engine from a complete checkpoint.
 
     Returns (trainer_state, rank_state, meta). The rank state of this rank is required when the
     world size is unchanged; with another world size it is returned empty (RNG streams and data
     positions cannot be mapped onto a different number of ranks) and the caller decides. A
-    checkpoint that cannot be loaded raises :class:`ResumeError` (:func:`check_resumable`, a
-    damaged file). The run config's optimizer settings win over the checkpoint's
-    (:func:`keep_run_settings`); each change is passed to ``log``.
+    checkpoint that cannot be loaded raises :class:`ResumeError` (:func:`check_resumable`: another
+    objective's with ``method``, another ZeRO layout; a damaged file). The run config's optimizer
+    settings win over the checkpoint's (:func:`keep_run_settings`); each change is passed to ``log``.
     """
     p = Path(path)
     meta = read_meta(p)
@@ -673,7 +687,7 @@ def load_checkpoint(
             f"checkpoint {p} has no state for engine(s) {missing} (it holds {meta.get('engines')}); "
             "was it written by a run with another objective?"
         )
-    check_resumable(p, meta, engines, sdist.get_world_size())
+    check_resumable(p, meta, engines, sdist.get_world_size(), method)
 
     def damaged(what: str, exc: Exception) -> ResumeError:
         return ResumeError(

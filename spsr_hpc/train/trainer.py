@@ -57,7 +57,6 @@ from spsr_hpc.train.checkpoint import (
     capture_rng_state,
     find_latest,
     load_checkpoint,
-    read_meta,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
@@ -352,15 +351,10 @@ class Trainer:
         return Path(path) if path is not None else None
 
     def load(self, path: str | Path) -> None:
-        method = (read_meta(path) or {}).get("method", self.cfg.loss.method)
-        if method != self.cfg.loss.method:  # before DeepSpeed meets another objective's networks
-            raise ResumeError(
-                f"checkpoint {path} is from a loss.method={method} run and this config trains "
-                f"{self.cfg.loss.method}: use another logging.run_dir (or checkpoint.dir), or "
-                "checkpoint.resume=none"
-            )
         log = (lambda m: print(m, flush=True)) if sdist.is_main_process() else None
-        trainer_state, rank_state, meta = load_checkpoint(path, engines=self.engines, log=log)
+        trainer_state, rank_state, meta = load_checkpoint(
+            path, engines=self.engines, log=log, method=("loss.method", self.cfg.loss.method)
+        )
         self.load_state_dict(trainer_state)
         if rank_state:
             restore_rng_state(rank_state["rng"])
