@@ -32,6 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 OPS = ("gradient_map", "info_nce")
 
 
+def _device(spec: str) -> str:
+    from spsr_hpc.bench.common import bench_device  # imports torch: only when --device is given
+
+    return bench_device(spec)
+
+
 def _load_main(op: str):
     try:
         module = importlib.import_module(f"spsr_hpc.bench.{op}")
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", choices=(*OPS, "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
     parser.add_argument("--no-csv", action="store_true", help="do not append rows to benchmarks/results/")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=_device,
+                        help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
         "--static", action="store_true", help="sm_90 compiled-code report instead of timings (no GPU needed)"
     )

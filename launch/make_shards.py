@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from spsr_hpc.data import export_bundled_photos, write_shards
+from spsr_hpc.files import OutputWriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModuleNotFoundError) as exc:  # bad input, or scikit-image missing for --bundled
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
+    except OutputWriteError as exc:  # a full disk or quota: no .tmp is left, the message says what is kept
+        print(f"make_shards: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(
         f"{manifest['num_samples']} samples in {manifest['num_shards']} shard(s), "
         f"{manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['skipped_count']} file(s) skipped, "

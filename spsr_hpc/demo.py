@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spsr_hpc.data import export_bundled_photos, write_shards
+from spsr_hpc.files import check_output_folder
 from spsr_hpc.weights import MissingWeightsError, describe_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -700,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{name} {v}: must be at least 1")
     try:
         resolve_precision(a.precision)
+        check_output_folder(a.out, "--out")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 from spsr_hpc import distributed as sdist
 from spsr_hpc.data import BadImageError, FolderDataset, imresize, to_uint8
+from spsr_hpc.files import OutputWriteError, atomic_output, check_output_folder, write_all_or_none
 from spsr_hpc.inference import (
     PRECISIONS,
     add_arch_arguments,
@@ -211,18 +213,17 @@ def render_markdown(summary: list[dict], datasets: Sequence[str], methods: Seque
     return "\n".join(rows) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict], columns: Sequence[str], note: str | None = None) -> None:
+def _csv_text(rows: list[dict], columns: Sequence[str], note: str | None = None) -> str:
     """Numbers with 6 decimals, an empty cell for a value that could not be measured (None), and
     a ``note`` column saying why (empty when everything was measured)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=[*columns, "note"], extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            cells = {k: "" if v is None else f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v
-                     for k, v in r.items()}
-            w.writerow({**cells, "note": note or ""})
-    tmp.replace(path)
+    fh = io.StringIO(newline="")
+    w = csv.DictWriter(fh, fieldnames=[*columns, "note"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        cells = {k: "" if v is None else f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v
+                 for k, v in r.items()}
+        w.writerow({**cells, "note": note or ""})
+    return fh.getvalue()
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -368,18 +369,36 @@ def _summarise(rows: list[dict], datasets: list[str], methods: list[str]) -> lis
     return summary
 
 
+def _save_image(img: np.ndarray, dest: Path, out: Path) -> None:
+    kept = f"The SR images written before it are complete; no report was written to {out}"
+    with atomic_output(dest, kept) as tmp:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
 def _write_report(out: Path, report: EvalReport) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """report.md, report.csv and per_image.csv, all replaced or none (a failed write leaves the
+    previous report whole and no .tmp file)."""
     files = {"markdown": out / "report.md", "csv": out / "report.csv", "per_image": out / "per_image.csv"}
-    tmp = files["markdown"].with_name("report.md.tmp")
-    tmp.write_text(report.markdown)
-    tmp.replace(files["markdown"])
-    _write_csv(files["csv"], report.summary,
-               ["dataset", "method", "images", "lpips", "psnr", "ssim", "seconds_per_image"],
-               report.lpips_note)
-    _write_csv(files["per_image"], report.per_image,
-               ["dataset", "method", "image", "lpips", "psnr", "ssim", "seconds"], report.lpips_note)
+    write_all_or_none(
+        [
+            (files["csv"], _csv_text(report.summary, ["dataset", "method", "images", "lpips", "psnr", "ssim",
+                                                      "seconds_per_image"], report.lpips_note)),
+            (files["per_image"], _csv_text(report.per_image, ["dataset", "method", "image", "lpips", "psnr",
+                                                              "ssim", "seconds"], report.lpips_note)),
+            (files["markdown"], report.markdown),
+        ],
+        kept=f"The report is printed above; the files in {out} are unchanged",
+    )
     return files
+
+
+class ReportWriteError(OutputWriteError):
+    """The evaluation finished but its report could not be written: ``report`` holds the scores."""
+
+    def __init__(self, error: OutputWriteError, report: EvalReport) -> None:
+        super().__init__(error.path, error.reason, error.kept)
+        self.report = report
 
 
 def evaluate(
@@ -491,9 +510,7 @@ def evaluate(
                             "seconds": seconds / len(batch),
                         })
                         if save_images:
-                            dest = out / "images" / d / method / f"{p.name}.png"
-                            dest.parent.mkdir(parents=True, exist_ok=True)
-                            Image.fromarray(s).save(dest)
+                            _save_image(s, out / "images" / d / method / f"{p.name}.png", out)
                 bar.update(len(batch))
         bar.close()
 
@@ -510,7 +527,10 @@ def evaluate(
                              lpips_note if metric is None or random_lpips_backbone else None)
         report = EvalReport(summary=summary, per_image=rows, markdown=md, lpips_note=lpips_note)
         if is_main:
-            report.files = _write_report(out, report)
+            try:
+                report.files = _write_report(out, report)
+            except OutputWriteError as exc:
+                raise ReportWriteError(exc, report) from exc.__cause__
         return report
 
 
@@ -590,6 +610,12 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
         started = True
     try:
         return _run_cli(args)
+    except OutputWriteError as exc:  # a full disk: the scores are printed, nothing half-written is left
+        if sdist.is_main_process():
+            if isinstance(exc, ReportWriteError):
+                print(exc.report.markdown, flush=True)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
     except (EvalInputError, DatasetNotFoundError, CheckpointMismatchError, FileNotFoundError,
             ModuleNotFoundError, BadImageError) as exc:
         if sdist.is_main_process():
@@ -627,8 +653,10 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
         check_precision(cli_device(args.device, args.tile, args.overlap), args.precision)
     except ValueError as e:
         raise EvalInputError(str(e)) from None
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise EvalInputError(f"--out {args.out} is a file, not a folder: choose another --out")
+    try:
+        check_output_folder(args.out, "--out")
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
     models = _cli_models(args)
     # The evaluation scale: --scale, else the first model's (from its metadata), else 4.
     scale = args.scale or next((cfg.scale for cfg, _ in models.values()), 4)

@@ -44,6 +44,7 @@ import spsr_kernels
 from spsr_hpc.data import BadImageError, read_rgb, to_uint8
 from spsr_hpc.data.images import IMAGE_EXTENSIONS, list_images
 from spsr_hpc.distributed import is_main_process, local_device
+from spsr_hpc.files import OutputWriteError, atomic_output, check_output_file, check_output_folder
 from spsr_hpc.models import (
     CheckpointMismatchError,
     GeneratorConfig,
@@ -315,6 +316,14 @@ def build_and_load(
     Returns the model in eval mode on ``device``.
     """
     path = Path(checkpoint)
+    if path.is_dir():
+        hint = (
+            "a training checkpoint folder: pass the run's generator export instead "
+            "(<run_dir>/generator.safetensors or generator_ema.safetensors)"
+            if (path / "meta.json").is_file() or path.name.startswith("step_")
+            else "a folder: pass a weights file (.pth or .safetensors)"
+        )
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     model = build_generator(generator_config_from_export(dataclasses.asdict(arch)))  # no init/loading
@@ -323,13 +332,13 @@ def build_and_load(
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} does not fit the {describe_arch(arch)} generator; "
-            f"{implied_arch_hint(path)}. Details: {' '.join(str(e).split())}"
+            f"{implied_arch_hint(path, arch)}. Details: {' '.join(str(e).split())}"
         ) from None
     if report.fresh:
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} ({report.format} format) does not provide {len(report.fresh)} "
             f"weights of the {describe_arch(arch)} generator (e.g. {report.fresh[:3]}); "
-            f"{implied_arch_hint(path)}"
+            f"{implied_arch_hint(path, arch)}"
         )
     log.info("%s", report)
     return model.to(device).eval()
@@ -407,8 +416,26 @@ def implied_architecture(sd: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     return None
 
 
-def implied_arch_hint(checkpoint: str | os.PathLike) -> str:
-    """One clause for error messages: what the checkpoint's tensors imply and the flags to pass."""
+def _implied_scale(sd: dict[str, torch.Tensor], found: dict[str, Any], base: GeneratorConfig) -> int | None:
+    """The up-scaling factor whose generator (``base`` with ``found``'s family and sizes) has
+    exactly ``sd``'s tensor names and shapes; built on the meta device (no memory, no init)."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    sizes = {k: v for k, v in found.items() if k in ("nf", "nb", "gc") and v is not None}
+    for scale in (4, 2, 3, 8, 1):
+        try:
+            cfg = dataclasses.replace(base, name=found["arch"], scale=scale, **sizes)
+            with torch.device("meta"):
+                model = build_generator(generator_config_from_export(dataclasses.asdict(cfg)))
+        except (TypeError, ValueError):
+            continue
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
+            return scale
+    return None
+
+
+def implied_arch_hint(checkpoint: str | os.PathLike, base: GeneratorConfig | None = None) -> str:
+    """One clause for error messages: what the checkpoint's tensors imply and the flags to pass
+    (with ``base``, the generator that did not fit, also the up-scaling factor when it differs)."""
     from spsr_hpc.models.loading import read_state_dict
 
     try:
@@ -418,9 +445,14 @@ def implied_arch_hint(checkpoint: str | os.PathLike) -> str:
     found = implied_architecture(sd)
     if found is None:
         return "its tensors match none of spsr, rrdbnet, edsr, srresnet"
+    if base is not None:
+        scale = _implied_scale(sd, found, base)
+        if scale is not None and scale != base.scale:
+            found["scale"] = scale
     flags = " ".join(f"--{k} {v}" for k, v in found.items() if v is not None)
-    sizes = ", ".join(f"{k}={v}" for k, v in found.items() if k != "arch" and v is not None)
-    return f"its tensors imply {found['arch']} ({sizes}): pass {flags}"
+    sizes = ", ".join(f"{k}={v}" for k, v in found.items() if k not in ("arch", "scale") and v is not None)
+    at = f" x{found['scale']}" if "scale" in found else ""
+    return f"its tensors imply {found['arch']}{at} ({sizes}): pass {flags}"
 
 
 def resolve_arch(
@@ -458,13 +490,12 @@ def export_generator(
     written to a temporary name and renamed, so a crash never leaves a truncated export.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": "spsr_hpc.generator", "class": type(model).__name__}
     meta.update(metadata or {})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -525,10 +556,11 @@ def export_onnx(
     outputs = ["sr", "grad_sr"] if with_grad else ["sr"]
     dyn = {"lr": {0: "batch", 2: "height", 3: "width"}}
     dyn.update({name: {0: "batch", 2: "out_height", 3: "out_width"} for name in outputs})
-    torch.onnx.export(
-        wrapper, (example,), str(path), input_names=["lr"], output_names=outputs,
-        dynamic_axes=dyn, opset_version=opset, dynamo=False,
-    )
+    with atomic_output(path) as tmp:
+        torch.onnx.export(
+            wrapper, (example,), str(tmp), input_names=["lr"], output_names=outputs,
+            dynamic_axes=dyn, opset_version=opset, dynamo=False,
+        )
     return path
 
 
@@ -546,11 +578,10 @@ def _input_files(inp: Path) -> list[Path]:
     raise FileNotFoundError(f"input {str(inp)!r} is neither an image file nor a folder")
 
 
-def _save_png(img: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(img).save(tmp, format="PNG")
-    tmp.replace(path)
+def _save_png(img: np.ndarray, path: Path, kept: str = "") -> None:
+    with atomic_output(path, kept) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp, format="PNG")
 
 
 def infer(
@@ -601,13 +632,17 @@ def infer(
             model, uint8_to_tensor(img, device), precision=precision, tile=tile, overlap=overlap,
             margin=margin, tile_batch=tile_batch,
         )
+        if save_grad and grad is None:  # found at the first image, before anything is written
+            raise ValueError(
+                f"--save-grad: the model {type(model).__name__} has no gradient branch (only spsr "
+                "generators have one): leave out --save-grad"
+            )
+        kept = f"{len(written)} of {len(files)} images are complete in {out}"
         dest = out / f"{f.stem}_SR.png"
-        _save_png(tensor_to_uint8(sr[0]), dest)
-        written.append(dest)
+        _save_png(tensor_to_uint8(sr[0]), dest, kept)
         if save_grad:
-            if grad is None:
-                raise ValueError(f"--save-grad: the model {type(model).__name__} has no gradient branch")
-            _save_png(tensor_to_uint8(grad[0].clamp(0, 1)), out / f"{f.stem}_grad.png")
+            _save_png(tensor_to_uint8(grad[0].clamp(0, 1)), out / f"{f.stem}_grad.png", kept)
+        written.append(dest)
     return written
 
 
@@ -635,8 +670,7 @@ def cli_device(
 def _check_outputs(files: list[Path], out: Path) -> None:
     """ValueError before any work when the output folder is a file, or when two inputs would
     write the same ``<stem>_SR.png`` (``a.png`` and ``a.jpg``): one result would overwrite the other."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
+    check_output_folder(out, "--out")
     by_stem: dict[str, Path] = {}
     for f in files:
         if f.stem in by_stem:
@@ -736,9 +770,28 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         cfg = arch_from_args(args, args.checkpoint)
         if args.input is not None:  # a wrong --input or --out fails before the model is built
             _check_outputs(_input_files(Path(args.input)), Path(args.out))
+        if args.save_grad and cfg.name != "spsr":
+            raise ValueError(f"--save-grad: a {cfg.name} generator has no gradient branch (only spsr "
+                             "generators have one): leave out --save-grad")
+        if args.check_tiling and not (args.tile and args.input):
+            raise ValueError("--check-tiling compares tiled with whole-image SR: it needs --input and "
+                             "--tile > 0")
+        if args.export_safetensors:
+            check_output_file(args.export_safetensors, "--export-safetensors", "generator.safetensors")
+        if args.onnx:
+            check_output_file(args.onnx, "--onnx", "generator.onnx")
         model = build_and_load(args.checkpoint, cfg, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(_user_error(e)) from None
+    try:
+        return _run_main(args, model, cfg, device)
+    except OutputWriteError as e:  # a full disk: one line, no .tmp left, what is complete named
+        _user_error(e)
+        raise SystemExit(e.exit_code) from None
+
+
+def _run_main(args: argparse.Namespace, model: nn.Module, cfg: GeneratorConfig,
+              device: torch.device) -> list[Path]:
     log.info("generator: %s", describe_arch(cfg))
     if args.export_safetensors:
         meta = {"arch": cfg.name, "generator": json.dumps(dataclasses.asdict(cfg))}
@@ -759,8 +812,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for path in written:
         print(path)
     if args.check_tiling:
-        if not args.tile:
-            raise SystemExit("--check-tiling needs --tile > 0")
         for f in _input_files(Path(args.input)):
             img, _ = read_rgb(f)
             stats = tiling_error(model, uint8_to_tensor(img, device), args.tile, args.overlap,

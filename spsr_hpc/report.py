@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from spsr_hpc.files import OutputWriteError, atomic_output, check_output_folder
 from spsr_hpc.labels import HEADER_PX, label_columns, tile_row
+
+log = logging.getLogger(__name__)
 
 # --- training runs ----------------------------------------------------------------------------
 
@@ -90,9 +94,12 @@ def loss_curves(runs: dict[str, Path], out_png: Path) -> Path:
         if has_val:
             validation_panel(axes[1][col], rows, f"{name}: validation")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
+    try:
+        with atomic_output(out_png) as tmp:
+            out_png.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
     return out_png
 
 
@@ -154,8 +161,9 @@ def comparison_figure(
         raise ValueError(f"{eval_dir} has no evaluated images")
     width = max(b.shape[1] for b in blocks)
     blocks = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=255) for b in blocks]
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(blocks, axis=0)).save(out_png)
+    with atomic_output(out_png) as tmp:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(blocks, axis=0)).save(tmp, format="PNG")
     return out_png
 
 
@@ -196,14 +204,38 @@ def report_figures(
             "per_image.csv (an evaluation folder) there or one level below"
         )
     dest = Path(out) if out is not None else roots[0]
+    check_output_folder(dest, "--out")
+    _check_hr_dirs(hr_dirs or {}, evals)
+    drawable = [e for e in evals if (e / "images").is_dir()]
+    for e in evals:
+        if e not in drawable:
+            log.warning("%s: no images/ folder, so no comparison figure (evaluate with --save-images "
+                        "to draw one)", e)
+    if not runs and not drawable:
+        raise FileNotFoundError(
+            f"nothing to draw in {', '.join(map(str, roots))}: the evaluation folder(s) "
+            f"{', '.join(map(str, evals))} have no images/ (evaluate with --save-images) and there is no "
+            "training run (metrics.jsonl)"
+        )
     written = []
     if runs:
         written.append(loss_curves(runs, dest / "loss_curves.png"))
-    for i, e in enumerate(evals):
-        if (e / "images").is_dir():
-            name = "comparison.png" if len(evals) == 1 else f"comparison_{e.name}_{i}.png"
-            written.append(comparison_figure(e, hr_dirs, dest / name, methods=methods))
+    for i, e in enumerate(drawable):
+        name = "comparison.png" if len(evals) == 1 else f"comparison_{e.name}_{i}.png"
+        written.append(comparison_figure(e, hr_dirs, dest / name, methods=methods))
     return written
+
+
+def _check_hr_dirs(hr_dirs: dict[str, Path], evals: Sequence[Path]) -> None:
+    """Each --hr DATASET=DIR names an evaluated dataset and an existing folder (ValueError)."""
+    known = list(dict.fromkeys(d for e in evals for d in _eval_layout(e)[0]))
+    for name, folder in hr_dirs.items():
+        if name not in known:
+            raise ValueError(f"--hr {name}={folder}: no evaluated dataset is called {name!r}; the "
+                             f"evaluation folders have {', '.join(known) or 'none'}")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--hr {name}={folder}: {folder} is not a folder; give the HR folder of "
+                             f"{name} (the one passed to launch/evaluate.py)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         help="HR folder of an evaluated dataset, to add an HR column (repeatable)",
     )
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     hr = {}
     for item in a.hr:
         if "=" not in item:
@@ -229,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:  # a full disk: no half-written figure is left
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     for path in paths:
         print(path)
     return 0

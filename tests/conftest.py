@@ -48,6 +48,34 @@ def _seed_everything():
 
 
 @pytest.fixture
+def small_tmpfs(tmp_path):
+    """Factory ``make(size) -> folder``: a tmpfs of that size mounted in tmp_path (a real full
+    disk), unmounted after the test. Skips where mounting is not permitted (not root, a container
+    without CAP_SYS_ADMIN); the injected-ENOSPC tests cover the same paths everywhere."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str):
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        try:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                               capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no `mount` command here; the injected-ENOSPC tests run everywhere")
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the "
+                        "injected-ENOSPC tests run everywhere")
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
 def device():
     """The device kernel tests run on: CUDA when present, else CPU through the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -2,7 +2,7 @@
 
 - no import cycle between files (an import inside a function counts: it is a cycle all the same);
 - no module imports a layer above its own:
-  data/distributed/weights → models/metrics/preflight → losses/inference → config/evaluate → train
+  data/distributed/weights/files → models/metrics/preflight → losses/inference → config/evaluate → train
   → nse/report → demo/bench (launch/ scripts sit on top and are not in the package).
 """
 
@@ -17,7 +17,7 @@ PKG = REPO / "spsr_hpc"
 # Layer of each top-level module or sub-package of spsr_hpc (higher may import lower, or its own).
 LAYERS = {
     # 0: no project imports above the standard library, torch, numpy, Pillow
-    "data": 0, "distributed": 0, "weights": 0, "device": 0, "labels": 0,
+    "data": 0, "distributed": 0, "weights": 0, "device": 0, "labels": 0, "files": 0,
     "precision": 0,  # spsr_hpc/precision.py: bf16 autocast helpers
     "models": 1, "metrics": 1, "preflight": 1,
     "losses": 2, "inference": 2,

@@ -76,6 +76,28 @@ def test_export_roundtrip(tmp_path):
         load_nse(tmp_path / "missing.safetensors")
 
 
+def test_export_on_a_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
+    """Before: safetensors' own exception (exit status 1 from pretrain_nse) and a nse.safetensors.tmp
+    left behind. Now OutputWriteError (the pretrainer turns it into exit status 4 with the newest
+    checkpoint named, as the SR trainer's export: tests/test_resume.py)."""
+    import spsr_hpc.nse.export as export
+    from spsr_hpc.files import OutputWriteError
+    from spsr_hpc.models import NSEConfig, build_nse
+
+    cfg = NSEConfig(width=16, out_dim=8)
+    path = save_nse(build_nse(cfg), cfg, tmp_path / "nse.safetensors")
+    before = path.read_bytes()
+
+    def full_disk(state, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "save_file", full_disk)
+    with pytest.raises(OutputWriteError, match=r"nse\.safetensors: \[Errno 28\] No space left on device"):
+        save_nse(build_nse(cfg), cfg, path)
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
 _RESUME_SCRIPT = """
 import sys
 from spsr_hpc.config import load_config

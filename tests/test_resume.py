@@ -214,3 +214,42 @@ def test_pretrained_file_that_does_not_fit_is_a_startup_error(tmp_path):
     assert weight_problems(cfg) == []
     with pytest.raises(StartupError, match=r"model.generator.pretrained=.*foreign.safetensors: "):
         Trainer(cfg, loader=_batches(1))
+
+
+def test_export_on_a_full_disk_is_exit_4_and_the_rerun_exports(tmp_path, monkeypatch):
+    """The final generator export failing (ENOSPC inside safetensors' writer) was a traceback,
+    exit status 1, with generator.safetensors.tmp left in the run folder. Now it is exit status 4
+    with the newest checkpoint named, and re-running the same command resumes and exports."""
+    import spsr_hpc.inference
+    from spsr_hpc.train.faults import ExportWriteError
+    from spsr_hpc.train.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    overrides = ("train.max_steps=2", "checkpoint.every=2", "checkpoint.resume=auto")
+
+    def full_disk(state, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(spsr_hpc.inference, "save_file", full_disk)
+    trainer = Trainer(_config(run_dir, *overrides), loader=_batches(2))
+    with pytest.raises(ExportWriteError) as e:
+        trainer.fit()
+    trainer.close()
+    msg = str(e.value)
+    assert e.value.exit_code == 4
+    assert f"generator export {run_dir / 'generator.safetensors'}" in msg, msg
+    assert "[Errno 28] No space left on device (ENOSPC)" in msg and "step_0000002" in msg, msg
+    assert not list(run_dir.glob("*.tmp")) and not (run_dir / "generator.safetensors").exists()
+
+    monkeypatch.undo()
+    rerun = Trainer(_config(run_dir, *overrides), loader=_batches(2))
+    assert rerun.step == 2
+    rerun.fit()
+    rerun.close()
+    from safetensors.torch import load_file
+
+    exported = load_file(run_dir / "generator.safetensors")
+    state = rerun._inference_model(False).state_dict()
+    assert exported.keys() == state.keys()
+    assert all(torch.equal(exported[k], state[k].cpu()) for k in state)

@@ -21,6 +21,35 @@ import torch
 from spsr_hpc.device import device_name  # re-exported: the benchmarks import it from here
 
 
+def bench_device(spec: str) -> str:
+    """argparse ``type=`` of the benchmarks' ``--device``: a device torch knows and this machine
+    has (an error naming the value and the fix instead of a traceback in the first timing)."""
+    import argparse
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{spec}: no CUDA device is visible here; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{spec}: the benchmarks run on cpu or cuda")
+    return spec
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an int >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def _repo_root() -> Path:
     """The checkout whose configs the benchmarks read and whose git revision their rows carry:
     ``$SPSR_REPO`` when set (scripts/gpu_check.sh sets it), else the checkout this file lies in

@@ -161,7 +161,7 @@ def _run(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradient_map bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda or cpu (default: cuda when available)")  # fmt: skip
+                        type=common.bench_device, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
         "--shapes",

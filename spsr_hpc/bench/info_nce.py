@@ -313,7 +313,8 @@ def bench_interleaved(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spsr_hpc.bench.info_nce", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   type=common.bench_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="N = M values (default: paper's grid)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="B values (default 1 8 48)")

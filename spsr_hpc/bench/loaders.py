@@ -84,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        parser.error(f"--work-dir {args.work_dir} is a file, not a folder: choose another --work-dir")
+    for name in ("batch_size", "patch", "crop", "step", "batches", "dali_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if any(w < 0 for w in args.workers) or args.warmup < 0:
+        parser.error("--workers and --warmup must be at least 0")
 
     shards, n_samples = _prepare_shards(Path(args.work_dir), args.crop, args.step)
     cuda = torch.cuda.is_available()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from spsr_hpc.bench.common import REPO_ROOT, append_rows, format_table, provenance
+from spsr_hpc.bench.common import REPO_ROOT, append_rows, format_table, positive_int, provenance
 from spsr_hpc.bench.train_setup import FIXED_OVERRIDES, SyntheticBatches
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_spsr_g.yaml"
@@ -150,9 +150,9 @@ def run(
 def main(argv: list[str] | None = None) -> list[dict] | None:
     p = argparse.ArgumentParser(description="Training throughput (samples/s) of a run config.")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to measure")
+    p.add_argument("--procs", type=positive_int, nargs="+", default=[1, 2], help="process counts to measure")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--threads-per-proc", type=int, default=None, help="default: cores // procs on CPU")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to the CSV")
     p.add_argument(
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         "interleaved in this process (default config: configs/spsr_g.yaml at the paper's size, batch 2); "
         "rows go to benchmarks/results/train_vs_reference.csv",
     )
-    p.add_argument("--rounds", type=int, default=7, help="--vs-reference: timed rounds (median)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="--vs-reference: timed rounds (median)")
     p.add_argument("--no-bf16", action="store_true",
                    help="--vs-reference: fp32 sides only (default: also our bf16 step where the device "
                    "has native bf16)")
@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = p.parse_args(argv)
+    if not Path(args.config).is_file():
+        p.error(f"--config {args.config}: no such file (the run configs are in configs/)")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be at least 0")
     if args.worker:
         _worker(args)
         return None

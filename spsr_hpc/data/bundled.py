@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from spsr_hpc.files import OutputWriteError, atomic_output, describe_write_error
+
 log = logging.getLogger(__name__)
 
 
@@ -105,8 +107,11 @@ def export_bundled_photos(out_dir: str | Path, *, holdout: int = 2) -> tuple[Pat
         )
     out = Path(out_dir)
     train_dir, val_dir = out / "train" / "HR", out / "val" / "HR"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    val_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        val_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(out, describe_write_error(exc)) from exc
     names = list(photos)
     n_train = len(names) - holdout
     for i, name in enumerate(names):
@@ -120,7 +125,6 @@ def export_bundled_photos(out_dir: str | Path, *, holdout: int = 2) -> tuple[Pat
                         continue
             except OSError:
                 pass  # unreadable leftover: rewrite it
-        tmp = dest.with_name(dest.name + ".tmp")
-        Image.fromarray(photos[name]).save(tmp, format="PNG")
-        tmp.replace(dest)
+        with atomic_output(dest, "The photos written before it are complete") as tmp:
+            Image.fromarray(photos[name]).save(tmp, format="PNG")
     return train_dir, val_dir

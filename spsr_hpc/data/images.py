@@ -8,6 +8,7 @@ reported), anything PIL cannot decode raises ``BadImageError`` naming the file.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,14 @@ def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
             return _to_rgb(im, source)
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadImageError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    except UnidentifiedImageError as exc:
+        what = "an empty file" if not data else f"not an image format Pillow reads (first bytes {data[:8]!r})"
+        raise BadImageError(f"{source}: cannot decode image: {what}; replace or remove the file") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise BadImageError(
+            f"{source}: cannot decode image ({type(exc).__name__}: {reason}); replace or remove the file"
+        ) from exc
 
 
 def read_rgb(path: str | Path) -> tuple[np.ndarray, str | None]:

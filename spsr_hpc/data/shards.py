@@ -17,6 +17,7 @@ Keys never contain dots (DALI and WebDataset split the member name at the first 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -38,6 +39,13 @@ from tqdm import tqdm
 
 from spsr_hpc.data.images import BadImageError, encode_png, find_lr_match, list_images, read_rgb
 from spsr_hpc.data.imresize import imresize, modcrop, to_uint8
+from spsr_hpc.files import (
+    OutputWriteError,
+    atomic_output,
+    check_output_folder,
+    describe_write_error,
+    is_write_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +264,22 @@ class _ShardWriter:
             self._close()
         return self.shards
 
+    def current(self) -> Path:
+        """The shard being written (or the next one)."""
+        return self._path(len(self.shards), "tar")
+
     def abort(self) -> None:
+        """Close and remove the unfinished shard's .tmp files (a write may have failed: a full
+        disk fails the close too, which is ignored here)."""
         if self._tar is not None:
-            try:
+            with contextlib.suppress(OSError, tarfile.TarError):
                 self._tar.close()
+            with contextlib.suppress(OSError):
                 self._file.close()
-            finally:
-                self._path(len(self.shards), "tar.tmp").unlink(missing_ok=True)
             self._tar = self._file = None
+        for ext in ("tar.tmp", "idx.tmp"):
+            with contextlib.suppress(OSError):
+                self._path(len(self.shards), ext).unlink(missing_ok=True)
 
 
 def _safe_key(stem: str) -> str:
@@ -440,7 +456,11 @@ def write_shards(
     if not hr_files:
         raise ValueError(f"no image files found in HR folder {str(hr_dir)!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, "--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(out, describe_write_error(exc)) from exc
     fingerprint = hashlib.sha256(
         json.dumps(
             {"params": asdict(params), "hr": _file_fingerprint(hr_files), "lr": _file_fingerprint(lr_files)},
@@ -500,8 +520,14 @@ def write_shards(
                 writer.add(sample)
                 n_samples += 1
         shards = writer.finish()
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
+        if is_write_error(exc):
+            raise OutputWriteError(
+                out / writer.current().name, describe_write_error(exc),
+                f"{len(writer.shards)} complete shard(s) are in {out}, but the run is unfinished (no "
+                f"{MANIFEST_NAME}: training refuses the folder) and the re-run writes every shard again",
+            ) from exc
         raise
     finally:
         if pool is not None:
@@ -537,9 +563,9 @@ def write_shards(
         "converted_count": len(conversions),
         "converted": conversions,
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST_NAME)
+    kept = f"Every shard is complete in {out}, but without {MANIFEST_NAME} the run is unfinished"
+    with atomic_output(out / MANIFEST_NAME, kept) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spsr_hpc.files import atomic_output
 from spsr_hpc.models import NSEConfig, build_nse
 
 FORMAT = "spsr-hpc-nse-v1"
@@ -29,7 +30,6 @@ def save_nse(nse: nn.Module, cfg: NSEConfig, path: str | Path, extra: dict[str, 
         extra: more string metadata (e.g. pretraining method and step).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in nse.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -39,9 +39,9 @@ def save_nse(nse: nn.Module, cfg: NSEConfig, path: str | Path, extra: dict[str, 
         "stride": str(int(nse.stride)),
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, save_resolved, to_dict
 from spsr_hpc.data.loader import build_train_loader, derive_seed
+from spsr_hpc.files import OutputWriteError
 from spsr_hpc.models import build_nse
 from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
 from spsr_hpc.nse.config import NSEPretrainConfig, resolve_epoch_length
@@ -49,6 +50,7 @@ from spsr_hpc.train.faults import (
     EXIT_OK,
     EXIT_STOPPED,
     CollectiveTimeoutError,
+    ExportWriteError,
     RunFailure,
     Watchdog,
     collective_failure,
@@ -192,10 +194,13 @@ class NSEPretrainer:
     def export(self) -> Path:
         """Write <run_dir>/nse.safetensors (rank 0)."""
         if sdist.is_main_process():
-            save_nse(
-                self.objective.nse, self.cfg.nse, self.export_path,
-                extra=export_metadata(self.cfg, self.step),
-            )  # fmt: skip
+            try:
+                save_nse(
+                    self.objective.nse, self.cfg.nse, self.export_path,
+                    extra=export_metadata(self.cfg, self.step),
+                )  # fmt: skip
+            except OutputWriteError as e:  # a full disk: one error line, exit status 4, no .tmp left
+                raise ExportWriteError("NSE export", e, ckpt.find_latest(self.ckpt_dir)) from e
         sdist.barrier()
         return self.export_path
 

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from spsr_hpc import distributed as sdist
+from spsr_hpc.files import describe_write_error as _describe_os_error
 from spsr_hpc.preflight import StartupError
 from spsr_hpc.train.faults import EXIT_CHECKPOINT, RunFailure
 
@@ -309,24 +310,11 @@ class CheckpointWriteError(RunFailure):
         )
 
 
-_SHORT_WRITE = ("unexpected pos", "inline_container", "PytorchStreamWriter failed")
-
-
 def describe_write_error(exc: BaseException) -> str:
     """The OS reason of a failed write in words: ``[Errno 28] No space left on device (ENOSPC)``."""
     if isinstance(exc, _NoSpace):
         return exc.reason
-    if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"[Errno {exc.errno}] {os.strerror(exc.errno)} ({name}){where}"
-    text = " ".join(str(exc).split())
-    if any(m in text for m in _SHORT_WRITE):
-        return (
-            f"the file was not written in full ({type(exc).__name__}: {text[:160]}): the disk or the "
-            "quota is full, or a file size limit (ulimit -f: EFBIG) was reached"
-        )
-    return f"{type(exc).__name__}: {text[:300]}"
+    return _describe_os_error(exc)
 
 
 class _Writes:

@@ -59,6 +59,22 @@ class RunFailure(RuntimeError):
     every_rank = False  # print on every rank (a fault where rank 0 itself may be the one lost)
 
 
+class ExportWriteError(RunFailure):
+    """The weights export (generator.safetensors, nse.safetensors) could not be written; the
+    checkpoint written before it holds the same weights, and a re-run resumes and exports."""
+
+    exit_code = EXIT_CHECKPOINT
+
+    def __init__(self, what: str, error: BaseException, newest: object) -> None:
+        reason = getattr(error, "reason", None) or str(error)
+        path = getattr(error, "path", "")
+        super().__init__(
+            f"could not write the {what} {path}: {reason}. Newest intact checkpoint: {newest or 'none'}. "
+            "Free space there (or raise the quota), then re-run the same command: it resumes from that "
+            "checkpoint and writes the export"
+        )
+
+
 class CollectiveTimeoutError(RunFailure):
     """A collective did not complete (a frozen or dead peer), or a step made no progress."""
 
@@ -217,7 +233,8 @@ class Watchdog:
 
 __all__ = [
     "EXIT_CHECKPOINT", "EXIT_CODES", "EXIT_COLLECTIVE", "EXIT_CONFIG", "EXIT_DATA", "EXIT_ERROR",
-    "EXIT_NONFINITE", "EXIT_OK", "EXIT_STOPPED", "CollectiveTimeoutError", "RunFailure", "Watchdog",
+    "EXIT_NONFINITE", "EXIT_OK", "EXIT_STOPPED", "CollectiveTimeoutError", "ExportWriteError", "RunFailure",
+    "Watchdog",
     "collective_failure", "error_line", "grace_s", "is_collective_failure", "leave_after_data_error",
     "set_nccl_env_defaults", "timedelta",
 ]

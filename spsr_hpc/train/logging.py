@@ -23,6 +23,7 @@ Values are what the trainer passes; the SR trainer passes losses already average
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 
 from spsr_hpc import distributed as sdist
 from spsr_hpc.labels import label_columns
+
+log = logging.getLogger(__name__)
 
 
 def image_grid(
@@ -283,6 +286,30 @@ def _start_wandb(project: str, run_dir: Path, config: dict[str, Any] | None, *, 
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics.jsonl file.
+
+    A last line cut short (no newline and no JSON: a run killed mid-write, or one still writing)
+    is left out with a warning; the resume moves it to ``metrics.discarded.jsonl``. Any other
+    line that is not a JSON object is a ValueError naming the file, the line and the fix.
+    """
+    p = Path(path)
+    with p.open() as f:
+        lines = f.readlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                log.warning("%s: left out its last line, cut short (%d characters, a kill mid-write)",
+                            p, len(line))
+                continue
+            raise ValueError(f"{p} line {i} is not JSON ({e.msg}): the file is damaged; delete that "
+                             "line, or move the file away") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p} line {i} is not a JSON object but {type(rec).__name__}: the file is "
+                             "damaged; delete that line, or move the file away")
+        records.append(rec)
+    return records

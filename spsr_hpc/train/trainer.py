@@ -50,6 +50,7 @@ from torch import nn
 
 from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, save_resolved, to_dict
+from spsr_hpc.files import OutputWriteError
 from spsr_hpc.precision import autocast, cast_frozen_weights_, check_bf16
 from spsr_hpc.preflight import StartupError
 from spsr_hpc.train.checkpoint import (
@@ -79,6 +80,7 @@ from spsr_hpc.train.faults import (
     EXIT_OK,
     EXIT_STOPPED,
     CollectiveTimeoutError,
+    ExportWriteError,
     RunFailure,
     Watchdog,
     collective_failure,
@@ -727,10 +729,13 @@ class Trainer:
             "generator": json.dumps(to_dict(self.cfg.model.generator)),
         }
         base = Path(path) if path else self.run_dir / "generator.safetensors"
-        paths = [export_generator(self._inference_model(False), base, metadata=meta)]
-        if self.ema is not None:
-            ema_path = base.with_name(base.stem + "_ema" + base.suffix)
-            paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
+        try:
+            paths = [export_generator(self._inference_model(False), base, metadata=meta)]
+            if self.ema is not None:
+                ema_path = base.with_name(base.stem + "_ema" + base.suffix)
+                paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
+        except OutputWriteError as e:  # a full disk: one error line, exit status 4, no .tmp left
+            raise ExportWriteError("generator export", e, self._newest_checkpoint()) from e
         return paths
 
     def _log_images(self) -> None:

@@ -1,0 +1,396 @@
+"""Full disks and wrong paths in the command-line tools other than training (evaluate, infer,
+make_shards, report, demo, the benchmarks).
+
+A failed write (a real full tmpfs where mounting is allowed, an injected ENOSPC everywhere) is
+one ``error:`` line naming the path, the OS reason, what is kept and the fix, exit status 4; no
+``.tmp`` file is left and no complete earlier output is replaced by a partial one. A wrong path
+or flag is one ``error:`` line with exit status 2, before any work.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from spsr_hpc import files
+from spsr_hpc.data import BadImageError
+from spsr_hpc.data.images import decode_rgb
+from spsr_hpc.files import OutputWriteError, atomic_output, check_output_file, describe_write_error
+from spsr_hpc.inference import export_generator
+from spsr_hpc.inference import main as infer_main
+from spsr_hpc.models import GeneratorConfig, build_generator
+
+TINY = GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1])
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _errors(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if "error:" in ln]
+
+
+def _tmp_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    meta = {"arch": "spsr", "generator": json.dumps({"name": "spsr", "nf": 8, "nb": 2, "gc": 4,
+                                                     "taps": [0, 1], "scale": 4})}
+    return export_generator(build_generator(TINY), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors",
+                            metadata=meta)
+
+
+def _noise_images(folder: Path, n: int, side: int) -> list[Path]:
+    """Random pixels: PNG cannot compress them, so file sizes are predictable (~3 bytes/pixel)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+# --- the shared writer --------------------------------------------------------------------------
+
+
+def test_atomic_output_keeps_the_old_file_and_removes_the_tmp(tmp_path):
+    dest = tmp_path / "out.txt"
+    dest.write_text("old")
+    with pytest.raises(OutputWriteError) as e, atomic_output(dest, "The rest is complete") as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    msg = str(e.value)
+    assert str(dest) in msg and "[Errno 28] No space left on device (ENOSPC)" in msg, msg
+    assert "The rest is complete" in msg and "Free space there" in msg, msg
+    assert e.value.exit_code == 4
+    assert dest.read_text() == "old" and not _tmp_files(tmp_path)
+    # Not a write error: passes through unchanged, the .tmp still goes.
+    with pytest.raises(KeyError), atomic_output(dest) as tmp:
+        tmp.write_text("x")
+        raise KeyError("k")
+    assert dest.read_text() == "old" and not _tmp_files(tmp_path)
+    with atomic_output(dest) as tmp:
+        tmp.write_text("new")
+    assert dest.read_text() == "new" and not _tmp_files(tmp_path)
+
+
+def test_write_all_or_none_replaces_every_file_or_none(tmp_path, monkeypatch):
+    """A report is never paired with another run's CSV: the second file's failure keeps all three
+    old files (the first one's new content was complete, and is not used)."""
+    paths = [tmp_path / n for n in ("a.csv", "b.csv", "report.md")]
+    for p in paths:
+        p.write_text(f"old {p.name}")
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith("b.csv.tmp"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", failing_open, raising=False)
+    with pytest.raises(OutputWriteError, match=r"b\.csv: \[Errno 122\] Disk quota exceeded \(EDQUOT\)"):
+        files.write_all_or_none([(p, "new") for p in paths])
+    assert [p.read_text() for p in paths] == [f"old {p.name}" for p in paths]
+    assert not _tmp_files(tmp_path)
+    monkeypatch.undo()
+    files.write_all_or_none([(p, "new") for p in paths])
+    assert [p.read_text() for p in paths] == ["new"] * 3
+
+
+def test_describe_write_error_reads_the_writers_messages():
+    """safetensors (Rust) and torch.save wrap the OS error in their own exception types."""
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert describe_write_error(rust) == "[Errno 28] No space left on device (ENOSPC)"
+    assert files.is_write_error(rust)
+    torch_zip = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert "not written in full" in describe_write_error(torch_zip) and files.is_write_error(torch_zip)
+    assert not files.is_write_error(ValueError("a bad value"))
+    reason = describe_write_error(OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert "Make the folder writable" in str(OutputWriteError("/x", reason))
+
+
+def test_check_output_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"--onnx .* is a folder: name a file, e.g. --onnx .*g\.onnx"):
+        check_output_file(tmp_path, "--onnx", "g.onnx")
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        check_output_file(tmp_path / "afile" / "g.onnx", "--onnx", "g.onnx")
+    check_output_file(tmp_path / "new" / "g.onnx", "--onnx", "g.onnx")  # created later: fine
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    hr = tmp_path_factory.mktemp("eval") / "HR"
+    hr.mkdir()
+    for name, (h, w) in [("chelsea", (64, 72)), ("coffee", (60, 68))]:
+        Image.fromarray(getattr(skdata, name)()[:h, :w]).save(hr / f"{name}.png")
+    return hr
+
+
+def test_evaluate_report_write_failure_prints_the_report_and_keeps_the_old_one(
+    photos, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
+    """Before: report.md was written first, so ENOSPC on a CSV left a complete-looking report.md
+    beside the previous run's CSVs, and the run ended in a traceback that lost the scores."""
+    from spsr_hpc.evaluate import main
+
+    out = tmp_path / "eval"
+    args = ["--model", f"tiny={tiny_ckpt}", "--dataset", f"mine={photos}", "--out", str(out),
+            "--lpips-weights", str(tmp_path / "none.pth"), "--no-progress"]
+    main([*args, "--no-bicubic"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"report.md", "report.csv", "per_image.csv"}
+    capsys.readouterr()
+    real_open = open
+
+    def full_disk(path, *a, **kw):
+        if str(path).endswith("per_image.csv.tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(files, "open", full_disk, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(args)  # with the bicubic row this time: another report
+    cap = capsys.readouterr()
+    assert e.value.code == 4
+    errors = _errors(cap.err)
+    assert len(errors) == 1 and "per_image.csv" in errors[0] and "ENOSPC" in errors[0], cap.err
+    assert "The report is printed above" in errors[0], errors[0]
+    assert "| mine | LPIPS / PSNR / SSIM |" in cap.out and "| Bicubic | tiny |" in cap.out  # not lost
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, no .tmp
+
+
+def test_evaluate_saved_image_on_a_full_disk(photos, tiny_ckpt, tmp_path, small_tmpfs, capsys):
+    from spsr_hpc.evaluate import main
+
+    # Two pages: bicubic's and the tiny model's chelsea SR (each < 4 KiB) fit, coffee's do not.
+    mnt = small_tmpfs("8k")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", f"tiny={tiny_ckpt}", "--dataset", f"mine={photos}", "--out", str(mnt),
+              "--lpips-weights", str(tmp_path / "none.pth"), "--no-progress", "--save-images"])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 4 and len(errors) == 1, errors
+    assert "No space left on device (ENOSPC)" in errors[0] and "no report was written" in errors[0], errors
+    assert not _tmp_files(mnt) and not (mnt / "report.md").exists()
+    for png in mnt.rglob("*.png"):  # what is there is whole
+        with Image.open(png) as im:
+            im.load()
+
+
+# --- infer --------------------------------------------------------------------------------------
+
+
+def test_infer_on_a_full_disk_names_the_file_and_keeps_the_finished_images(tiny_ckpt, tmp_path,
+                                                                           small_tmpfs, capsys):
+    """Before: a traceback (OSError from Pillow) and a truncated img1_SR.png.tmp left behind."""
+    _noise_images(tmp_path / "in", 3, 24)
+    mnt = small_tmpfs("4k")  # one page: the first SR image (a random-weight model's, ~100 bytes) fits
+    with pytest.raises(SystemExit) as e:
+        infer_main(["--input", str(tmp_path / "in"), "--checkpoint", str(tiny_ckpt), "--out", str(mnt),
+                    "--no-progress", "--tile", "0"])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 4 and len(errors) == 1, errors
+    assert "No space left on device (ENOSPC)" in errors[0], errors[0]
+    done = sorted(p.name for p in mnt.glob("*_SR.png"))
+    assert done and len(done) < 3, done
+    assert f"{len(done)} of 3 images are complete in {mnt}" in errors[0], errors[0]
+    assert f"img{len(done)}_SR.png" in errors[0] and not _tmp_files(mnt)
+    for name in done:
+        with Image.open(mnt / name) as im:
+            assert im.size == (96, 96)
+
+
+def test_infer_export_paths_are_checked_before_the_model_is_built(tiny_ckpt, tmp_path, capsys):
+    """Before: --export-safetensors <a folder> was IsADirectoryError after loading the model,
+    with a .tmp file left in that folder."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for flag in ("--export-safetensors", "--onnx"):
+        with pytest.raises(SystemExit) as e:
+            infer_main(["--checkpoint", str(tiny_ckpt), flag, str(folder)])
+        errors = _errors(capsys.readouterr().err)
+        assert e.value.code == 2 and len(errors) == 1 and f"{flag} {folder} is a folder" in errors[0], errors
+    assert not list(folder.iterdir())
+
+
+def test_infer_save_grad_without_a_gradient_branch_writes_nothing(tmp_path, capsys):
+    """Before: the error came after the first image's SR had been written."""
+    ckpt = export_generator(build_generator(GeneratorConfig(name="rrdbnet", nf=8, nb=1, gc=4)),
+                            tmp_path / "rrdb.safetensors")
+    _noise_images(tmp_path / "in", 2, 8)
+    with pytest.raises(SystemExit) as e:
+        infer_main(["--input", str(tmp_path / "in"), "--checkpoint", str(ckpt), "--arch", "rrdbnet",
+                    "--nf", "8", "--nb", "1", "--gc", "4", "--out", str(tmp_path / "out"), "--save-grad"])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and len(errors) == 1 and "no gradient branch" in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_infer_checkpoint_folder_and_scale_are_named(tiny_ckpt, tmp_path, capsys):
+    """Before: a training checkpoint folder was "does not exist", and a --scale 3 for an x4
+    checkpoint got a hint that left --scale out (following it failed the same way)."""
+    step = tmp_path / "run" / "checkpoints" / "step_0000010"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    _noise_images(tmp_path / "in", 1, 8)
+    with pytest.raises(SystemExit) as e:
+        infer_main(["--input", str(tmp_path / "in"), "--checkpoint", str(step)])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and "is a training checkpoint folder" in errors[0], errors
+    assert "generator.safetensors" in errors[0], errors
+    with pytest.raises(SystemExit) as e:
+        infer_main(["--input", str(tmp_path / "in"), "--checkpoint", str(tiny_ckpt), "--scale", "3",
+                    "--out", str(tmp_path / "out")])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and "imply spsr x4" in errors[0] and "--scale 4" in errors[0], errors
+
+
+def test_undecodable_image_is_named_without_a_buffer_repr():
+    with pytest.raises(BadImageError) as e:
+        decode_rgb(b"GIF89a\x00garbage", "set/a.png")
+    msg = str(e.value)
+    assert msg.startswith("set/a.png: cannot decode image") and "BytesIO" not in msg, msg
+    assert "first bytes b'GIF89a\\x00g'" in msg and "replace or remove the file" in msg, msg
+    with pytest.raises(BadImageError, match=r"set/b\.png: cannot decode image: an empty file"):
+        decode_rgb(b"", "set/b.png")
+
+
+# --- make_shards --------------------------------------------------------------------------------
+
+
+def _make_shards(*args: str) -> int:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "make_shards.py"
+    spec = importlib.util.spec_from_file_location("make_shards_cli", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(list(args))
+
+
+def test_make_shards_on_a_full_disk(tmp_path, small_tmpfs, capsys):
+    """Before: a traceback from tarfile; the unfinished shard's .tmp stayed."""
+    _noise_images(tmp_path / "hr", 4, 64)  # ~12 KB per sample, one shard each
+    mnt = small_tmpfs("32k")
+    code = _make_shards("--hr", str(tmp_path / "hr"), "--out", str(mnt), "--shard-size-mb", "0.01",
+                        "--workers", "0", "--no-progress")
+    errors = _errors(capsys.readouterr().err)
+    assert code == 4 and len(errors) == 1, errors
+    assert "No space left on device (ENOSPC)" in errors[0] and "the run is unfinished" in errors[0], errors
+    assert not _tmp_files(mnt) and not (mnt / "manifest.json").exists()
+
+
+def test_make_shards_out_naming_a_file(tmp_path, capsys):
+    _noise_images(tmp_path / "hr", 1, 16)
+    (tmp_path / "afile").write_text("x")
+    code = _make_shards("--hr", str(tmp_path / "hr"), "--out", str(tmp_path / "afile"), "--workers", "0",
+                        "--no-progress")
+    errors = _errors(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and "--out" in errors[0] and "is a file" in errors[0], errors
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+# --- report, demo, benchmarks -------------------------------------------------------------------
+
+
+def _run_dir(root: Path, lines: list[str]) -> Path:
+    run = root / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(lines))
+    return run
+
+
+def test_report_reads_a_torn_last_line_and_names_a_damaged_one(tmp_path, capsys, caplog):
+    """A run killed mid-write leaves a torn last line: the curves are drawn without it. Before,
+    both cases were "Expecting ',' delimiter: line 1 column 12" without the file."""
+    from spsr_hpc.report import main
+
+    good = [json.dumps({"step": s, "loss/g_total": 1.0 / s}) + "\n" for s in range(1, 6)]
+    run = _run_dir(tmp_path / "a", [*good, '{"step": 6, "loss/g'])
+    assert main([str(run)]) == 0
+    assert (run / "loss_curves.png").is_file() and not _tmp_files(run)
+    assert "metrics.jsonl: left out its last line, cut short" in caplog.text
+    run = _run_dir(tmp_path / "b", [good[0], '{"step": 2, "lo\n', *good[2:]])
+    assert main([str(run)]) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and f"{run / 'metrics.jsonl'} line 2 is not JSON" in errors[0], errors
+
+
+def test_report_says_what_it_cannot_draw(tmp_path, capsys):
+    """Before: an evaluation folder without images/ exited 0 having drawn nothing, and an --hr
+    naming a missing folder (or an unknown dataset) was ignored."""
+    from spsr_hpc.evaluate import evaluate
+    from spsr_hpc.metrics import LPIPSMetric
+    from spsr_hpc.report import main
+
+    hr = tmp_path / "HR"
+    hr.mkdir()
+    Image.fromarray(skdata.chelsea()[:48, :48]).save(hr / "chelsea.png")
+    metric = LPIPSMetric(random_backbone=True)
+    evaluate({}, {"tiny": (str(hr), None)}, 4, tmp_path / "noimg", progress=False, lpips_metric=metric)
+    assert main([str(tmp_path / "noimg")]) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "nothing to draw" in errors[0] and "--save-images" in errors[0], errors
+
+    evaluate({}, {"tiny": (str(hr), None)}, 4, tmp_path / "ev", save_images=True, progress=False,
+             lpips_metric=metric)
+    for hr_arg, named in ((f"tiny={tmp_path / 'missing'}", "is not a folder"),
+                          (f"Set5={hr}", "no evaluated dataset is called 'Set5'")):
+        assert main([str(tmp_path / "ev"), "--hr", hr_arg]) == 2
+        errors = _errors(capsys.readouterr().err)
+        assert len(errors) == 1 and named in errors[0], errors
+    (tmp_path / "afile").write_text("x")
+    assert main([str(tmp_path / "ev"), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([str(tmp_path / "ev"), "--hr", f"tiny={hr}"]) == 0
+    assert (tmp_path / "ev" / "comparison.png").is_file()
+
+
+def test_demo_out_naming_a_file(tmp_path, capsys):
+    from spsr_hpc.demo import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["--out", str(tmp_path / "afile"), "--precision", "fp32"]) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "--out" in errors[0] and "is a file" in errors[0], errors
+
+
+@pytest.mark.parametrize(("module", "argv", "named"), [
+    ("spsr_hpc.bench.train", ["--procs", "0"], "--procs: 0: must be at least 1"),
+    ("spsr_hpc.bench.train", ["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+    ("spsr_hpc.bench.info_nce", ["--device", "gpu"], "'gpu' is not a device"),
+    ("spsr_hpc.bench.loaders", ["--work-dir", __file__], "is a file, not a folder"),
+    ("spsr_hpc.bench.loaders", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+])  # fmt: skip
+def test_benchmark_arguments_are_one_error_line(module, argv, named, capsys):
+    """Each was a traceback, some after minutes of set-up."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    entry = getattr(mod, "main", None)
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(argv) if module.endswith("info_nce") else entry(argv)
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and len(errors) == 1 and named in errors[0], errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_benchmark_cuda_without_a_gpu(capsys):
+    from spsr_hpc.bench.gradient_map import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--device", "cuda"])
+    assert e.value.code == 2 and "no CUDA device is visible here; use cpu" in capsys.readouterr().err
