@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from spsr_hpc.files import atomic_output
+
 T = TypeVar("T")
 
 # Generators with a gradient branch (SPSR-G's); the others are backbones without one.
@@ -277,9 +279,10 @@ def load_config(
 def save_resolved(cfg: Any, path: str | Path) -> Path:
     """Write the fully resolved config (defaults filled in) as YAML; loadable by load_config."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+    with atomic_output(p) as tmp:  # whole or not at all; OutputWriteError names the file
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=None)
     return p
 
 

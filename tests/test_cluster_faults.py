@@ -7,6 +7,8 @@
   two ranks; a real file size limit, ``ulimit -f``; a real full tmpfs where mounting is allowed):
   one ``error:`` line naming the path, the OS reason and the newest intact checkpoint, exit
   status 4 on every rank, no ``.tmp`` left; resuming afterwards is bit-exact.
+- The run folder filling mid-run (metrics.jsonl on a real full tmpfs): every rank stops at the
+  next step with a checkpoint, exit status 4 naming the file; the relaunch resumes.
 - SIGUSR1 (SLURM's warning before the time limit): the step finishes, a checkpoint is written,
   exit status 3; the relaunch resumes at the next step and logs no step twice.
 
@@ -379,6 +381,25 @@ def test_full_tmpfs_is_one_error_line(shards, tmp_path, size):
         assert not list(mnt.glob("*.tmp"))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_run_dir_stops_with_a_checkpoint_and_the_relaunch_resumes(shards, tmp_path, small_tmpfs):
+    """logging.run_dir on a disk that fills mid-run (checkpoints elsewhere). Before: a traceback
+    from metrics.jsonl's flush, exit status 1, every step since the last checkpoint lost."""
+    mnt = small_tmpfs("12k")  # config.yaml and ~20 metrics lines fit
+    ck = tmp_path / "ck"
+    r = _cli(shards, mnt / "run", "train.max_steps=400", "checkpoint.every=200", f"checkpoint.dir={ck}")
+    assert r.returncode == 4, r.stdout[-4000:]
+    errors = _errors(r.stdout)
+    assert len(errors) == 1, r.stdout[-4000:]
+    assert f"{mnt / 'run' / 'metrics.jsonl'}: [Errno 28] No space left on device" in errors[0], errors[0]
+    m = re.search(r"Stopped at step (\d+) with checkpoint (\S+);", errors[0])
+    assert m and Path(m.group(2)).name == f"step_{int(m.group(1)):07d}", errors[0]
+    stopped = int(m.group(1))
+    assert sorted(p.name for p in ck.iterdir()) == [f"step_{stopped:07d}"]
+    assert not (mnt / "run" / "generator.safetensors").exists() and not list(mnt.rglob("*.tmp"))
+    r = _cli(shards, tmp_path / "run2", f"train.max_steps={stopped + 2}", f"checkpoint.dir={ck}")
+    assert r.returncode == 0 and f"start step {stopped}" in r.stdout, r.stdout[-4000:]
 
 
 def test_sigusr1_checkpoints_exits_3_and_the_relaunch_resumes_without_duplicates(shards, tmp_path):

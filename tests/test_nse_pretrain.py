@@ -185,3 +185,28 @@ def test_triton_loss_backend_without_a_gpu_is_refused_at_start(shards, tmp_path,
     assert "auto or torch" in problems[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels on the CPU (slow)
     assert run_input_problems(cfg) == []
+
+
+def test_full_run_dir_stops_with_a_checkpoint_and_exit_4(shards, tmp_path, small_tmpfs):
+    """logging.run_dir on a disk that fills mid-run (a real tmpfs; checkpoints elsewhere). Before:
+    a traceback from metrics.jsonl's flush, exit status 1, the steps since the last checkpoint
+    lost. Now every rank stops with a checkpoint, exit status 4, and the re-run resumes."""
+    mnt = small_tmpfs("8k")  # config.yaml and a few metrics lines fit
+    ck = tmp_path / "ck"
+    base = [sys.executable, str(REPO / "launch/pretrain_nse.py"), "--config",
+            str(REPO / "configs/tiny_nse_contrastive.yaml"), f"data.shards={shards}",
+            "logging.progress_bar=false", "logging.tensorboard=false", "logging.log_every=1",
+            f"checkpoint.dir={ck}", "data.batches_per_epoch=10", "data.batch_size=2",
+            "data.hr_patch_size=64"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*base, f"logging.run_dir={mnt / 'r'}", "train.epochs=50"], capture_output=True,
+                       text=True, timeout=300, cwd=REPO, env=env)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 4 and len(errors) == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{mnt / 'r' / 'metrics.jsonl'}: [Errno 28] No space left on device" in errors[0], errors[0]
+    stopped = [p.name for p in ck.iterdir()]
+    assert len(stopped) == 1 and f"with checkpoint {ck / stopped[0]};" in errors[0], errors[0]
+    r = subprocess.run([*base, f"logging.run_dir={tmp_path / 'r2'}", "train.epochs=2"], capture_output=True,
+                       text=True, timeout=300, cwd=REPO, env=env)
+    assert r.returncode == 0 and f"resumed from {ck / stopped[0]}" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "r2" / "nse.safetensors").is_file()

@@ -253,3 +253,61 @@ def test_export_on_a_full_disk_is_exit_4_and_the_rerun_exports(tmp_path, monkeyp
     state = rerun._inference_model(False).state_dict()
     assert exported.keys() == state.keys()
     assert all(torch.equal(exported[k], state[k].cpu()) for k in state)
+
+
+class _FullAfter:
+    """A metrics file whose writes fail with ENOSPC after ``n`` lines, as on a disk that fills."""
+
+    def __init__(self, f, n: int) -> None:
+        self.f, self.n, self.name = f, n, f.name
+
+    def write(self, text: str) -> int:
+        if self.n <= 0:
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.n -= 1
+        return self.f.write(text)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def test_a_failed_log_write_stops_with_a_checkpoint_and_exit_4(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl failing mid-run (a full disk) was a traceback (exit status 1) that lost every
+    step since the last checkpoint. Now the run stops at the next step with a checkpoint, exit
+    status 4 naming the file, and the re-run resumes from it."""
+    from spsr_hpc.train.faults import LogWriteError
+    from spsr_hpc.train.logging import RunLogger
+    from spsr_hpc.train.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    overrides = ("train.max_steps=6", "logging.log_every=1", "checkpoint.resume=auto")
+    real_init = RunLogger.__init__
+
+    def filling_disk(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._jsonl = _FullAfter(self._jsonl, 2)
+
+    monkeypatch.setattr(RunLogger, "__init__", filling_disk)
+    trainer = Trainer(_config(run_dir, *overrides), loader=_batches(6))
+    with pytest.raises(LogWriteError) as e:
+        trainer.fit()
+    trainer.close()
+    stopped = trainer.step
+    msg = str(e.value)
+    assert e.value.exit_code == 4 and 3 <= stopped < 6, msg
+    assert f"{run_dir / 'metrics.jsonl'}: [Errno 28] No space left on device (ENOSPC)" in msg, msg
+    assert f"Stopped at step {stopped} with checkpoint" in msg and f"step_{stopped:07d}" in msg, msg
+    assert "logging to stdout only" in capsys.readouterr().out
+    assert not (run_dir / "generator.safetensors").exists()  # the re-run exports
+
+    monkeypatch.undo()
+    rerun = Trainer(_config(run_dir, *overrides), loader=_batches(6 - stopped))
+    assert rerun.step == stopped
+    rerun.fit()
+    rerun.close()
+    assert rerun.step == 6 and (run_dir / "generator.safetensors").is_file()

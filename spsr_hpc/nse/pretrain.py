@@ -51,6 +51,7 @@ from spsr_hpc.train.faults import (
     EXIT_STOPPED,
     CollectiveTimeoutError,
     ExportWriteError,
+    LogWriteError,
     RunFailure,
     Watchdog,
     collective_failure,
@@ -181,14 +182,16 @@ class NSEPretrainer:
         return self.engine.module
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self) -> Path:
+    def save(self, export: bool = True) -> Path:
+        """A checkpoint, then (``export``) <run_dir>/nse.safetensors."""
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, engines={ENGINE_NAME: self.engine},
             trainer_state={"step": self.step, "micro_step": self.micro_step},
             rank_state={"rng": ckpt.capture_rng_state(), "loader": self.loader.state_dict()},
             meta={"method": self.cfg.objective.method}, keep_last=self.cfg.checkpoint.keep_last,
         )  # fmt: skip
-        self.export()
+        if export:
+            self.export()
         return path
 
     def export(self) -> Path:
@@ -250,7 +253,10 @@ class NSEPretrainer:
         """Run to total_steps (resuming when a checkpoint exists); returns the NSE export path."""
         cfg = self.cfg
         if sdist.is_main_process():
-            save_resolved(cfg, self.run_dir / "config.yaml")
+            try:
+                save_resolved(cfg, self.run_dir / "config.yaml")
+            except OutputWriteError as e:
+                raise LogWriteError(f"{e.path}: {e.reason}", self.step, None) from e
         resumed = self.maybe_resume()
         timeout = cfg.train.collective_timeout_s
         set_collective_timeout(timeout)
@@ -318,10 +324,14 @@ class NSEPretrainer:
                         metrics_acc = {}
                         t_since = time.perf_counter()
                     every = cfg.checkpoint.every
-                    stop_now = sync_flags(stop.requested)[0]
-                    if (every and self.step % every == 0) or stop_now:
+                    # rank 0's failed log write stops every rank, as a signal does, with a checkpoint
+                    stop_now, log_failed = sync_flags(stop.requested, logger.write_error is not None)
+                    if (every and self.step % every == 0) or stop_now or log_failed:
                         self._dog.beat(f"step {self.step}: the checkpoint save")
-                        last_ckpt = str(self.save())
+                        last_ckpt = str(self.save(export=not log_failed))  # the re-run exports
+                    if log_failed:
+                        raise LogWriteError(logger.write_error or f"rank 0's logs in {self.run_dir}",
+                                            self.step, last_ckpt)
                     if stop_now:
                         logger.message(f"stopped by signal at step {self.step}; checkpoint {last_ckpt}; "
                                        f"exit status {EXIT_STOPPED}, re-run the same command to resume")

@@ -9,8 +9,10 @@ Exit codes of launch/train.py and launch/pretrain_nse.py (docs/cluster.md lists 
 2     bad config or inputs, found before any model is built (one ``error:`` line per problem)
 3     stopped by SIGTERM / SIGINT / SIGUSR1 after the step finished and a checkpoint was written;
       re-running the same command resumes (checkpoint.resume=auto)
-4     a checkpoint could not be written (disk full, quota, file size limit, I/O error); the
-      previous checkpoint is intact and named in the ``error:`` line
+4     a checkpoint, the weights export or the run's logs could not be written (disk full, quota,
+      file size limit, I/O error); the newest intact checkpoint is named in the ``error:`` line
+      (after a failed log write every rank first stops with a new one). The other tools use 4
+      for any output they could not write (spsr_hpc/files.py).
 5     a collective timed out or a peer was lost (a frozen or dead node), or the watchdog saw no
       progress for train.collective_timeout_s + grace
 6     more data samples were lost than train.max_skip_rate allows, or the DALI loader stopped at
@@ -45,7 +47,7 @@ EXIT_CODES = {
     EXIT_ERROR: "unexpected error (traceback)",
     EXIT_CONFIG: "bad config or inputs (before any model is built)",
     EXIT_STOPPED: "stopped by a signal after saving a checkpoint (re-run to resume)",
-    EXIT_CHECKPOINT: "a checkpoint could not be written",
+    EXIT_CHECKPOINT: "a checkpoint, the weights export or the run's logs could not be written",
     EXIT_COLLECTIVE: "a collective timed out or a peer was lost",
     EXIT_DATA: "too many data samples lost (train.max_skip_rate), or DALI stopped at bad data",
     EXIT_NONFINITE: "non-finite loss (train.on_nonfinite=stop)",
@@ -72,6 +74,23 @@ class ExportWriteError(RunFailure):
             f"could not write the {what} {path}: {reason}. Newest intact checkpoint: {newest or 'none'}. "
             "Free space there (or raise the quota), then re-run the same command: it resumes from that "
             "checkpoint and writes the export"
+        )
+
+
+class LogWriteError(RunFailure):
+    """The run's logs (metrics.jsonl, TensorBoard, image grids, config.yaml) could not be written.
+    Mid-run, every rank stopped at the next step and saved a checkpoint first."""
+
+    exit_code = EXIT_CHECKPOINT
+
+    def __init__(self, reason: str, step: int, checkpoint: object) -> None:
+        self.reason = reason
+        where = (f"Stopped at step {step} with checkpoint {checkpoint}; the steps since the failure are "
+                 "in this output only" if checkpoint else "Nothing was trained in this run")
+        super().__init__(
+            f"could not write {reason}. {where}. Free space there (or raise the quota, or set "
+            "logging.run_dir to another filesystem), then re-run the same command: it resumes from the "
+            "newest checkpoint"
         )
 
 
@@ -233,7 +252,8 @@ class Watchdog:
 
 __all__ = [
     "EXIT_CHECKPOINT", "EXIT_CODES", "EXIT_COLLECTIVE", "EXIT_CONFIG", "EXIT_DATA", "EXIT_ERROR",
-    "EXIT_NONFINITE", "EXIT_OK", "EXIT_STOPPED", "CollectiveTimeoutError", "ExportWriteError", "RunFailure",
+    "EXIT_NONFINITE", "EXIT_OK", "EXIT_STOPPED", "CollectiveTimeoutError", "ExportWriteError",
+    "LogWriteError", "RunFailure",
     "Watchdog",
     "collective_failure", "error_line", "grace_s", "is_collective_failure", "leave_after_data_error",
     "set_nccl_env_defaults", "timedelta",

@@ -22,6 +22,7 @@ Values are what the trainer passes; the SR trainer passes losses already average
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,7 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from spsr_hpc import distributed as sdist
+from spsr_hpc.files import OutputWriteError, atomic_output, describe_write_error
 from spsr_hpc.labels import label_columns
+from spsr_hpc.train.faults import LogWriteError
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,22 @@ def save_png(img: torch.Tensor, path: str | Path) -> Path:
     from PIL import Image
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     arr = (img.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(np.ascontiguousarray(arr)).save(p)
+    with atomic_output(p) as tmp:  # whole or not at all; OutputWriteError names the file
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
     return p
 
 
 class RunLogger:
-    """Progress bar + JSONL + TensorBoard + image grids, on rank 0 only."""
+    """Progress bar + JSONL + TensorBoard + image grids, on rank 0 only.
+
+    A failed write (a full disk, a quota) does not raise: the first one is kept in
+    :attr:`write_error` (the path and the OS reason), the files are closed, and the log lines go on
+    to stdout. The trainers read it, stop at the next step with a checkpoint, and exit with
+    status 4 (:class:`spsr_hpc.train.faults.LogWriteError`). Opening the files at start does raise
+    that error at once.
+    """
 
     def __init__(
         self,
@@ -116,11 +127,16 @@ class RunLogger:
         self._t_start, self._start_step, self.total_steps = self._t_last, start_step, total_steps
         self._step_last = start_step
         self._bar_step = start_step
+        self.write_error: str | None = None
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(self.run_dir / jsonl_name, start_step)
-        self._jsonl = (self.run_dir / jsonl_name).open("a")
+        path = self.run_dir / jsonl_name
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(path, start_step)
+            self._jsonl = path.open("a")
+        except OSError as e:
+            raise LogWriteError(f"{path}: {describe_write_error(e)}", start_step, None) from e
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -173,14 +189,21 @@ class RunLogger:
         self._t_last = now
         if not self.enabled:
             return record
-        assert self._jsonl is not None
-        self._jsonl.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                                      for k, v in record.items()}) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            line = json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                               for k, v in record.items()})
+            try:
+                self._jsonl.write(line + "\n")
+                self._jsonl.flush()
+            except OSError as e:
+                self._failed(self._jsonl.name, e)
         if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "time"):
-                    self._tb.add_scalar(k, v, step)
+            try:
+                for k, v in record.items():
+                    if k not in ("step", "time"):
+                        self._tb.add_scalar(k, v, step)
+            except OSError as e:
+                self._failed(self.run_dir / "tb", e)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
         if self._bar is not None:
@@ -188,19 +211,41 @@ class RunLogger:
             self._bar.set_postfix(self._short(record), refresh=False)
             self._bar.update(max(0, step - self._bar_step))
             self._bar_step = max(self._bar_step, step)
-        elif any(k.startswith("loss/") for k in record) or "samples_per_s" in record:
+        elif any(k.startswith("loss/") for k in record) or "samples_per_s" in record or self.write_error:
             print(self._plain_line(step, record), flush=True)
         self._step_last = step
         return record
 
     def log_images(self, step: int, tag: str, grid: torch.Tensor) -> Path | None:
         """grid: (3, H, W) float in [0, 1]; saved as images/<tag>_step_XXXXXXX.png and to TB."""
-        if not self.enabled:
+        if not self.enabled or self.write_error:
             return None
-        path = save_png(grid, self.run_dir / "images" / f"{tag}_step_{step:07d}.png")
-        if self._tb is not None:
-            self._tb.add_image(tag, grid, step)
+        path = self.run_dir / "images" / f"{tag}_step_{step:07d}.png"
+        try:
+            save_png(grid, path)
+            if self._tb is not None:
+                self._tb.add_image(tag, grid, step)
+        except OutputWriteError as e:
+            self._failed(path, e.reason)
+            return None
+        except OSError as e:
+            self._failed(self.run_dir / "tb", e)
+            return None
         return path
+
+    def _failed(self, path: str | Path, exc: OSError | str) -> None:
+        """Keep the first failed write, close the files (quietly: their buffers cannot be written
+        either), and go on printing the log lines."""
+        if self.write_error is None:
+            reason = exc if isinstance(exc, str) else describe_write_error(exc)
+            self.write_error = f"{path}: {reason}"
+            self.message(f"[spsr] could not write {self.write_error}; logging to stdout only, stopping "
+                         "at the next step with a checkpoint")
+        for f in (self._jsonl, self._tb):
+            with contextlib.suppress(Exception):
+                if f is not None:
+                    f.close()
+        self._jsonl = self._tb = None
 
     def message(self, text: str) -> None:
         """Print a line on rank 0 without breaking the progress bar."""
@@ -217,10 +262,13 @@ class RunLogger:
             self._wandb = None
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for f, path in ((self._tb, self.run_dir / "tb"), (self._jsonl, None)):
+            if f is None:
+                continue
+            try:
+                f.close()
+            except OSError as e:  # the buffered tail could not be written
+                self._failed(path or f.name, e)
         self._bar = self._tb = self._jsonl = None
 
 

@@ -81,6 +81,7 @@ from spsr_hpc.train.faults import (
     EXIT_STOPPED,
     CollectiveTimeoutError,
     ExportWriteError,
+    LogWriteError,
     RunFailure,
     Watchdog,
     collective_failure,
@@ -261,6 +262,7 @@ class Trainer:
         self.data_skipped: dict[str, int] = {}  # ... including this session (all ranks)
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
+        self._log_write_failed = False  # a rank 0 log write failed: every rank stops with a checkpoint
         self._signal: StopSignal | None = None
         self._eval_model: nn.Module | None = None
         self._lpips: Any = False  # built on first validation (False: not tried yet)
@@ -467,8 +469,12 @@ class Trainer:
         """
         names = list(values)
         local = torch.stack([values[k].detach().float().reshape(()) for k in names])
-        floats, (stop,) = reduce_step_values(local, self._signal.requested if self._signal else False)
-        self._stop_requested |= stop
+        log_failed = self.logger is not None and self.logger.write_error is not None  # rank 0's logs
+        floats, (stop, log_failed) = reduce_step_values(
+            local, self._signal.requested if self._signal else False, log_failed
+        )
+        self._stop_requested |= stop or log_failed
+        self._log_write_failed |= log_failed
         out = dict(zip(names, floats))
         return out, next((k for k, v in out.items() if not np.isfinite(v)), None)
 
@@ -759,7 +765,10 @@ class Trainer:
         """Train to train.max_steps (or until a signal); returns a summary dict."""
         cfg, lc = self.cfg, self.cfg.logging
         if sdist.is_main_process():
-            save_resolved(cfg, self.run_dir / "config.yaml")
+            try:
+                save_resolved(cfg, self.run_dir / "config.yaml")
+            except OutputWriteError as e:
+                raise LogWriteError(f"{e.path}: {e.reason}", self.step, None) from e
         self.logger = RunLogger(
             self.run_dir,
             total_steps=cfg.train.max_steps,
@@ -785,13 +794,18 @@ class Trainer:
                 if saved_at != self.step:
                     dog.beat(f"step {self.step}: the final checkpoint save")
                     self.save()
-                dog.beat(f"step {self.step}: the export")
-                exports = self.export()
+                exports = []
+                if not self._log_write_failed:  # else most likely the same full disk: the re-run exports
+                    dog.beat(f"step {self.step}: the export")
+                    exports = self.export()
         except Exception as e:
             dog.pause()
             if isinstance(e, RunFailure) or not is_collective_failure(e):
                 raise
             raise collective_failure(dog.phase, e, timeout, self._newest_checkpoint()) from e
+        if self._log_write_failed:  # every rank: the checkpoint and export above are written
+            reason = self.logger.write_error or "rank 0's logs in " + str(self.run_dir)
+            raise LogWriteError(reason, self.step, self.last_checkpoint)
         if stopped_by:
             self.logger.message(
                 f"[spsr] stopped by {stopped_by} at step {self.step}; checkpoint {self.last_checkpoint}; "
@@ -862,7 +876,9 @@ class Trainer:
                     dog.beat(f"step {step}: the export")
                     self.export()
                 if self._stop_requested:
-                    stopped_by = sig.signal_name or "signal on another rank"
+                    stopped_by = sig.signal_name or (
+                        "a failed log write" if self._log_write_failed else "signal on another rank"
+                    )
                     break
             self._signal = None
         return stopped_by, saved_at, last_record
