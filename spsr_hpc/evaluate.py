@@ -611,10 +611,12 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
     try:
         return _run_cli(args)
     except OutputWriteError as exc:  # a full disk: the scores are printed, nothing half-written is left
-        if sdist.is_main_process():
-            if isinstance(exc, ReportWriteError):
-                print(exc.report.markdown, flush=True)
+        if isinstance(exc, ReportWriteError):  # rank 0 writes the report
+            print(exc.report.markdown, flush=True)
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:  # an SR image (--save-images), on whichever rank wrote it
+            rank = f"rank {sdist.get_rank()}: " if sdist.get_world_size() > 1 else ""
+            print(f"error: {rank}{exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
     except (EvalInputError, DatasetNotFoundError, CheckpointMismatchError, FileNotFoundError,
             ModuleNotFoundError, BadImageError) as exc:

@@ -34,20 +34,28 @@ class OutputWriteError(Exception):
     def __init__(self, path: str | os.PathLike, reason: str, kept: str = "") -> None:
         self.path, self.reason, self.kept = Path(path), reason, kept
         what = f" {kept}." if kept else ""
-        if any(s in reason for s in ("ENOSPC", "EDQUOT", "EFBIG", "not written in full")):
-            fix = "Free space there (or raise the quota), or write to another folder"
-        elif any(s in reason for s in ("EACCES", "EPERM", "EROFS")):
-            fix = "Make the folder writable, or write to another folder"
-        else:
-            fix = "Write to another folder"
+        fix = write_advice(reason)
+        fix = f"{fix}, or write to another folder" if fix else "Write to another folder"
         super().__init__(f"could not write {path}: {reason}.{what} {fix}, then re-run the same command")
+
+
+def write_advice(reason: str) -> str:
+    """What to do about a failed write, from its reason: "Free space there (or raise the quota)"
+    for a full disk or quota, "Make the folder writable" for a permission or read-only error,
+    "" otherwise."""
+    if any(s in reason for s in ("ENOSPC", "EDQUOT", "EFBIG", "not written in full")):
+        return "Free space there (or raise the quota)"
+    if any(s in reason for s in ("EACCES", "EPERM", "EROFS")):
+        return "Make the folder writable"
+    return ""
 
 
 def describe_write_error(exc: BaseException) -> str:
     """The OS reason of a failed write in words: ``[Errno 28] No space left on device (ENOSPC)``."""
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
-        where = f" ({exc.filename})" if exc.filename else ""
+        # The .tmp a writer was writing is not worth naming: the message names the real file.
+        where = f" ({exc.filename})" if exc.filename and not str(exc.filename).endswith(".tmp") else ""
         return f"[Errno {exc.errno}] {os.strerror(exc.errno)} ({name}){where}"
     text = " ".join(str(exc).split())
     m = _RUST_OS_ERROR.search(text)
@@ -150,5 +158,6 @@ __all__ = [
     "check_output_folder",
     "describe_write_error",
     "is_write_error",
+    "write_advice",
     "write_all_or_none",
 ]

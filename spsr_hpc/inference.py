@@ -546,7 +546,6 @@ def export_onnx(
             "or leave out --onnx"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Export a CPU fp32 copy whose gradient maps use plain PyTorch ops: the fused kernel is a
     # custom op (Triton on CUDA) that ONNX has no translation for.
     export_model = copy.deepcopy(model).cpu().float().eval()
@@ -557,6 +556,7 @@ def export_onnx(
     dyn = {"lr": {0: "batch", 2: "height", 3: "width"}}
     dyn.update({name: {0: "batch", 2: "out_height", 3: "out_width"} for name in outputs})
     with atomic_output(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.onnx.export(
             wrapper, (example,), str(tmp), input_names=["lr"], output_names=outputs,
             dynamic_axes=dyn, opset_version=opset, dynamo=False,
@@ -637,12 +637,14 @@ def infer(
                 f"--save-grad: the model {type(model).__name__} has no gradient branch (only spsr "
                 "generators have one): leave out --save-grad"
             )
-        kept = f"{len(written)} of {len(files)} images are complete in {out}"
         dest = out / f"{f.stem}_SR.png"
-        _save_png(tensor_to_uint8(sr[0]), dest, kept)
-        if save_grad:
-            _save_png(tensor_to_uint8(grad[0].clamp(0, 1)), out / f"{f.stem}_grad.png", kept)
+        done = f"{len(written)} of {len(files)} SR images are complete in {out}"
+        _save_png(tensor_to_uint8(sr[0]), dest, done)
         written.append(dest)
+        if save_grad:
+            _save_png(tensor_to_uint8(grad[0].clamp(0, 1)), out / f"{f.stem}_grad.png",
+                      f"{len(written)} of {len(files)} SR images are complete in {out}, the gradient maps "
+                      "of the ones before")
     return written
 
 

@@ -119,6 +119,23 @@ def test_describe_write_error_reads_the_writers_messages():
     assert "Make the folder writable" in str(OutputWriteError("/x", reason))
 
 
+def test_messages_name_the_real_file_and_a_fix_that_fits_the_reason():
+    from spsr_hpc.train.faults import ExportWriteError, LogWriteError
+
+    rofs = describe_write_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/a.png.tmp"))
+    assert rofs == "[Errno 30] Read-only file system (EROFS)"  # not the .tmp the writer had open
+    assert "Make the folder writable, or write to another folder" in str(OutputWriteError("/d/a.png", rofs))
+    log_error = str(LogWriteError(f"m: {rofs}", 3, None))
+    assert "Make the folder writable, or set logging.run_dir elsewhere" in log_error, log_error
+    assert "Nothing was trained in this run" in log_error, log_error
+    full = describe_write_error(ENOSPC)
+    msg = str(ExportWriteError("generator export", OutputWriteError("/r/g.safetensors", full), "/ck/step_3"))
+    assert "/r/g.safetensors: [Errno 28]" in msg and "Newest intact checkpoint: /ck/step_3" in msg, msg
+    assert "Free space there (or raise the quota), then re-run" in msg, msg
+    other = describe_write_error(OSError(errno.EEXIST, os.strerror(errno.EEXIST)))
+    assert "Write to another folder, then re-run" in str(OutputWriteError("/x", other))
+
+
 def test_check_output_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=r"--onnx .* is a folder: name a file, e.g. --onnx .*g\.onnx"):
@@ -206,7 +223,7 @@ def test_infer_on_a_full_disk_names_the_file_and_keeps_the_finished_images(tiny_
     assert "No space left on device (ENOSPC)" in errors[0], errors[0]
     done = sorted(p.name for p in mnt.glob("*_SR.png"))
     assert done and len(done) < 3, done
-    assert f"{len(done)} of 3 images are complete in {mnt}" in errors[0], errors[0]
+    assert f"{len(done)} of 3 SR images are complete in {mnt}" in errors[0], errors[0]
     assert f"img{len(done)}_SR.png" in errors[0] and not _tmp_files(mnt)
     for name in done:
         with Image.open(mnt / name) as im:

@@ -196,7 +196,7 @@ def test_full_run_dir_stops_with_a_checkpoint_and_exit_4(shards, tmp_path, small
     base = [sys.executable, str(REPO / "launch/pretrain_nse.py"), "--config",
             str(REPO / "configs/tiny_nse_contrastive.yaml"), f"data.shards={shards}",
             "logging.progress_bar=false", "logging.tensorboard=false", "logging.log_every=1",
-            f"checkpoint.dir={ck}", "data.batches_per_epoch=10", "data.batch_size=2",
+            f"checkpoint.dir={ck}", "checkpoint.every=0", "data.batches_per_epoch=10", "data.batch_size=2",
             "data.hr_patch_size=64"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*base, f"logging.run_dir={mnt / 'r'}", "train.epochs=50"], capture_output=True,

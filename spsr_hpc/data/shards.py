@@ -33,6 +33,7 @@ import tarfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -282,6 +283,22 @@ class _ShardWriter:
                 self._path(len(self.shards), ext).unlink(missing_ok=True)
 
 
+def _written(writer: _ShardWriter, write: Any, *args: Any) -> Any:
+    """``write(*args)``; a failed write (full disk, quota) becomes OutputWriteError naming the
+    shard and what is left. Only the writes: a failure to start workers is not a full disk."""
+    try:
+        return write(*args)
+    except Exception as exc:
+        if not is_write_error(exc):
+            raise
+        out = writer.out_dir
+        raise OutputWriteError(
+            out / writer.current().name, describe_write_error(exc),
+            f"{len(writer.shards)} complete shard(s) are in {out}, but the run is unfinished (no "
+            f"{MANIFEST_NAME}: training refuses the folder) and the re-run writes every shard again",
+        ) from exc
+
+
 def _safe_key(stem: str) -> str:
     key = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:60]
     return key or "img"
@@ -517,17 +534,11 @@ def write_shards(
                 continue
             conversions += [{"file": res.source, "conversion": c} for c in res.conversions]
             for sample in res.samples:
-                writer.add(sample)
+                _written(writer, writer.add, sample)
                 n_samples += 1
-        shards = writer.finish()
-    except BaseException as exc:
+        shards = _written(writer, writer.finish)
+    except BaseException:
         writer.abort()
-        if is_write_error(exc):
-            raise OutputWriteError(
-                out / writer.current().name, describe_write_error(exc),
-                f"{len(writer.shards)} complete shard(s) are in {out}, but the run is unfinished (no "
-                f"{MANIFEST_NAME}: training refuses the folder) and the re-run writes every shard again",
-            ) from exc
         raise
     finally:
         if pool is not None:

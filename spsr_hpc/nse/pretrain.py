@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from spsr_hpc import distributed as sdist
-from spsr_hpc.config import load_config, save_resolved, to_dict
+from spsr_hpc.config import load_config, to_dict
 from spsr_hpc.data.loader import build_train_loader, derive_seed
 from spsr_hpc.files import OutputWriteError
 from spsr_hpc.models import build_nse
@@ -61,7 +61,7 @@ from spsr_hpc.train.faults import (
     leave_after_data_error,
 )
 from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, check_skip_rate, first_nonfinite, sync_flags
-from spsr_hpc.train.logging import RunLogger
+from spsr_hpc.train.logging import open_run_logs
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +196,17 @@ class NSEPretrainer:
 
     def export(self) -> Path:
         """Write <run_dir>/nse.safetensors (rank 0)."""
+        error = None
         if sdist.is_main_process():
             try:
                 save_nse(
                     self.objective.nse, self.cfg.nse, self.export_path,
                     extra=export_metadata(self.cfg, self.step),
                 )  # fmt: skip
-            except OutputWriteError as e:  # a full disk: one error line, exit status 4, no .tmp left
-                raise ExportWriteError("NSE export", e, ckpt.find_latest(self.ckpt_dir)) from e
-        sdist.barrier()
+            except OutputWriteError as e:  # a full disk: no .tmp is left
+                error = e
+        if sync_flags(error is not None)[0]:  # also the barrier: every rank ends with exit status 4
+            raise ExportWriteError("NSE export", error, ckpt.find_latest(self.ckpt_dir)) from error
         return self.export_path
 
     def maybe_resume(self) -> Path | None:
@@ -252,18 +254,13 @@ class NSEPretrainer:
     def train(self) -> Path:
         """Run to total_steps (resuming when a checkpoint exists); returns the NSE export path."""
         cfg = self.cfg
-        if sdist.is_main_process():
-            try:
-                save_resolved(cfg, self.run_dir / "config.yaml")
-            except OutputWriteError as e:
-                raise LogWriteError(f"{e.path}: {e.reason}", self.step, None) from e
         resumed = self.maybe_resume()
         timeout = cfg.train.collective_timeout_s
         set_collective_timeout(timeout)
         self._dog = Watchdog(timeout + grace_s(timeout), newest=lambda: ckpt.find_latest(self.ckpt_dir),
                              rank=self.rank)
-        logger = RunLogger(
-            self.run_dir, total_steps=self.total_steps, start_step=self.step,
+        logger = open_run_logs(  # config.yaml and the log files; a failed write ends every rank
+            self.run_dir, cfg, total_steps=self.total_steps, start_step=self.step,
             tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar, sample_unit="anchor",
             wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None, wandb_config=to_dict(cfg),
         )  # fmt: skip
@@ -325,6 +322,8 @@ class NSEPretrainer:
                         t_since = time.perf_counter()
                     every = cfg.checkpoint.every
                     # rank 0's failed log write stops every rank, as a signal does, with a checkpoint
+                    if self.step == self.total_steps:
+                        logger.flush()  # the buffered tails: a failure is heard here, not lost in close()
                     stop_now, log_failed = sync_flags(stop.requested, logger.write_error is not None)
                     if (every and self.step % every == 0) or stop_now or log_failed:
                         self._dog.beat(f"step {self.step}: the checkpoint save")

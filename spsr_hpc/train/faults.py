@@ -33,6 +33,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from spsr_hpc.files import write_advice
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -67,13 +69,14 @@ class ExportWriteError(RunFailure):
 
     exit_code = EXIT_CHECKPOINT
 
-    def __init__(self, what: str, error: BaseException, newest: object) -> None:
-        reason = getattr(error, "reason", None) or str(error)
+    def __init__(self, what: str, error: BaseException | None, newest: object) -> None:
+        # error: rank 0's OutputWriteError; None on the other ranks (they raise, rank 0 prints)
+        reason = getattr(error, "reason", None) or "rank 0 could not write it"
         path = getattr(error, "path", "")
+        fix = write_advice(reason) or "Fix that"
         super().__init__(
             f"could not write the {what} {path}: {reason}. Newest intact checkpoint: {newest or 'none'}. "
-            "Free space there (or raise the quota), then re-run the same command: it resumes from that "
-            "checkpoint and writes the export"
+            f"{fix}, then re-run the same command: it resumes from that checkpoint and writes the export"
         )
 
 
@@ -87,9 +90,10 @@ class LogWriteError(RunFailure):
         self.reason = reason
         where = (f"Stopped at step {step} with checkpoint {checkpoint}; the steps since the failure are "
                  "in this output only" if checkpoint else "Nothing was trained in this run")
+        fix = write_advice(reason)
+        fix = f"{fix}, or set logging.run_dir elsewhere" if fix else "Set logging.run_dir elsewhere"
         super().__init__(
-            f"could not write {reason}. {where}. Free space there (or raise the quota, or set "
-            "logging.run_dir to another filesystem), then re-run the same command: it resumes from the "
+            f"could not write {reason}. {where}. {fix}, then re-run the same command: it resumes from the "
             "newest checkpoint"
         )
 

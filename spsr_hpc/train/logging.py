@@ -135,12 +135,15 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             truncate_jsonl(path, start_step)
             self._jsonl = path.open("a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                path = self.run_dir / "tb"
+                self._tb = SummaryWriter(log_dir=str(path), purge_step=start_step or None)
+        except OutputWriteError as e:
+            raise LogWriteError(f"{e.path}: {e.reason}", start_step, None) from e
         except OSError as e:
             raise LogWriteError(f"{path}: {describe_write_error(e)}", start_step, None) from e
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=start_step or None)
         if progress_bar and _is_terminal():
             from tqdm import tqdm
 
@@ -211,6 +214,8 @@ class RunLogger:
             self._bar.set_postfix(self._short(record), refresh=False)
             self._bar.update(max(0, step - self._bar_step))
             self._bar_step = max(self._bar_step, step)
+            if self.write_error:  # the record is in this output only: print it above the bar
+                self._bar.write(self._plain_line(step, record))
         elif any(k.startswith("loss/") for k in record) or "samples_per_s" in record or self.write_error:
             print(self._plain_line(step, record), flush=True)
         self._step_last = step
@@ -239,8 +244,8 @@ class RunLogger:
         if self.write_error is None:
             reason = exc if isinstance(exc, str) else describe_write_error(exc)
             self.write_error = f"{path}: {reason}"
-            self.message(f"[spsr] could not write {self.write_error}; logging to stdout only, stopping "
-                         "at the next step with a checkpoint")
+            self.message(f"[spsr] could not write {self.write_error}; logging to stdout only; every rank "
+                         "stops with a checkpoint")
         for f in (self._jsonl, self._tb):
             with contextlib.suppress(Exception):
                 if f is not None:
@@ -256,6 +261,16 @@ class RunLogger:
         else:
             print(text, flush=True)
 
+    def flush(self) -> None:
+        """Write what the files buffer (a failure goes to :attr:`write_error`, as in :meth:`log`)."""
+        for f, path in ((self._tb, self.run_dir / "tb"), (self._jsonl, None)):
+            if f is None:
+                continue
+            try:
+                f.flush()
+            except OSError as e:
+                self._failed(path or f.name, e)
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
@@ -270,6 +285,34 @@ class RunLogger:
             except OSError as e:  # the buffered tail could not be written
                 self._failed(path or f.name, e)
         self._bar = self._tb = self._jsonl = None
+
+
+def open_run_logs(run_dir: str | Path, cfg: Any, **kwargs: Any) -> RunLogger:
+    """Write ``config.yaml`` (rank 0) and open the :class:`RunLogger` (``kwargs``). Every rank
+    calls it: a failed write on rank 0 ends every rank with :class:`LogWriteError` (one flag
+    all-reduce) before any step, instead of rank 0 alone (the others waiting for it)."""
+    from spsr_hpc.config import save_resolved
+    from spsr_hpc.train.guards import sync_flags
+
+    start = int(kwargs.get("start_step", 0))
+    error: LogWriteError | None = None
+    logger = None
+    if sdist.is_main_process():
+        try:
+            save_resolved(cfg, Path(run_dir) / "config.yaml")
+        except OutputWriteError as e:
+            error = LogWriteError(f"{e.path}: {e.reason}", start, None)
+    if error is None:
+        try:
+            logger = RunLogger(run_dir, **kwargs)
+        except LogWriteError as e:
+            error = e
+    if sync_flags(error is not None)[0]:
+        if logger is not None:
+            logger.close()
+        raise error or LogWriteError(f"rank 0's run folder {run_dir}", start, None)
+    assert logger is not None
+    return logger
 
 
 def truncate_jsonl(path: str | Path, last_step: int) -> int:
@@ -296,12 +339,10 @@ def truncate_jsonl(path: str | Path, last_step: int) -> int:
         return 0
     with p.with_name(p.stem + ".discarded" + p.suffix).open("a") as f:
         f.writelines(drop)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_output(p) as tmp, tmp.open("w") as f:
         f.writelines(keep)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, p)
     return len(drop)
 
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from spsr_hpc import distributed as sdist
-from spsr_hpc.config import load_config, save_resolved, to_dict
+from spsr_hpc.config import load_config, to_dict
 from spsr_hpc.files import OutputWriteError
 from spsr_hpc.precision import autocast, cast_frozen_weights_, check_bf16
 from spsr_hpc.preflight import StartupError
@@ -90,8 +90,14 @@ from spsr_hpc.train.faults import (
     is_collective_failure,
     leave_after_data_error,
 )
-from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, check_skip_rate, reduce_step_values
-from spsr_hpc.train.logging import RunLogger, image_grid
+from spsr_hpc.train.guards import (
+    NonFiniteLossError,
+    StopSignal,
+    check_skip_rate,
+    reduce_step_values,
+    sync_flags,
+)
+from spsr_hpc.train.logging import RunLogger, image_grid, open_run_logs
 
 GENERATOR = "generator"
 
@@ -724,9 +730,8 @@ class Trainer:
         return dataclasses.replace(d_cfg, in_ch=int(c), input_size=int(h))
 
     def export(self, path: str | Path | None = None) -> list[Path]:
-        """Rank 0: generator (and EMA) as safetensors, loadable by spsr_hpc.models.load_pretrained."""
-        if not sdist.is_main_process():
-            return []
+        """Rank 0: generator (and EMA) as safetensors, loadable by spsr_hpc.models.load_pretrained.
+        Every rank calls it (a failed write ends every rank: one flag all-reduce)."""
         from spsr_hpc.inference import export_generator
 
         meta = {
@@ -735,13 +740,18 @@ class Trainer:
             "generator": json.dumps(to_dict(self.cfg.model.generator)),
         }
         base = Path(path) if path else self.run_dir / "generator.safetensors"
-        try:
-            paths = [export_generator(self._inference_model(False), base, metadata=meta)]
-            if self.ema is not None:
-                ema_path = base.with_name(base.stem + "_ema" + base.suffix)
-                paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
-        except OutputWriteError as e:  # a full disk: one error line, exit status 4, no .tmp left
-            raise ExportWriteError("generator export", e, self._newest_checkpoint()) from e
+        paths: list[Path] = []
+        error = None
+        if sdist.is_main_process():
+            try:
+                paths.append(export_generator(self._inference_model(False), base, metadata=meta))
+                if self.ema is not None:
+                    ema_path = base.with_name(base.stem + "_ema" + base.suffix)
+                    paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
+            except OutputWriteError as e:  # a full disk: no .tmp is left
+                error = e
+        if sync_flags(error is not None)[0]:  # every rank ends with exit status 4, rank 0 prints
+            raise ExportWriteError("generator export", error, self._newest_checkpoint()) from error
         return paths
 
     def _log_images(self) -> None:
@@ -764,13 +774,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps (or until a signal); returns a summary dict."""
         cfg, lc = self.cfg, self.cfg.logging
-        if sdist.is_main_process():
-            try:
-                save_resolved(cfg, self.run_dir / "config.yaml")
-            except OutputWriteError as e:
-                raise LogWriteError(f"{e.path}: {e.reason}", self.step, None) from e
-        self.logger = RunLogger(
+        self.logger = open_run_logs(
             self.run_dir,
+            cfg,
             total_steps=cfg.train.max_steps,
             start_step=self.step,
             tensorboard=lc.tensorboard,
@@ -791,6 +797,11 @@ class Trainer:
         try:
             with dog:
                 stopped_by, saved_at, last_record = self._loop(dog, saved_at)
+                # Writes after the last step's all-reduce (its log line, validation, image grids,
+                # buffered tails) fail here, on rank 0: every rank hears of it.
+                dog.beat(f"step {self.step}: the flag of rank 0's log writes")
+                self.logger.flush()
+                self._log_write_failed |= sync_flags(self.logger.write_error is not None)[0]
                 if saved_at != self.step:
                     dog.beat(f"step {self.step}: the final checkpoint save")
                     self.save()
@@ -872,7 +883,7 @@ class Trainer:
                     dog.beat(f"step {step}: the checkpoint save (its barriers and all-gathers)")
                     self.save()
                     saved_at = step
-                if cc.export_every and step % cc.export_every == 0:
+                if cc.export_every and step % cc.export_every == 0 and not self._log_write_failed:
                     dog.beat(f"step {step}: the export")
                     self.export()
                 if self._stop_requested:
