@@ -60,6 +60,18 @@ def _noise_images(folder: Path, n: int, side: int) -> list[Path]:
     return paths
 
 
+def _fail_opening(monkeypatch, suffix: str, err: int) -> None:
+    """spsr_hpc.files' open() of a file ending in ``suffix`` fails with ``err`` (a full disk, a quota)."""
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith(suffix):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", failing_open, raising=False)
+
+
 # --- the shared writer --------------------------------------------------------------------------
 
 
@@ -90,14 +102,7 @@ def test_write_all_or_none_replaces_every_file_or_none(tmp_path, monkeypatch):
     paths = [tmp_path / n for n in ("a.csv", "b.csv", "report.md")]
     for p in paths:
         p.write_text(f"old {p.name}")
-    real_open = open
-
-    def failing_open(path, *args, **kwargs):
-        if str(path).endswith("b.csv.tmp"):
-            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(files, "open", failing_open, raising=False)
+    _fail_opening(monkeypatch, "b.csv.tmp", errno.EDQUOT)
     with pytest.raises(OutputWriteError, match=r"b\.csv: \[Errno 122\] Disk quota exceeded \(EDQUOT\)"):
         files.write_all_or_none([(p, "new") for p in paths])
     assert [p.read_text() for p in paths] == [f"old {p.name}" for p in paths]
@@ -171,14 +176,7 @@ def test_evaluate_report_write_failure_prints_the_report_and_keeps_the_old_one(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"report.md", "report.csv", "per_image.csv"}
     capsys.readouterr()
-    real_open = open
-
-    def full_disk(path, *a, **kw):
-        if str(path).endswith("per_image.csv.tmp"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_open(path, *a, **kw)
-
-    monkeypatch.setattr(files, "open", full_disk, raising=False)
+    _fail_opening(monkeypatch, "per_image.csv.tmp", errno.ENOSPC)
     with pytest.raises(SystemExit) as e:
         main(args)  # with the bicubic row this time: another report
     cap = capsys.readouterr()
