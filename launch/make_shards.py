@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except OutputWriteError as exc:  # a full disk or quota: no .tmp is left, the message says what is kept
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: the workers are stopped, the unfinished shard's .tmp removed
+        print(f"make_shards: interrupted: {args.out} holds an unfinished run (no manifest.json; training "
+              "refuses it); re-run the same command", file=sys.stderr)
+        return 130
     print(
         f"{manifest['num_samples']} samples in {manifest['num_shards']} shard(s), "
         f"{manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['skipped_count']} file(s) skipped, "

@@ -40,19 +40,25 @@ budget="${GPU_CHECK_BUDGET:-470}"
 results="benchmarks/results"
 static_only=""
 py="${SPSR_PYTHON:-}"
+die() { echo "error: $*" >&2; exit 2; }
+# value OPTION "$@": the option's argument, or exit 2 naming the option
+value() { [[ $# -ge 2 && "$2" != --* ]] || die "$1 needs a value (see --help)"; printf '%s' "$2"; }
 while (($#)); do
     case "$1" in
         --no-gpu) no_gpu=1 ;;
-        --wheels) wheels="${2:?--wheels needs a folder}"; shift ;;
-        --budget) budget="${2:?--budget needs seconds}"; shift ;;
-        --results) results="${2:?--results needs a folder}"; shift ;;
-        --static-only) static_only="${2?--static-only needs text}"; shift ;;
-        --python) py="${2:?--python needs an interpreter}"; shift ;;
+        --wheels) wheels="$(value "$@")" || exit 2; shift ;;
+        --budget) budget="$(value "$@")" || exit 2; shift ;;
+        --results) results="$(value "$@")" || exit 2; shift ;;
+        --static-only) [[ $# -ge 2 ]] || die "--static-only needs text"; static_only="$2"; shift ;;
+        --python) py="$(value "$@")" || exit 2; shift ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-        *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) die "unknown option $1 (see --help)" ;;
     esac
     shift
 done
+[[ "$budget" =~ ^[0-9]+$ ]] || die "--budget $budget: seconds, a whole number (e.g. 470)"
+[[ -z "$py" || -x "$py" || -n "$(command -v "$py" 2>/dev/null)" ]] || die "--python $py: no such interpreter"
+[[ ! -e "$results" || -d "$results" ]] || die "--results $results is a file, not a folder"
 if [[ -z "$py" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then py="$repo/.venv/bin/python"; else py="$(command -v python3 || command -v python)"; fi
 fi
@@ -60,8 +66,8 @@ if [[ -n "$wheels" && ! -d "$wheels" ]]; then
     echo "error: --wheels $wheels is not a folder; make one with scripts/gpu_wheels.sh" >&2
     exit 2
 fi
-mkdir -p "$results"
-results="$(cd "$results" && pwd)"
+mkdir -p "$results" || die "--results $results: cannot create that folder"
+results="$(cd "$results" && pwd)" || die "--results $results: cannot enter that folder"
 run_dir="$results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$run_dir"
 steps="$run_dir/steps.txt"

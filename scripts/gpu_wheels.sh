@@ -18,11 +18,25 @@
 # One version of each (two would stop the --no-deps install there); ~6 MB in all.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -*) echo "error: unknown option $1; usage: bash scripts/gpu_wheels.sh [DIR]" >&2; exit 2 ;;
+esac
+if (($# > 1)); then
+    echo "error: one folder expected, got $#: $*; usage: bash scripts/gpu_wheels.sh [DIR]" >&2
+    exit 2
+fi
 dir="${1:-$repo/.whl}"
 pyver="${GPU_WHEELS_PYTHON:-3.12}"
 py="${SPSR_PYTHON:-$repo/.venv/bin/python}"
 [[ -x "$py" ]] || py="$(command -v python3)"
+if [[ -e "$dir" && ! -d "$dir" ]]; then
+    echo "error: $dir is a file, not a folder: name another DIR" >&2
+    exit 2
+fi
 mkdir -p "$dir"
+# Without a network pip's own error names a package only: say what this step needs.
+trap 'rc=$?; ((rc)) && echo "error: fetching the wheels failed (exit $rc): this step needs PyPI (a network); run it on a machine that has one and carry $dir to the GPU machine" >&2' EXIT
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 binary=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
@@ -32,6 +46,7 @@ binary=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8
 # lpips and deepspeed publish no wheel for every tag: build pure-Python wheels (the setup scripts
 # need torch importable here; DS_BUILD_OPS=0 compiles no DeepSpeed op ahead of time).
 DS_BUILD_OPS=0 "$py" -m pip wheel --quiet --no-deps --no-build-isolation -w "$dir" deepspeed==0.19.8 lpips==0.1.4
+trap - EXIT
 # A wheel tagged for this machine's Python only would not install there.
 for whl in "$dir"/*.whl; do
     case "$(basename "$whl")" in

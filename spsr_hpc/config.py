@@ -224,8 +224,13 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings to a raw config dict in place (value via yaml.safe_load)."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...], *, unique: bool = False
+) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw config dict in place (value via yaml.safe_load).
+    A value that is not YAML is a ConfigError. With ``unique`` (a command line a user typed), so
+    is a key given twice; without it (lists composed in code: base, then changes) the last wins."""
+    seen: set[str] = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "override must look like key.sub=value", "<command line>")
@@ -233,15 +238,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         dotted = dotted.strip().lstrip("-")
         if not dotted:
             raise ConfigError(item, "override has an empty key", "<command line>")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        if unique and dotted in seen:
+            raise ConfigError(dotted, "given twice on the command line (the last would win): keep one",
+                              "<command line>")
+        seen.add(dotted)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(dotted, f"value {raw!r} is not valid YAML ({problem}): fix it, or quote it "
+                              f"('{dotted}=\"...\"') to pass a string", "<command line>") from None
         _set_dotted(data, dotted, value)
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping (the last would win): keep one",
+                key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
 
 
 def load_config(
     path: str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
     schema: type[T] | None = None,
+    *,
+    unique_overrides: bool = False,
 ) -> T:
     """Load a YAML file (or only defaults when path is None), apply overrides, type-check and
     validate. Every problem raises ConfigError (a ValueError) naming the dotted key and the file.
@@ -249,6 +285,7 @@ def load_config(
     Args:
         path: YAML file with one mapping per section.
         overrides: ``["train.max_steps=10", "loss.gan_weight=0"]``; values are YAML.
+        unique_overrides: refuse a key given twice in ``overrides`` (the launchers' command lines).
         schema: root dataclass; default :class:`RunConfig`.
     """
     if schema is None:
@@ -257,11 +294,14 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise FileNotFoundError(f"config file {p} is a folder: pass a .yaml file (the run configs are "
+                                    "in configs/)")
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
         with p.open() as f:
             try:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as e:
                 raise ConfigError("<root>", f"not valid YAML: {e}", source) from e
         if loaded is not None and not isinstance(loaded, dict):
@@ -270,7 +310,7 @@ def load_config(
         data = loaded or {}
     if overrides:
         source = f"{source} (with overrides {list(overrides)})"
-        apply_overrides(data, overrides)
+        apply_overrides(data, overrides, unique=unique_overrides)
     cfg = from_dict(schema, data, source=source)
     validate_tree(cfg, source=source)
     return cfg
@@ -470,6 +510,9 @@ class LoggingConfig:
     wandb_project: str = "spsr-hpc"
 
     def validate(self) -> None:
+        if not str(self.run_dir).strip():
+            raise ConfigError("run_dir", "is empty (the run would write into the current folder, and "
+                              "checkpoint.resume=auto resume whatever ./checkpoints holds): name a folder")
         if self.log_every < 1:
             raise ConfigError("log_every", f"must be >= 1, got {self.log_every}")
         self._validate_wandb()

@@ -300,8 +300,16 @@ def _build_lpips(weights: str | os.PathLike | None, require: bool, random_backbo
                  device: torch.device) -> tuple[LPIPSMetric | None, str | None]:
     if random_backbone:
         return LPIPSMetric(random_backbone=True, device=device), _RANDOM_NOTE
+    from safetensors import SafetensorError
+
     try:
         return LPIPSMetric(weights, device=device), None
+    except (SafetensorError, ValueError, RuntimeError) as e:  # a damaged file, or another network's
+        where = weights or "found by `python -m spsr_hpc.weights status`"
+        raise EvalInputError(
+            f"LPIPS weights {where} do not load as AlexNet ({' '.join(str(e).split())[:200]}): run "
+            "`python -m spsr_hpc.weights fetch --force`, or pass another --lpips-weights"
+        ) from e
     except MissingWeightsError:
         if require:
             raise
@@ -668,6 +676,9 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
             name, hr, lr = _parse_dataset(spec)
         except ValueError as e:
             raise EvalInputError(str(e)) from None
+        if name in datasets:
+            raise EvalInputError(f"--dataset name {name!r} given twice: one would replace the other; "
+                                 "give each set its own NAME")
         datasets[name] = (hr, lr)
     if args.bundled:
         bundled = Path(args.out) / "bundled"
@@ -676,7 +687,11 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
         sdist.barrier()
         datasets["bundled_val"] = (bundled / "val" / "HR", None)  # export_bundled_photos' layout
     if args.sets or not (args.dataset or args.bundled):
-        datasets.update(find_datasets(args.data_root, args.sets, scale))
+        found = find_datasets(args.data_root, args.sets, scale)
+        if both := sorted(set(found) & set(datasets)):
+            raise EvalInputError(f"{', '.join(both)}: named by --sets and by --dataset; one would replace "
+                                 "the other: rename the --dataset one")
+        datasets.update(found)
     report = evaluate(
         models, datasets, scale, args.out, device=args.device, precision=args.precision,
         batch_size=args.batch_size, tile=args.tile, overlap=args.overlap, bicubic=not args.no_bicubic,

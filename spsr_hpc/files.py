@@ -131,10 +131,16 @@ def write_all_or_none(files: Sequence[tuple[Path, str]], kept: str = "") -> None
 
 
 def check_output_folder(path: str | os.PathLike, flag: str) -> None:
-    """ValueError when ``path`` (an output folder given as ``flag``) exists and is not a folder."""
+    """ValueError when ``path`` (an output folder given as ``flag``), or the nearest of its parents
+    that exists, is not a folder."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {p} is a file, not a folder: choose another {flag}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {p}: {parent} is a file, not a folder: choose another {flag}")
+            break
 
 
 def check_output_file(path: str | os.PathLike, flag: str, example: str) -> None:

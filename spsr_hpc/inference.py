@@ -790,6 +790,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     except OutputWriteError as e:  # a full disk: one line, no .tmp left, what is complete named
         _user_error(e)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C: every file written is whole (each goes through a .tmp)
+        import sys
+
+        print(f"infer: interrupted; the images written to {args.out} so far are complete (no .tmp is "
+              "left); re-run to do them all", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def _run_main(args: argparse.Namespace, model: nn.Module, cfg: GeneratorConfig,

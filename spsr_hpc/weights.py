@@ -327,6 +327,8 @@ def fetch(
         if ok:
             return FetchResult(files, prov_path, fetched=False)
 
+    if out.exists() and not out.is_dir():
+        raise WeightsFetchError(f"--dir {out} is a file, not a folder: choose another --dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

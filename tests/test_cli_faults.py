@@ -30,6 +30,7 @@ from spsr_hpc.models import GeneratorConfig, build_generator
 
 TINY = GeneratorConfig(name="spsr", nf=8, nb=2, gc=4, taps=[0, 1])
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _errors(text: str) -> list[str]:
@@ -409,3 +410,215 @@ def test_benchmark_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--device", "cuda"])
     assert e.value.code == 2 and "no CUDA device is visible here; use cpu" in capsys.readouterr().err
+
+
+# --- second audit: evaluate_nse, symlinks, repeated names, damaged weights, configs, scripts ------
+
+
+@pytest.fixture
+def nse_file(tmp_path):
+    from spsr_hpc.models import NSEConfig, build_nse
+    from spsr_hpc.nse.export import save_nse
+
+    cfg = NSEConfig(width=16, out_dim=8)
+    return save_nse(build_nse(cfg), cfg, tmp_path / "nse_run" / "nse.safetensors")
+
+
+def test_evaluate_nse_refuses_bad_paths_devices_and_labels_before_any_work(nse_file, tmp_path, capsys):
+    """Before: --out under a file was NotADirectoryError after the whole evaluation; --device cuda
+    (no GPU) a RuntimeError; a damaged --nse a SafetensorError; --nse random-init=PATH replaced the
+    trained NSE's row with the baseline's, exit 0."""
+    from spsr_hpc.nse.evaluate import main
+
+    _noise_images(tmp_path / "held", 1, 64)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "fake.safetensors").write_text("not a safetensors file")
+    base = ["--train-shards", str(tmp_path / "no_shards"), "--heldout", str(tmp_path / "held"),
+            "--patch", "32", "--num-negatives", "8"]
+    cases = [
+        (["--nse", str(nse_file), "--out", str(tmp_path / "afile" / "sub")], "afile is a file, not a folder"),
+        (["--nse", str(nse_file), "--device", "cuda:0" if not torch.cuda.is_available() else "gpu"],
+         "no CUDA device is visible" if not torch.cuda.is_available() else "is not a device"),
+        (["--nse", str(tmp_path / "fake.safetensors")], "is not a readable safetensors file"),
+        (["--nse", str(nse_file.parent)], "is a folder: pass its nse.safetensors"),
+        (["--nse", f"random-init={nse_file}"], "the label 'random-init' is the random-init baseline's row"),
+    ]  # fmt: skip
+    for argv, named in cases:
+        assert main([*argv, *base]) == 2, argv
+        errors = _errors(capsys.readouterr().err)
+        assert len(errors) == 1 and named in errors[0], (argv, errors)
+
+
+def test_evaluate_nse_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Before: report.json and report.md were overwritten and report.csv left empty on ENOSPC."""
+    from spsr_hpc.nse import evaluate as nse_eval
+
+    report = {"settings": {}, "nses": {}}
+    monkeypatch.setattr(nse_eval, "format_markdown", lambda r: "| new |")
+    monkeypatch.setattr(nse_eval, "format_csv", lambda r: "new\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("report.json", "report.md", "report.csv"):
+        (out / name).write_text("old")
+    _fail_opening(monkeypatch, "report.csv.tmp", errno.ENOSPC)
+    with pytest.raises(OutputWriteError, match=r"report\.csv: \[Errno 28\].*The report is printed above"):
+        nse_eval.write_report(report, out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(
+        ("report.json", "report.md", "report.csv"), "old")
+
+
+def test_a_broken_link_among_the_images_is_named_not_skipped(photos, tmp_path, capsys):
+    """Before: list_images kept only p.is_file(), so a dangling link was left out and evaluate
+    scored one image of two with exit 0."""
+    from spsr_hpc.data.images import list_images
+    from spsr_hpc.evaluate import main
+
+    hr = tmp_path / "HR"
+    hr.mkdir()
+    (hr / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
+    (hr / "coffee.png").symlink_to(tmp_path / "gone.png")
+    assert [p.name for p in list_images(hr)] == ["chelsea.png", "coffee.png"]
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", f"t={hr}", "--out", str(tmp_path / "ev"), "--no-progress",
+              "--lpips-weights", str(tmp_path / "none.pth")])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and len(errors) == 1 and "coffee.png" in errors[0], errors
+
+
+def test_evaluate_refuses_a_dataset_name_given_twice(photos, tmp_path, capsys):
+    """Before: the second --dataset t=... silently replaced the first (exit 0)."""
+    from spsr_hpc.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", f"t={photos}", "--dataset", f"t={photos}", "--out", str(tmp_path / "ev")])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and len(errors) == 1 and "'t' given twice" in errors[0], errors
+
+
+def test_evaluate_damaged_lpips_weights_are_one_error_line(photos, tmp_path, capsys):
+    """Before: a SafetensorError traceback (a truncated file) or a ValueError from lpips (VGG16
+    weights given as AlexNet's)."""
+    from spsr_hpc.evaluate import main
+
+    (tmp_path / "alexnet.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", f"t={photos}", "--out", str(tmp_path / "ev"), "--no-progress",
+              "--lpips-weights", str(tmp_path / "alexnet.safetensors")])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and len(errors) == 1, errors
+    assert "alexnet.safetensors do not load as AlexNet" in errors[0] and "fetch --force" in errors[0], errors
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["optim.milestones=[150"], "'optim.milestones': value '[150' is not valid YAML"),
+    (["x=!!python/object:os.system"], "is not valid YAML"),
+    (["train.max_steps=2", "train.max_steps=3"], "'train.max_steps': given twice on the command line"),
+    (["logging.run_dir="], "'logging.run_dir': is empty"),
+])  # fmt: skip
+def test_train_command_line_mistakes_are_one_error_line(overrides, named, tmp_path, capsys):
+    """Before: YAML errors in an override were tracebacks, a repeated key kept the last value
+    silently, and an empty run_dir wrote the run (and resumed ./checkpoints) in the current folder."""
+    from spsr_hpc.train.trainer import main
+
+    assert main(["--config", str(REPO / "configs" / "tiny_psnr.yaml"), *overrides, "--validate"]) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and named in errors[0], errors
+
+
+def test_config_file_with_a_repeated_key_or_a_folder(tmp_path):
+    from spsr_hpc.config import ConfigError, load_config
+
+    (tmp_path / "dup.yaml").write_text("train:\n  max_steps: 2\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="key 'train' appears twice in one mapping"):
+        load_config(tmp_path / "dup.yaml")
+    with pytest.raises(FileNotFoundError, match=r"is a folder: pass a \.yaml file"):
+        load_config(tmp_path)
+    # Lists composed in code keep "the last wins" (a base, then its changes).
+    cfg = load_config(REPO / "configs" / "tiny_psnr.yaml", ["train.max_steps=2", "train.max_steps=3"])
+    assert cfg.train.max_steps == 3
+
+
+@pytest.mark.parametrize(("script", "args", "named"), [
+    ("gpu_check.sh", ["--budget", "abc"], "--budget abc: seconds"),
+    ("gpu_check.sh", ["--wheels"], "--wheels needs a value"),
+    ("gpu_check.sh", ["--results", __file__], "is a file, not a folder"),
+    ("gpu_check.sh", ["--python", "/nonexistent/python"], "no such interpreter"),
+    ("gpu_wheels.sh", ["--help-me"], "unknown option --help-me"),
+    ("gpu_wheels.sh", ["a", "b"], "one folder expected, got 2"),
+])  # fmt: skip
+def test_gpu_scripts_refuse_bad_arguments_before_any_work(script, args, named, tmp_path):
+    """Before: --results <file> created /gpu_check_<time>/ at the root and went on; --budget abc
+    failed after making the run folder; gpu_wheels.sh made a folder named --help and ran pip."""
+    import subprocess
+
+    r = subprocess.run(["bash", str(REPO / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and named in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())  # nothing made
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored sideways (EXIF orientation 6: rotate 90 degrees clockwise to view) was
+    super-resolved sideways, with no note."""
+    from PIL import Image as PILImage
+
+    from spsr_hpc.data import read_rgb
+
+    stored = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    PILImage.fromarray(stored).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    PILImage.open(tmp_path / "cam.jpg").save(tmp_path / "plain.png")  # the decoded pixels, no tag
+    img, note = read_rgb(tmp_path / "cam.jpg")
+    raw, _ = read_rgb(tmp_path / "plain.png")
+    np.testing.assert_array_equal(img, np.rot90(raw, k=-1))  # clockwise
+    assert img.shape == (40, 32, 3) and note == "EXIF orientation 6 applied"
+
+
+def _interrupt_when(cmd: list[str], ready, cwd: Path) -> tuple[int, str]:
+    """Start ``cmd`` in its own process group, send SIGINT to the group (as a terminal's Ctrl-C
+    does) once ``ready()`` is true, and return (exit status, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert p.poll() is None, "finished before it could be interrupted"
+            assert time.monotonic() < deadline, "never got ready"
+            time.sleep(0.02)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return p.returncode, err
+
+
+def test_ctrl_c_in_make_shards_is_one_line_and_leaves_no_tmp(tmp_path):
+    """Before: ~80 lines of KeyboardInterrupt tracebacks, one from each pool worker."""
+    import sys
+
+    _noise_images(tmp_path / "hr", 40, 96)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch" / "make_shards.py"), "--hr", str(tmp_path / "hr"), "--out",
+           str(out), "--shard-size-mb", "0.03", "--workers", "2", "--no-progress"]
+    rc, err = _interrupt_when(cmd, lambda: any(out.glob("shard-*.tar")), tmp_path)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    assert len(_errors(err) + [ln for ln in err.splitlines() if "interrupted" in ln]) == 1, err[-3000:]
+    assert not _tmp_files(out) and not (out / "manifest.json").exists()
+
+
+def test_ctrl_c_in_infer_is_one_line(tiny_ckpt, tmp_path):
+    import sys
+
+    _noise_images(tmp_path / "in", 30, 24)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch" / "infer.py"), "--input", str(tmp_path / "in"), "--checkpoint",
+           str(tiny_ckpt), "--out", str(out), "--no-progress", "--tile", "0"]
+    rc, err = _interrupt_when(cmd, lambda: any(out.glob("*_SR.png")), tmp_path)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    assert "infer: interrupted" in err and not _tmp_files(out), err[-3000:]

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -60,7 +60,15 @@ def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return _to_rgb(im, source)
+            # A camera JPEG stores its pixels sideways with an EXIF orientation tag that viewers
+            # apply: apply it too, so the SR (and a crop, an HR/LR pair) is what the user sees.
+            orientation = im.getexif().get(0x0112, 1)
+            if orientation not in (1, None):
+                im = ImageOps.exif_transpose(im)
+            arr, note = _to_rgb(im, source)
+            if orientation not in (1, None):
+                note = "; ".join(n for n in (f"EXIF orientation {orientation} applied", note) if n)
+            return arr, note
     except BadImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -95,11 +103,16 @@ def encode_png(img: np.ndarray, compress_level: int = 1) -> bytes:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (not recursive), sorted by name."""
+    """Image files directly inside ``folder`` (not recursive), sorted by name.
+
+    Every entry with an image extension that is not a folder counts, a broken symbolic link
+    included: reading it fails with an error naming it, instead of the image silently missing
+    from an evaluation.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"image folder {str(folder)!r} does not exist or is not a directory")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
 
 
 def find_lr_match(hr_stem: str, lr_by_stem: dict[str, Path], scale: int) -> Path | None:

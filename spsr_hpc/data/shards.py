@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import re
 import shlex
+import signal
 import sys
 import tarfile
 import warnings
@@ -307,7 +308,10 @@ def _safe_key(stem: str) -> str:
 def _file_fingerprint(paths: list[Path]) -> list[list]:
     out = []
     for p in paths:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError:  # a broken link: skipped with its reason when it is read
+            st = p.lstat()
         out.append([p.name, st.st_size, st.st_mtime_ns])
     return out
 
@@ -388,6 +392,12 @@ def verify_shards(shards: list[str], mode: str = "size") -> list[tuple[str, str]
             elif mode == "sha256" and entry.get("sha256") and _sha256_file(path) != entry["sha256"]:
                 out.append((str(path), "sha256 differs from the manifest's (same size: the content changed)"))
     return out
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them and reports once (each worker
+    printed its own KeyboardInterrupt traceback before)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_context() -> mp.context.BaseContext:
@@ -518,7 +528,7 @@ def write_shards(
     pool = None
     try:
         if n_workers > 1:
-            pool = _worker_context().Pool(n_workers)
+            pool = _worker_context().Pool(n_workers, initializer=_ignore_sigint)
             results = pool.imap(_process_file, jobs, chunksize=1)  # ordered: shards are deterministic
         else:
             results = map(_process_file, jobs)

@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import io
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.images import list_images, read_rgb
 from spsr_hpc.data.loader import build_train_loader
 from spsr_hpc.device import device_name
+from spsr_hpc.files import OutputWriteError, check_output_folder, write_all_or_none
 from spsr_hpc.models import NSEConfig, build_nse
 from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
 from spsr_hpc.nse.contrastive import ContrastiveObjective
@@ -102,9 +104,12 @@ class EvalSettings:
 
 
 def _device(choice: str) -> torch.device:
+    """``auto`` (CUDA when there is one) or a device this machine has; ValueError naming it."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    from spsr_hpc.inference import cli_device
+
+    return cli_device(choice)
 
 
 # ---------------------------------------------------------------------------------- held-out data
@@ -332,6 +337,9 @@ def evaluate(
         label = _nse_label(spec, path, meta)
         if label in nses:
             raise ValueError(f"two NSEs are labelled {label!r}: use --nse LABEL=PATH")
+        if label == RANDOM_NAME and random_baseline:
+            raise ValueError(f"the label {RANDOM_NAME!r} is the random-init baseline's row, which would "
+                             f"replace {path}'s: use --nse LABEL=PATH with another label (or --no-random)")
         strategies = json.loads(meta["strategies"]) if "strategies" in meta else None
         nses[label] = {
             "path": str(path), "method": meta.get("method"), "strategies": strategies,
@@ -418,12 +426,15 @@ def format_csv(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """report.json, report.md and report.csv in out_dir (created)."""
+    """report.json, report.md and report.csv in out_dir (created), all replaced or none: a failed
+    write (OutputWriteError) leaves the previous report whole and no .tmp file."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(format_markdown(report) + "\n")
-    (out / "report.csv").write_text(format_csv(report))
+    write_all_or_none(
+        [(out / "report.json", json.dumps(report, indent=2) + "\n"),
+         (out / "report.md", format_markdown(report) + "\n"),
+         (out / "report.csv", format_csv(report))],
+        kept=f"The report is printed above; the files in {out} are unchanged",
+    )  # fmt: skip
     return out
 
 
@@ -464,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     from spsr_hpc.preflight import print_errors
 
-    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
-        return print_errors(ValueError(f"--out {a.out} is a file, not a folder: choose another --out"))
+    try:  # before any work (the evaluation takes minutes to hours)
+        _device(a.device)
+        if a.out:
+            check_output_folder(a.out, "--out")
+    except ValueError as e:
+        return print_errors(e)
     try:
         report = evaluate(a.nse, a.train_shards, a.heldout, s, random_baseline=not a.no_random)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
@@ -474,7 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         return print_errors(e)
     print(format_markdown(report))
     if a.out:
-        print(f"report: {write_report(report, a.out)}/report.{{md,csv,json}}")
+        try:
+            print(f"report: {write_report(report, a.out)}/report.{{md,csv,json}}")
+        except OutputWriteError as e:  # a full disk: the report is printed above
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return e.exit_code
     return 0
 
 

@@ -49,8 +49,16 @@ def read_nse_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of an NSE weights file (format, nse_config JSON, geometry, ...)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    if Path(path).is_dir():
+        raise ValueError(f"NSE weights {path} is a folder: pass its nse.safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): re-export it, or point at "
+                         "another file") from e
 
 
 def load_nse(
@@ -67,6 +75,8 @@ def load_nse(
         The NSE: (B, 3, H, W) float in [0, 1] -> (B, 32, H/4, W/4) with the default config.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"NSE weights {path} is a folder: pass its nse.safetensors")
     if not path.is_file():
         raise FileNotFoundError(
             f"NSE weights {path} not found: pretrain one with `launch/pretrain_nse.py` "
@@ -80,7 +90,10 @@ def load_nse(
         )
     cfg = NSEConfig(**json.loads(meta["nse_config"]))
     nse = build_nse(cfg)
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # a header that reads but tensors cut short
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): re-export it") from e
     result = nse.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     from spsr_hpc.preflight import StartupError, check_run_inputs, print_errors
 
     try:
-        cfg = load_config(args.config, args.overrides, schema=NSEPretrainConfig)
+        cfg = load_config(args.config, args.overrides, schema=NSEPretrainConfig, unique_overrides=True)
     except (ValueError, FileNotFoundError) as e:
         return print_errors(e)
     if args.validate:

@@ -938,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, unique_overrides=True)
     except (ValueError, FileNotFoundError) as e:
         return print_errors(e)
     if args.validate:
