@@ -404,12 +404,33 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(str(p) for p in res.files.values())
         )
         return 0
+    damaged = 0
     for backbone in BACKBONE_FILES:
         try:
-            print(describe_backbone(backbone))
+            line = describe_backbone(backbone)
         except MissingWeightsError as e:
             print(f"{backbone}: missing. {e}")
-    return 0
+            continue
+        problem = _converted_file_problem(backbone)
+        if problem:
+            damaged += 1
+            line += f" -- DAMAGED: {problem}; run `python -m spsr_hpc.weights fetch --force`"
+        print(line)
+    return 1 if damaged else 0
+
+
+def _converted_file_problem(backbone: str) -> str | None:
+    """Why the converted file ``backbone`` resolves to differs from what fetch wrote (its sha256 in
+    provenance.json); None when it matches or is not a converted file."""
+    p = resolve_backbone_weights(backbone)
+    if p.parent != weights_dir() or p.name != CONVERTED_FILES.get(backbone):
+        return None
+    try:
+        prov = json.loads((p.parent / PROVENANCE_FILE).read_text())
+        expected = prov["files"][backbone]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{PROVENANCE_FILE} next to it is missing or unreadable"
+    return None if _sha256(p) == expected else "its sha256 differs from the one fetch recorded"
 
 
 if __name__ == "__main__":

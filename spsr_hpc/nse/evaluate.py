@@ -97,10 +97,15 @@ class EvalSettings:
         for name in ("fit_batch", "num_negatives", "anchors_per_patch", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.fit_steps < 0:
-            raise ValueError(f"fit_steps must be >= 0, got {self.fit_steps}")
+        # Untrained heads score chance whatever the NSE: a table of them would look like a result.
+        if self.fit_steps < 1:
+            raise ValueError(f"--fit-steps {self.fit_steps}: the heads must be fitted, at least 1 step "
+                             "(the protocol: 300)")
+        if not self.fit_lr > 0:
+            raise ValueError(f"--fit-lr {self.fit_lr}: must be > 0 (the protocol: 1e-3)")
         if self.max_patches_per_image is not None and self.max_patches_per_image < 1:
-            raise ValueError(f"max_patches_per_image must be >= 1 or None, got {self.max_patches_per_image}")
+            raise ValueError(f"--max-patches-per-image {self.max_patches_per_image}: must be >= 1, or 0 "
+                             "for every dense patch")
 
 
 def _device(choice: str) -> torch.device:
