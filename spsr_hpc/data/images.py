@@ -63,10 +63,11 @@ def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
             # A camera JPEG stores its pixels sideways with an EXIF orientation tag that viewers
             # apply: apply it too, so the SR (and a crop, an HR/LR pair) is what the user sees.
             orientation = im.getexif().get(0x0112, 1)
-            if orientation not in (1, None):
+            turned = orientation in range(2, 9)  # 1: as stored; other values are not orientations
+            if turned:
                 im = ImageOps.exif_transpose(im)
             arr, note = _to_rgb(im, source)
-            if orientation not in (1, None):
+            if turned:
                 note = "; ".join(n for n in (f"EXIF orientation {orientation} applied", note) if n)
             return arr, note
     except BadImageError:
