@@ -136,11 +136,16 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {p} is a file, not a folder: choose another {flag}")
+    _check_parents(p, flag)
+
+
+def _check_parents(p: Path, flag: str) -> None:
+    """ValueError when the nearest existing parent of ``p`` is a file (``p`` cannot be created)."""
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"{flag} {p}: {parent} is a file, not a folder: choose another {flag}")
-            break
+            return
 
 
 def check_output_file(path: str | os.PathLike, flag: str, example: str) -> None:
@@ -149,11 +154,7 @@ def check_output_file(path: str | os.PathLike, flag: str, example: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{flag} {p} is a folder: name a file, e.g. {flag} {p / example}")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{flag} {p}: {parent} is a file, not a folder: choose another {flag}")
-            break
+    _check_parents(p, flag)
 
 
 __all__ = [
