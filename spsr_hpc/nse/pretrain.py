@@ -26,7 +26,6 @@ from torch import nn
 from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, to_dict
 from spsr_hpc.data.loader import build_train_loader, derive_seed
-from spsr_hpc.files import OutputWriteError
 from spsr_hpc.models import build_nse
 from spsr_hpc.models.config import build_context_predictor, build_jigsaw_classifier
 from spsr_hpc.nse.config import NSEPretrainConfig, resolve_epoch_length
@@ -50,7 +49,6 @@ from spsr_hpc.train.faults import (
     EXIT_OK,
     EXIT_STOPPED,
     CollectiveTimeoutError,
-    ExportWriteError,
     LogWriteError,
     RunFailure,
     Watchdog,
@@ -60,7 +58,14 @@ from spsr_hpc.train.faults import (
     is_collective_failure,
     leave_after_data_error,
 )
-from spsr_hpc.train.guards import NonFiniteLossError, StopSignal, check_skip_rate, first_nonfinite, sync_flags
+from spsr_hpc.train.guards import (
+    NonFiniteLossError,
+    StopSignal,
+    check_skip_rate,
+    export_on_rank0,
+    first_nonfinite,
+    sync_flags,
+)
 from spsr_hpc.train.logging import open_run_logs
 
 log = logging.getLogger(__name__)
@@ -196,17 +201,12 @@ class NSEPretrainer:
 
     def export(self) -> Path:
         """Write <run_dir>/nse.safetensors (rank 0)."""
-        error = None
-        if sdist.is_main_process():
-            try:
-                save_nse(
-                    self.objective.nse, self.cfg.nse, self.export_path,
-                    extra=export_metadata(self.cfg, self.step),
-                )  # fmt: skip
-            except OutputWriteError as e:  # a full disk: no .tmp is left
-                error = e
-        if sync_flags(error is not None)[0]:  # also the barrier: every rank ends with exit status 4
-            raise ExportWriteError("NSE export", error, ckpt.find_latest(self.ckpt_dir)) from error
+        export_on_rank0(
+            "NSE export",
+            lambda: save_nse(self.objective.nse, self.cfg.nse, self.export_path,
+                             extra=export_metadata(self.cfg, self.step)),
+            lambda: ckpt.find_latest(self.ckpt_dir),
+        )  # fmt: skip
         return self.export_path
 
     def maybe_resume(self) -> Path | None:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import TypeVar
 
 import torch
 
 from spsr_hpc import distributed as sdist
-from spsr_hpc.train.faults import EXIT_DATA, EXIT_NONFINITE, RunFailure
+from spsr_hpc.files import OutputWriteError
+from spsr_hpc.train.faults import EXIT_DATA, EXIT_NONFINITE, ExportWriteError, RunFailure
+
+T = TypeVar("T")
 
 
 class NonFiniteLossError(RunFailure):
@@ -114,6 +119,21 @@ def sync_flags(*flags: bool, device: torch.device | None = None) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], device=dev)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def export_on_rank0(what: str, write: Callable[[], T], newest: Callable[[], object]) -> T | None:
+    """``write()`` on rank 0 (None elsewhere); every rank calls it. A failed write (a full disk:
+    OutputWriteError, no .tmp left) ends every rank with ExportWriteError (exit status 4, rank 0
+    prints), ``newest()`` naming the checkpoint; the flag all-reduce is also the barrier."""
+    out, error = None, None
+    if sdist.is_main_process():
+        try:
+            out = write()
+        except OutputWriteError as e:
+            error = e
+    if sync_flags(error is not None)[0]:
+        raise ExportWriteError(what, error, newest()) from error
+    return out
 
 
 def first_nonfinite(terms: dict[str, torch.Tensor | float]) -> str | None:

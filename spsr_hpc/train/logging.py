@@ -263,11 +263,16 @@ class RunLogger:
 
     def flush(self) -> None:
         """Write what the files buffer (a failure goes to :attr:`write_error`, as in :meth:`log`)."""
+        self._each_file("flush")
+
+    def _each_file(self, method: str) -> None:
+        """``flush`` or ``close`` TensorBoard's writer and the metrics file; a failed write (the
+        buffered tail) goes to :meth:`_failed`."""
         for f, path in ((self._tb, self.run_dir / "tb"), (self._jsonl, None)):
             if f is None:
                 continue
             try:
-                f.flush()
+                getattr(f, method)()
             except OSError as e:
                 self._failed(path or f.name, e)
 
@@ -277,13 +282,7 @@ class RunLogger:
             self._wandb = None
         if self._bar is not None:
             self._bar.close()
-        for f, path in ((self._tb, self.run_dir / "tb"), (self._jsonl, None)):
-            if f is None:
-                continue
-            try:
-                f.close()
-            except OSError as e:  # the buffered tail could not be written
-                self._failed(path or f.name, e)
+        self._each_file("close")
         self._bar = self._tb = self._jsonl = None
 
 

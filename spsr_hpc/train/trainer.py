@@ -50,7 +50,6 @@ from torch import nn
 
 from spsr_hpc import distributed as sdist
 from spsr_hpc.config import load_config, to_dict
-from spsr_hpc.files import OutputWriteError
 from spsr_hpc.precision import autocast, cast_frozen_weights_, check_bf16
 from spsr_hpc.preflight import StartupError
 from spsr_hpc.train.checkpoint import (
@@ -80,7 +79,6 @@ from spsr_hpc.train.faults import (
     EXIT_OK,
     EXIT_STOPPED,
     CollectiveTimeoutError,
-    ExportWriteError,
     LogWriteError,
     RunFailure,
     Watchdog,
@@ -94,6 +92,7 @@ from spsr_hpc.train.guards import (
     NonFiniteLossError,
     StopSignal,
     check_skip_rate,
+    export_on_rank0,
     reduce_step_values,
     sync_flags,
 )
@@ -740,19 +739,15 @@ class Trainer:
             "generator": json.dumps(to_dict(self.cfg.model.generator)),
         }
         base = Path(path) if path else self.run_dir / "generator.safetensors"
-        paths: list[Path] = []
-        error = None
-        if sdist.is_main_process():
-            try:
-                paths.append(export_generator(self._inference_model(False), base, metadata=meta))
-                if self.ema is not None:
-                    ema_path = base.with_name(base.stem + "_ema" + base.suffix)
-                    paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
-            except OutputWriteError as e:  # a full disk: no .tmp is left
-                error = e
-        if sync_flags(error is not None)[0]:  # every rank ends with exit status 4, rank 0 prints
-            raise ExportWriteError("generator export", error, self._newest_checkpoint()) from error
-        return paths
+
+        def write() -> list[Path]:
+            paths = [export_generator(self._inference_model(False), base, metadata=meta)]
+            if self.ema is not None:
+                ema_path = base.with_name(base.stem + "_ema" + base.suffix)
+                paths.append(export_generator(self._inference_model(True), ema_path, metadata=meta))
+            return paths
+
+        return export_on_rank0("generator export", write, self._newest_checkpoint) or []
 
     def _log_images(self) -> None:
         if self.logger is None or self._last_vis is None or not sdist.is_main_process():
