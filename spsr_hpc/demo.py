@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spsr_hpc.data import export_bundled_photos, write_shards
-from spsr_hpc.files import check_output_folder
+from spsr_hpc.files import OutputWriteError, check_output_folder, describe_write_error, write_advice
 from spsr_hpc.weights import MissingWeightsError, describe_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,15 @@ def _launcher_cmd(nproc: int) -> list[str]:
             raise FileNotFoundError("the `deepspeed` launcher is not on PATH; run scripts/setup_env.sh")
         ds = Path(found)
     return [str(ds), "--num_gpus", str(nproc), "--master_port", str(_free_port()), str(DEMO_SCRIPT)]
+
+
+class DemoLaunchError(RuntimeError):
+    """The training launch ended badly: ``rc`` its exit status, ``log_path`` the log of the stage
+    it was in, ``tail`` that log's last lines, ``shown`` whether they were echoed live."""
+
+    def __init__(self, rc: int, log_path: Path, tail: str, shown: bool) -> None:
+        super().__init__(f"training failed (exit {rc}); full log: {log_path}")
+        self.rc, self.log_path, self.tail, self.shown = rc, log_path, tail, shown
 
 
 # A line rank 0 prints when a stage starts: the demo switches the log file there.
@@ -136,10 +145,10 @@ def _train_stages(plan: list[dict], nproc: int, out: Path) -> tuple[dict[str, di
         state["log"].write(pending.decode(errors="replace"))
         return False
 
-    def failed(rc: int) -> RuntimeError:
+    def failed(rc: int) -> DemoLaunchError:
         state["log"].close()
-        tail = "".join(state["log_path"].read_text().splitlines(keepends=True)[-40:])
-        return RuntimeError(f"training failed (exit {rc}); full log: {state['log_path']}\n{tail}")
+        tail = "".join(state["log_path"].read_text(errors="replace").splitlines(keepends=True)[-40:])
+        return DemoLaunchError(rc, state["log_path"], tail, shown=bool(state["echo"]))
 
     try:
         all_reported = pump()
@@ -705,14 +714,36 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_demo(
-        a.out,
-        nproc=a.nproc,
-        psnr_steps=a.psnr_steps,
-        gan_steps=a.gan_steps,
-        batch_size=a.batch_size,
-        esrgan=not a.no_esrgan,
-        precision=a.precision,
-        val_points=a.val_points,
-    )
+    try:
+        run_demo(
+            a.out,
+            nproc=a.nproc,
+            psnr_steps=a.psnr_steps,
+            gan_steps=a.gan_steps,
+            batch_size=a.batch_size,
+            esrgan=not a.no_esrgan,
+            precision=a.precision,
+            val_points=a.val_points,
+        )
+    except DemoLaunchError as e:
+        if not e.shown:  # the processes' teardown output is not echoed: show how it ended
+            sys.stdout.write(f"[demo] last lines of {e.log_path}:\n{e.tail}")
+            sys.stdout.flush()
+        print(f"error: the demo's training launch failed (exit status {e.rc}; the stage's own error is "
+              f"above); full log: {e.log_path}. Fix that and re-run the same command", file=sys.stderr)
+        return e.rc if 2 <= e.rc <= 7 else 1
+    except OutputWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        reason = describe_write_error(e)
+        advice = write_advice(reason)  # a full disk, a quota, a read-only folder; not e.g. a missing file
+        if not advice:
+            raise
+        print(f"error: could not write under {a.out}: {reason}. {advice}, or pass --out elsewhere, then "
+              "re-run the same command", file=sys.stderr)
+        return OutputWriteError.exit_code
+    except KeyboardInterrupt:
+        print(f"demo: interrupted; {a.out} holds an unfinished run: re-run the same command", file=sys.stderr)
+        return 130
     return 0

@@ -428,6 +428,7 @@ def evaluate(
     random_lpips_backbone: bool = False,
     lpips_metric: LPIPSMetric | None = None,
     progress: bool = True,
+    lpips: bool = True,
 ) -> EvalReport:
     """Score generators (and the bicubic baseline) on benchmark sets; write the report.
 
@@ -451,6 +452,7 @@ def evaluate(
         lpips_metric: an already built LPIPSMetric to reuse (e.g. across repeated evaluations);
             overrides lpips_weights and random_lpips_backbone.
         progress: tqdm bar on rank 0.
+        lpips: False leaves LPIPS out (n/a in the report, saying so; ``--no-lpips``).
 
     Returns an :class:`EvalReport`. With torch.distributed initialised, images are sharded over
     ranks (round robin) and all ranks return the gathered report.
@@ -479,7 +481,9 @@ def evaluate(
     # Modules passed in (e.g. mid-training by the demo) get their train/eval mode back at the end.
     with _restore_modes(models):
         nets = _prepare_models(models, arch, scale, dev)
-        if lpips_metric is not None:
+        if not lpips:
+            metric, lpips_note = None, "LPIPS not measured (left out: --no-lpips)"
+        elif lpips_metric is not None:
             metric = lpips_metric.to(dev)
             random_lpips_backbone = lpips_metric.random_backbone
             lpips_note = _RANDOM_NOTE if random_lpips_backbone else None
@@ -594,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "alexnet-owt-7be5be79.pth in the torch hub cache, else the file converted by "
                    "`python -m spsr_hpc.weights fetch`)")
     p.add_argument("--require-lpips", action="store_true", help="fail when the AlexNet weights are missing")
+    p.add_argument("--no-lpips", action="store_true", help="leave LPIPS out (n/a in the report; faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 
@@ -656,6 +661,22 @@ def _cli_models(args: argparse.Namespace) -> dict[str, tuple[GeneratorConfig, st
     return models
 
 
+def _check_lpips_args(args: argparse.Namespace) -> None:
+    """A --lpips-weights file the user named must be there: LPIPS silently n/a (the fallback when
+    the default lookup finds nothing) would hide a typo. --no-lpips leaves it out on purpose."""
+    if args.no_lpips and (args.require_lpips or args.lpips_weights):
+        given = "--require-lpips" if args.require_lpips else "--lpips-weights"
+        raise EvalInputError(f"--no-lpips and {given} contradict each other: pass one of them")
+    if args.lpips_weights is not None:
+        path = Path(args.lpips_weights)
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise EvalInputError(
+                f"--lpips-weights {args.lpips_weights}: {what}; pass the AlexNet weights file "
+                "(`python -m spsr_hpc.weights fetch` converts one), or --no-lpips to leave LPIPS out"
+            )
+
+
 def _run_cli(args: argparse.Namespace) -> EvalReport:
     from spsr_hpc.data import export_bundled_photos
 
@@ -667,6 +688,7 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
         check_output_folder(args.out, "--out")
     except ValueError as e:
         raise EvalInputError(str(e)) from None
+    _check_lpips_args(args)
     models = _cli_models(args)
     # The evaluation scale: --scale, else the first model's (from its metadata), else 4.
     scale = args.scale or next((cfg.scale for cfg, _ in models.values()), 4)
@@ -696,7 +718,7 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
         models, datasets, scale, args.out, device=args.device, precision=args.precision,
         batch_size=args.batch_size, tile=args.tile, overlap=args.overlap, bicubic=not args.no_bicubic,
         save_images=args.save_images, lpips_weights=args.lpips_weights, require_lpips=args.require_lpips,
-        progress=not args.no_progress,
+        progress=not args.no_progress, lpips=not args.no_lpips,
     )
     if sdist.is_main_process():
         print(report.markdown)

@@ -172,7 +172,7 @@ def test_evaluate_report_write_failure_prints_the_report_and_keeps_the_old_one(
 
     out = tmp_path / "eval"
     args = ["--model", f"tiny={tiny_ckpt}", "--dataset", f"mine={photos}", "--out", str(out),
-            "--lpips-weights", str(tmp_path / "none.pth"), "--no-progress"]
+            "--no-lpips", "--no-progress"]
     main([*args, "--no-bicubic"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"report.md", "report.csv", "per_image.csv"}
@@ -196,7 +196,7 @@ def test_evaluate_saved_image_on_a_full_disk(photos, tiny_ckpt, tmp_path, small_
     mnt = small_tmpfs("8k")
     with pytest.raises(SystemExit) as e:
         main(["--model", f"tiny={tiny_ckpt}", "--dataset", f"mine={photos}", "--out", str(mnt),
-              "--lpips-weights", str(tmp_path / "none.pth"), "--no-progress", "--save-images"])
+              "--no-lpips", "--no-progress", "--save-images"])
     errors = _errors(capsys.readouterr().err)
     assert e.value.code == 4 and len(errors) == 1, errors
     assert "No space left on device (ENOSPC)" in errors[0] and "no report was written" in errors[0], errors
@@ -480,7 +480,7 @@ def test_a_broken_link_among_the_images_is_named_not_skipped(photos, tmp_path, c
     assert [p.name for p in list_images(hr)] == ["chelsea.png", "coffee.png"]
     with pytest.raises(SystemExit) as e:
         main(["--dataset", f"t={hr}", "--out", str(tmp_path / "ev"), "--no-progress",
-              "--lpips-weights", str(tmp_path / "none.pth")])
+              "--no-lpips"])
     errors = _errors(capsys.readouterr().err)
     assert e.value.code == 2 and len(errors) == 1 and "coffee.png" in errors[0], errors
 
@@ -507,6 +507,32 @@ def test_evaluate_damaged_lpips_weights_are_one_error_line(photos, tmp_path, cap
     errors = _errors(capsys.readouterr().err)
     assert e.value.code == 2 and len(errors) == 1, errors
     assert "alexnet.safetensors do not load as AlexNet" in errors[0] and "fetch --force" in errors[0], errors
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--lpips-weights", "{tmp}/alexnet-typo.pth"], "alexnet-typo.pth: does not exist;"),
+    (["--lpips-weights", "{tmp}"], ": is a folder, not a file;"),
+    (["--no-lpips", "--require-lpips"], "--no-lpips and --require-lpips contradict each other"),
+])  # fmt: skip
+def test_evaluate_lpips_weights_the_user_named_must_exist(extra, named, photos, tmp_path, capsys):
+    """Before: a --lpips-weights path that did not exist reported LPIPS as n/a with exit 0 (the
+    fallback meant for the default lookup), so a typo silently cost the column."""
+    from spsr_hpc.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", f"t={photos}", "--out", str(tmp_path / "ev"), "--no-progress",
+              *(a.format(tmp=tmp_path) for a in extra)])
+    errors = _errors(capsys.readouterr().err)
+    assert e.value.code == 2 and len(errors) == 1 and named in errors[0], errors
+    assert not (tmp_path / "ev").exists()  # before any work
+
+
+def test_evaluate_no_lpips_reports_why(photos, tmp_path, capsys):
+    from spsr_hpc.evaluate import main
+
+    report = main(["--dataset", f"t={photos}", "--out", str(tmp_path / "ev"), "--no-progress", "--no-lpips"])
+    assert report.value("t", "Bicubic", "lpips") is None and report.value("t", "Bicubic", "psnr") > 20
+    assert "LPIPS not measured (left out: --no-lpips)" in (tmp_path / "ev" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(("overrides", "named"), [
@@ -573,6 +599,39 @@ def test_exif_orientation_is_applied(tmp_path):
     raw, _ = read_rgb(tmp_path / "plain.png")
     np.testing.assert_array_equal(img, np.rot90(raw, k=-1))  # clockwise
     assert img.shape == (40, 32, 3) and note == "EXIF orientation 6 applied"
+
+
+def _png16(values: np.ndarray) -> bytes:
+    """A 16-bit colour PNG written byte by byte (Pillow cannot write one): IHDR bit depth 16,
+    colour type 2 (RGB) or 6 (RGBA), filter 0 on every row."""
+    import struct
+    import zlib
+
+    h, w, c = values.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_sixteen_bit_colour_png_is_reduced_with_a_note(channels, tmp_path):
+    """Before: a 16-bit RGB(A) PNG came back as 8-bit with no note (16-bit grey had one)."""
+    from spsr_hpc.data import read_rgb
+
+    values = np.random.default_rng(0).integers(0, 65536, (5, 7, channels), dtype=np.uint16)
+    values[0, 0, :3] = (65535, 255, 256)
+    (tmp_path / "deep.png").write_bytes(_png16(values))
+    img, note = read_rgb(tmp_path / "deep.png")
+    np.testing.assert_array_equal(img, (values[..., :3] >> 8).astype(np.uint8))  # the high byte
+    assert img[0, 0].tolist() == [255, 0, 1]
+    mode = "RGB" if channels == 3 else "RGBA"
+    assert note.startswith(f"16-bit {mode} -> 8-bit (the high byte of each value)"), note
+    assert ("alpha dropped" in note) == (channels == 4)
 
 
 def _interrupt_when(cmd: list[str], ready, cwd: Path) -> tuple[int, str]:

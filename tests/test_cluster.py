@@ -531,7 +531,7 @@ def test_infer_and_evaluate_read_the_architecture_from_metadata(tmp_path, capsys
     assert generator_config_from_metadata(tmp_path / "copy.safetensors") == cfg  # the export keeps it
     hr = _photos(tmp_path / "HR", [(24, 20)])
     report = eval_main(["--model", f"mine={ckpt}", "--dataset", f"s={hr}", "--out", str(tmp_path / "ev"),
-                        "--lpips-weights", str(tmp_path / "none.pth"), "--no-progress"])
+                        "--no-lpips", "--no-progress"])
     assert {r["method"] for r in report.summary} == {"Bicubic", "mine"}
     capsys.readouterr()
     # An explicit flag that contradicts the tensors: one line naming what the tensors imply.

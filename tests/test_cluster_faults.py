@@ -399,6 +399,39 @@ def test_full_run_dir_stops_with_a_checkpoint_and_the_relaunch_resumes(shards, t
     assert r.returncode == 0 and f"start step {stopped}" in r.stdout, r.stdout[-4000:]
 
 
+_TB_FULL = """
+import contextlib, sys
+from pathlib import Path
+from spsr_hpc.train.logging import RunLogger
+mnt, outside = Path(sys.argv[1]), Path(sys.argv[2])
+logger = RunLogger(mnt / "run", total_steps=1000, tensorboard=True, progress_bar=False,
+                   jsonl_name=str(outside / "metrics.jsonl"))  # only the events on the tmpfs
+with contextlib.suppress(OSError), (mnt / "filler").open("wb") as f:
+    f.write(bytes(8192))  # what the event file's first page leaves
+for step in range(1, 1000):
+    logger.log(step, {f"loss/term{i}": 0.5 for i in range(8)})
+    if logger.write_error:
+        break
+logger.flush()
+logger.close()
+print("write_error:", logger.write_error)
+"""
+
+
+def test_tensorboard_writer_thread_failure_is_one_line(tmp_path, small_tmpfs):
+    """TensorBoard writes its events from a thread of its own. Before: on a full disk that thread
+    printed a traceback ("Exception in thread ...", threading.excepthook) next to RunLogger's one
+    line. Run as its own process: pytest replaces threading.excepthook inside tests."""
+    mnt = small_tmpfs("8k")
+    r = subprocess.run([sys.executable, "-c", _TB_FULL, str(mnt), str(tmp_path)], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tb = mnt / "run" / "tb"
+    assert f"write_error: {tb}: [Errno 28] No space left on device (ENOSPC)" in r.stdout, r.stdout[-3000:]
+    assert r.stdout.count("could not write") == 1, r.stdout[-3000:]
+    assert "Traceback" not in r.stderr and "Exception in thread" not in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.distributed
 def test_full_run_dir_on_two_ranks_ends_both_with_status_4(shards, tmp_path, small_tmpfs):
     """torchrun, 2 ranks: rank 0's failed metrics write travels in the step's all-reduce, so both

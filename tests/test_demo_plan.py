@@ -192,13 +192,52 @@ def test_train_stages_returns_at_the_last_summary_and_finish_reports_the_exit(tm
     assert not any(ln.startswith("[demo-summary]") for ln in lines)
     with open(fifo, "w"):
         pass  # let the child exit
-    with pytest.raises(RuntimeError, match="training failed \\(exit 3\\)") as info:
+    with pytest.raises(demo.DemoLaunchError, match="training failed \\(exit 3\\)") as info:
         finish()
-    assert "teardown line" in str(info.value)
+    assert info.value.rc == 3 and "teardown line" in info.value.tail and not info.value.shown
     assert (tmp_path / "a.log").read_text().startswith("[demo] training a\n[demo-summary]")
     assert "launcher banner" in (tmp_path / "launch.log").read_text()
     assert "teardown line" in (tmp_path / "b.log").read_text()
     assert json.loads((tmp_path / "stages.json").read_text()) == plan
+
+
+def _no_data(monkeypatch):
+    """run_demo's steps before the launch, without the work: no photos exported, no shards."""
+    monkeypatch.setattr(demo, "export_bundled_photos", lambda out: (out / "train", out / "val"))
+    monkeypatch.setattr(demo, "write_shards", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("rc", [4, 1])
+def test_a_failed_stage_ends_the_demo_with_one_error_line(rc, tmp_path, monkeypatch, capsys):
+    """Before: a Python traceback of a RuntimeError that repeated the stage's last 40 lines (already
+    shown live), exit status 1 whatever the stage's own status."""
+    import sys
+
+    _no_data(monkeypatch)
+    script = ("import sys\nprint('[demo-stage] psnr')\nprint('[demo] training psnr')\n"
+              "print('error: could not write runs/x/metrics.jsonl: ENOSPC', flush=True)\n"
+              f"sys.exit({rc})\n")
+    monkeypatch.setattr(demo, "_launcher_cmd", lambda nproc: [sys.executable, "-c", script])
+    assert demo.main(["--out", str(tmp_path / "out"), "--nproc", "1", "--precision", "fp32"]) == rc
+    out, err = capsys.readouterr()
+    assert "error: could not write runs/x/metrics.jsonl" in out  # the stage's own line, shown live
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert f"exit status {rc}" in err and str(tmp_path / "out" / "psnr.log") in err, err
+
+
+def test_a_full_disk_outside_the_launch_ends_the_demo_with_one_error_line(tmp_path, monkeypatch, capsys):
+    """A write of the demo's own (here the shards) on a full disk. Before: a traceback."""
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "shards" / "s.tar"))
+
+    _no_data(monkeypatch)
+    monkeypatch.setattr(demo, "write_shards", full)
+    assert demo.main(["--out", str(tmp_path / "out"), "--nproc", "1", "--precision", "fp32"]) == 4
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert "[Errno 28] No space left on device (ENOSPC)" in err and "Free space there" in err, err
 
 
 def test_rank0_validation_borrows_the_cores_of_the_waiting_local_ranks(monkeypatch):

@@ -176,7 +176,7 @@ def test_dataset_errors(photos, tmp_path):
 def test_cli(photos, tiny_ckpt, tmp_path, capsys):
     report = main(["--model", f"tiny={tiny_ckpt}", "--arch", "spsr", "--nf", "8", "--nb", "2", "--gc", "4",
                    "--taps", "0", "1", "--dataset", f"mine={photos}", "--out", str(tmp_path / "out"),
-                   "--lpips-weights", str(tmp_path / "none.pth"), "--tile", "16", "--overlap", "8",
+                   "--no-lpips", "--tile", "16", "--overlap", "8",
                    "--no-progress"])
     out = capsys.readouterr().out
     assert "| mine | LPIPS / PSNR / SSIM |" in out and "report.md" in out
@@ -190,8 +190,7 @@ def test_cli(photos, tiny_ckpt, tmp_path, capsys):
 @pytest.mark.distributed
 def test_two_ranks_match_one(photos, tmp_path):
     """torchrun with 2 gloo ranks shards the images and gathers the same report as one process."""
-    args = ["launch/evaluate.py", "--dataset", f"mine={photos}", "--lpips-weights",
-            str(tmp_path / "none.pth"), "--no-progress"]
+    args = ["launch/evaluate.py", "--dataset", f"mine={photos}", "--no-lpips", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide
@@ -231,7 +230,7 @@ def test_cli_out_file_device_and_tiling_are_one_error_line(photos, tiny_ckpt, tm
     """--out naming a file failed with FileExistsError after every model had run; --device gpu and
     --tile 8 --overlap 16 were tracebacks. Now each is one error line, status 2, before any work."""
     base = ["--model", f"tiny={tiny_ckpt}", "--arch", "spsr", "--nf", "8", "--nb", "2", "--gc", "4",
-            "--taps", "0", "1", "--dataset", f"mine={photos}", "--lpips-weights", str(tmp_path / "none.pth"),
+            "--taps", "0", "1", "--dataset", f"mine={photos}", "--no-lpips",
             "--no-progress"]  # fmt: skip
     (tmp_path / "afile").write_text("x")
     for flags, named in ((["--out", str(tmp_path / "afile")], "is a file"),

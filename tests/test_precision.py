@@ -244,7 +244,7 @@ def test_infer_and_evaluate_cli_bf16_on_cpu(tmp_path, capsys):
     hr.mkdir()
     Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(hr / "b.png")
     report = evaluate_main(["--model", f"tiny={ckpt}", *TINY_ARGS, "--dataset", f"mine={hr}", "--out",
-                            str(tmp_path / "ev"), "--lpips-weights", str(tmp_path / "none.pth"),
+                            str(tmp_path / "ev"), "--no-lpips",
                             "--precision", "bf16", "--device", "cpu", "--no-progress"])
     assert any(r["method"] == "tiny" for r in report.summary)
 

@@ -2,7 +2,8 @@
 
 One place decides what "an RGB image" means for make_shards and the evaluation reader:
 grey, palette, CMYK and 16-bit images are converted, alpha is dropped (and the conversion is
-reported), anything PIL cannot decode raises ``BadImageError`` naming the file.
+reported: 16-bit grey is rounded to 8 bits, 16-bit colour keeps the high byte, as Pillow reads
+it), anything PIL cannot decode raises ``BadImageError`` naming the file.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def _to_rgb(im: Image.Image, source: str) -> tuple[np.ndarray, str | None]:
     raise BadImageError(f"{source}: unsupported image mode {mode!r}; convert it to 8-bit RGB first")
 
 
+def _sixteen_bit_colour(im: Image.Image) -> bool:
+    """True for a 16-bit-per-channel colour file (PNG, TIFF) before it is loaded.
+
+    Pillow has no 16-bit colour mode: it opens such a file as 8-bit RGB/RGBA and keeps the high
+    byte of each value (65535 -> 255, 255 -> 0). Only the undecoded tile's raw mode still says so.
+    """
+    if im.mode not in ("RGB", "RGBA") or not im.tile:
+        return False
+    args = im.tile[0].args
+    rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+    return isinstance(rawmode, str) and ";16" in rawmode
+
+
 def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
     """Decode encoded image bytes to ``uint8 (H, W, 3)``; the second value names a conversion.
 
@@ -59,6 +73,7 @@ def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
+            deep = _sixteen_bit_colour(im)
             im.load()
             # A camera JPEG stores its pixels sideways with an EXIF orientation tag that viewers
             # apply: apply it too, so the SR (and a crop, an HR/LR pair) is what the user sees.
@@ -67,9 +82,12 @@ def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
             if turned:
                 im = ImageOps.exif_transpose(im)
             arr, note = _to_rgb(im, source)
-            if turned:
-                note = "; ".join(n for n in (f"EXIF orientation {orientation} applied", note) if n)
-            return arr, note
+            notes = (
+                f"EXIF orientation {orientation} applied" if turned else None,
+                f"16-bit {im.mode} -> 8-bit (the high byte of each value)" if deep else None,
+                note,
+            )
+            return arr, "; ".join(n for n in notes if n) or None
     except BadImageError:
         raise
     except UnidentifiedImageError as exc:

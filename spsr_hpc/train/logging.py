@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,26 @@ from spsr_hpc.labels import label_columns
 from spsr_hpc.train.faults import LogWriteError
 
 log = logging.getLogger(__name__)
+
+
+def _quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard writes events from a thread of its own (``_AsyncWriterThread``). A failed write
+    there (a full disk) ends that thread, and ``threading.excepthook`` printed its traceback; the
+    writer then raises the same error in the next ``add_scalar``/``flush``, which RunLogger
+    reports as its one line. Drop the thread's copy (only OSErrors of TensorBoard's own thread)."""
+    if getattr(threading.excepthook, "_spsr_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = type(args.thread)
+        if (isinstance(args.exc_value, OSError) and thread.__name__ == "_AsyncWriterThread"
+                and thread.__module__.startswith("tensorboard.")):
+            return
+        previous(args)
+
+    hook._spsr_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def image_grid(
@@ -138,6 +159,7 @@ class RunLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
+                _quiet_tensorboard_writer_thread()
                 path = self.run_dir / "tb"
                 self._tb = SummaryWriter(log_dir=str(path), purge_step=start_step or None)
         except OutputWriteError as e:
@@ -282,6 +304,8 @@ class RunLogger:
             self._wandb = None
         if self._bar is not None:
             self._bar.close()
+        # flush first: TensorBoard's close does not report a write its thread failed (flush does).
+        self._each_file("flush")
         self._each_file("close")
         self._bar = self._tb = self._jsonl = None
 
