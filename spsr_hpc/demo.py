@@ -738,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         reason = describe_write_error(e)
         advice = write_advice(reason)  # a full disk, a quota, a read-only folder; not e.g. a missing file
+        if not advice and e.errno is None:  # ours, with its fix in the text (no `deepspeed` launcher)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if not advice:
             raise
         print(f"error: could not write under {a.out}: {reason}. {advice}, or pass --out elsewhere, then "

@@ -240,6 +240,16 @@ def test_a_full_disk_outside_the_launch_ends_the_demo_with_one_error_line(tmp_pa
     assert "[Errno 28] No space left on device (ENOSPC)" in err and "Free space there" in err, err
 
 
+def test_no_deepspeed_launcher_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """Before: a FileNotFoundError traceback (its message already named the fix)."""
+    _no_data(monkeypatch)
+    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
+    monkeypatch.setattr(demo.sys, "executable", str(tmp_path / "bin" / "python"))  # no deepspeed beside it
+    assert demo.main(["--out", str(tmp_path / "out"), "--nproc", "2", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "`deepspeed` launcher is not on PATH" in err, err
+
+
 def test_rank0_validation_borrows_the_cores_of_the_waiting_local_ranks(monkeypatch):
     import os
 
