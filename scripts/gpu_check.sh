@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # First check on a GPU machine, from the repo root, in under 8 minutes, with no network:
 #   bash scripts/gpu_check.sh                      # everything; total budget 470 s
-#   bash scripts/gpu_check.sh --wheels .whl        # + a one-step bf16 SPSR-G run (deepspeed etc. from wheels)
+#   bash scripts/gpu_check.sh --wheels .whl        # + a two-step bf16 SPSR-G run (deepspeed etc. from wheels)
 #   bash scripts/gpu_check.sh --no-gpu             # only the steps that need no GPU (CI runs this)
 # Options: --budget S (default 470, or GPU_CHECK_BUDGET), --results DIR (default benchmarks/results),
 #          --static-only TEXT (only the static-report cases whose name contains TEXT),

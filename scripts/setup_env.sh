@@ -68,7 +68,7 @@ if [ "${SPSR_ALLOW_TORCH_CHANGE:-0}" != 1 ] && has_torch; then
     plan="$(mktemp)"
     if ! "$venv/bin/python" -m pip install --quiet --dry-run --report "$plan" ${pin[@]+"${pin[@]}"} -e "$repo[$extras]"; then
         echo "error: pip cannot install spsr-hpc[$extras] next to the installed $(paste -sd' ' "$cfile")." >&2
-        echo "       Install a torch >= 2.4 with a matching torchvision, or rerun with SPSR_ALLOW_TORCH_CHANGE=1" >&2
+        echo "       Install a torch >= 2.11 with a matching torchvision, or rerun with SPSR_ALLOW_TORCH_CHANGE=1" >&2
         echo "       to let pip choose (it will replace your torch build)." >&2
         rm -f "$plan"
         exit 2

@@ -1,6 +1,6 @@
 """Keep an installed torch when installing spsr-hpc (standard library only; run it with the venv's python).
 
-spsr-hpc asks for ``torch>=2.4`` and leaves the build to you, but pip's resolver prefers the
+spsr-hpc asks for ``torch>=2.11`` and leaves the build to you, but pip's resolver prefers the
 newest torchvision, which pins the newest torch: without a constraint, ``pip install .`` in a
 venv holding your own torch plans to replace it (and to pull another CUDA wheel stack).
 
