@@ -7,7 +7,9 @@ Triton kernels in the interpreter (that is how CI tests the kernels without a GP
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -15,11 +17,76 @@ from ._triton import HAS_TRITON, TRITON_MISSING
 
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ON = ("1", "true", "on", "yes")  # TRITON_INTERPRET values read as on where triton's reader is not used
+
+
+def _triton_interprets() -> bool:
+    """TRITON_INTERPRET as triton itself reads it (``triton.knobs``; e.g. "2" is off), which is
+    what ``@triton.jit`` follows when it decorates a kernel."""
+    if not HAS_TRITON:
+        return False
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # a triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _ON
+
+
+# How the kernels were built: the kernel modules import this one just before they decorate them.
+KERNELS_INTERPRETED = _triton_interprets()
 
 
 def interpreter_active() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter: they were built interpreted
+    (TRITON_INTERPRET=1 when spsr_kernels was imported) and the variable still says so.
+
+    Both, because ``@triton.jit`` reads the variable once, at import: set after the import it
+    would send CPU tensors to compiled kernels ("0 active drivers"); cleared after the import,
+    the PyTorch path runs instead.
+    """
+    # Not triton's own reader here: torch.compile traces this call and cannot trace that C function.
+    return KERNELS_INTERPRETED and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _ON
+
+
+def first_order_only(op: str, fix: str, inputs: Callable) -> Callable:
+    """Decorator for an autograd Function's ``backward`` that is not differentiable itself.
+
+    Under ``create_graph=True`` the gradients it returns hang from a node that raises
+    ``"<op>: this backward is not twice differentiable ...; <fix>"`` as soon as a gradient
+    computation passes through it. ``inputs(ctx)`` gives the forward's tensor inputs aligned with
+    the backward's outputs (saved with ``save_for_backward``): each gradient is tied to its input
+    through that node, so ``torch.autograd.grad(penalty, x)`` must cross it. torch's
+    ``once_differentiable`` ties nothing and acts only when an incoming gradient requires grad: a
+    penalty on the gradient (an R1-style gradient penalty; its incoming gradient is a constant)
+    then differentiated to zero in silence, or failed with "appears to not have been used".
+    """
+    message = (f"{op}: this backward is not twice differentiable (its gradient was differentiated "
+               f"again, e.g. by a gradient penalty); {fix}").encode()
+
+    def wrap(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            sources = list(inputs(ctx)) + [None] * len(outputs)
+            tied = []
+            for grad, source in zip(outputs, sources):
+                if isinstance(grad, torch.Tensor):
+                    grad = grad.detach()
+                    if isinstance(source, torch.Tensor) and source.requires_grad:
+                        grad = grad + 0 * source.sum()  # an edge to the input (value unchanged)
+                    else:
+                        grad.requires_grad_(True)
+                tied.append(grad)
+            out = torch._C._functions.DelayedError(message, len(tied))(*tied)
+            return out if isinstance(out, tuple) else (out,)
+
+        return wrapper
+
+    return wrap
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor, op: str) -> str:

@@ -22,13 +22,20 @@ rows aligned to 16 bytes get 128-bit loads (the "Kernels" comment below).
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._triton import tl, triton  # stand-ins without triton: PyTorch paths only
-from ._utils import BACKENDS, check_float, check_same_device, interpreter_active, resolve_backend
+from ._utils import (
+    BACKENDS,
+    check_float,
+    check_same_device,
+    interpreter_active,
+    resolve_backend,
+)
 
 EPS = 1e-6
 PADDINGS = (1, 2)
@@ -420,7 +427,11 @@ def _check_inputs(op: str, x: torch.Tensor, padding: int) -> None:
         raise ValueError(
             f"{op}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}; add batch/channel dims"
         )
-    if isinstance(padding, bool) or padding not in PADDINGS:
+    try:
+        index = operator.index(padding)  # an int (numpy's too); 2.0 is not: F.pad would refuse it later
+    except TypeError:
+        index = None
+    if isinstance(padding, bool) or index not in PADDINGS:
         raise ValueError(
             f"{op}: padding={padding!r} is not supported; use 1 (same-size map) or 2 (padded map, H+2 x W+2)"
         )
@@ -627,8 +638,14 @@ class GradientMapFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_m: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         (x,) = ctx.saved_tensors
-        grad_x = gradient_map_bwd(x, grad_m, ctx.padding) if ctx.needs_input_grad[0] else None
-        return grad_x, None
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty through the map): the differentiable PyTorch
+            # formulation, so the Triton path is twice differentiable as the torch path is.
+            (grad_x,) = torch.autograd.grad(_gradient_map_torch(x, ctx.padding), x, grad_m, create_graph=True)
+            return grad_x, None
+        return gradient_map_bwd(x, grad_m, ctx.padding), None
 
 
 def _gradient_map_torch(x: torch.Tensor, padding: int) -> torch.Tensor:
@@ -694,7 +711,12 @@ def gradient_map_ref(x: torch.Tensor, padding: int = 1, *, backend: str = "auto"
     _check_inputs("gradient_map_ref", x, padding)
     if backend not in BACKENDS:
         raise ValueError(f"gradient_map_ref: backend={backend!r} is not one of {BACKENDS}")
-    ch = x.shape[1]
+    bsz, ch, h, w = x.shape
+    if h == 0 or w == 0:
+        # conv2d refuses an empty image; the map is then the padding's: v = h = 0, sqrt(EPS)
+        # (padding 2 gives a 2-pixel-wide frame, padding 1 nothing), tied to x for autograd.
+        eps = torch.full((bsz, ch, *_out_hw(h, w, padding)), EPS, dtype=x.dtype, device=x.device)
+        return torch.sqrt(eps) + 0 * x.sum()
     kv = torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=x.dtype, device=x.device)
     kh = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=x.dtype, device=x.device)
     v = F.conv2d(x, kv.expand(ch, 1, 3, 3), padding=padding, groups=ch)

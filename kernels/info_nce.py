@@ -34,9 +34,17 @@ import os
 import torch
 
 from ._triton import tl, triton  # stand-ins without triton: PyTorch paths only
-from ._utils import BACKENDS, check_float, check_same_device, interpreter_active, resolve_backend
+from ._utils import (
+    BACKENDS,
+    check_float,
+    check_same_device,
+    first_order_only,
+    interpreter_active,
+    resolve_backend,
+)
 
 OP = "info_nce"
+_SECOND_ORDER_FIX = "info_nce_ref (it materialises the logits) is; use it for second-order gradients"
 NORM_EPS = 1e-6  # vectors shorter than this are divided by NORM_EPS instead (zero vectors stay finite)
 REDUCTIONS = ("none", "mean", "sum")
 # Smallest default PyTorch tile (B · chunk_n · chunk_m logits): below this, per-op overhead
@@ -315,9 +323,12 @@ def _info_nce_fwd_kernel(
         tl.store(lse_ptr + pid_b * N + offs_n, lse, mask=n_mask)
     else:
         # Partial LSE (-inf where the split kept nothing) and whether the split holds nothing but
-        # (at most) the positive; info_nce_fwd merges them (flash-decoding).
+        # (at most) the positive; info_nce_fwd merges them (flash-decoding). only_pos counts in
+        # the split that holds the positive only: elsewhere it would also hold for one negative
+        # as strong as the positive (the merged loss would be 0 instead of log 2).
         tl.store(lse_ptr + (pid_b * SPLITS + split) * N + offs_n, lse, mask=n_mask)
-        flag = (only_pos | (l_i == 0.0)).to(tl.int32)
+        holds_pos = (pos >= m_start) & (pos < m_end)
+        flag = ((only_pos & holds_pos) | (l_i == 0.0)).to(tl.int32)
         tl.store(nkept_ptr + (pid_b * SPLITS + split) * N + offs_n, flag, mask=n_mask)
     if split == 0:
         tl.store(posl_ptr + pid_b * N + offs_n, pos_logit, mask=n_mask)
@@ -516,7 +527,8 @@ def _validate(
         )
     M = keys.shape[1]
     if B == 0 or N == 0 or M == 0 or d == 0:
-        raise ValueError(f"{OP}: empty input (pred {tuple(pred.shape)}, keys {tuple(keys.shape)})")
+        raise ValueError(f"{OP}: empty input (pred {tuple(pred.shape)}, keys {tuple(keys.shape)}): B, N, M "
+                         "and d must each be at least 1 (an anchor needs its positive among the keys)")
     if not isinstance(pos_index, torch.Tensor) or pos_index.dtype != torch.int64:
         got = pos_index.dtype if isinstance(pos_index, torch.Tensor) else type(pos_index).__name__
         raise TypeError(f"{OP}: pos_index must be an int64 tensor, got {got}; use .long()")
@@ -1190,13 +1202,15 @@ class InfoNCEFunction(torch.autograd.Function):
         p_norm, k_norm = p_norm[..., 0].contiguous(), k_norm[..., 0].contiguous()
         pos_index = pos_index.contiguous()
         lse, pos_logit = _triton_fwd_op(p_low, k_low, pos_index, crow, ccol, scale, grid_width, radius)
-        ctx.save_for_backward(p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse)
+        # pred and keys themselves only for first_order_only (no copy: the caller's tensors).
+        ctx.save_for_backward(p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse, pred, keys)
         ctx.scale, ctx.grid_width, ctx.radius, ctx.d = scale, grid_width, radius, pred.shape[-1]
         return (lse - pos_logit).to(pred.dtype)
 
     @staticmethod
+    @first_order_only(OP, _SECOND_ORDER_FIX, inputs=lambda ctx: ctx.saved_tensors[-2:])
     def backward(ctx, grad):
-        p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse = ctx.saved_tensors
+        p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse, _, _ = ctx.saved_tensors
         need_dp, need_dk = ctx.needs_input_grad[:2]
         dpred, dkeys = _triton_bwd_op(
             p_low, k_low, pos_index, crow, ccol, lse, grad.float().contiguous(), p_norm, k_norm,
@@ -1227,13 +1241,14 @@ class InfoNCEChunkedFunction(torch.autograd.Function):
         lse, pos_logit = _chunked_fwd_op(
             p_hat, k_hat, pos_index, crow, ccol, scale, grid_width, radius, chunk_n, chunk_m
         )
-        ctx.save_for_backward(p_hat, k_hat, p_norm, k_norm, pos_index, crow, ccol, lse)
+        ctx.save_for_backward(p_hat, k_hat, p_norm, k_norm, pos_index, crow, ccol, lse, pred, keys)
         ctx.args = (scale, grid_width, radius, chunk_n, chunk_m)
         return (lse - pos_logit).to(pred.dtype)
 
     @staticmethod
+    @first_order_only(OP, _SECOND_ORDER_FIX, inputs=lambda ctx: ctx.saved_tensors[-2:])
     def backward(ctx, grad):
-        p_hat, k_hat, p_norm, k_norm, pos_index, crow, ccol, lse = ctx.saved_tensors
+        p_hat, k_hat, p_norm, k_norm, pos_index, crow, ccol, lse, _, _ = ctx.saved_tensors
         in_dtype = grad.dtype
         dp_hat, dk_hat = _chunked_bwd_op(
             p_hat, k_hat, pos_index, crow, ccol, lse, grad.to(p_hat.dtype).contiguous(), *ctx.args
@@ -1400,17 +1415,19 @@ def info_nce_ref(
     Computes in the input dtype (so its error in fp16/bf16 is PyTorch's own); ``backend`` is
     accepted for signature compatibility and ignored. Memory: O(B·N·M).
     """
-    _validate(pred, keys, pos_index, scale, grid_width, exclude_centers, exclude_radius, reduction, backend)
+    has_exclusion = _validate(pred, keys, pos_index, scale, grid_width, exclude_centers, exclude_radius,
+                              reduction, backend)
     p = torch.nn.functional.normalize(pred, dim=-1, eps=NORM_EPS)
     k = torch.nn.functional.normalize(keys, dim=-1, eps=NORM_EPS)
     logits = scale * torch.bmm(p, k.transpose(1, 2))  # (B, N, M)
-    if exclude_centers is not None and exclude_radius > 0:
+    if has_exclusion:
         M = keys.shape[1]
-        j = torch.arange(M, device=pred.device, dtype=torch.int32)
+        # int64 throughout: an int32 compared with a radius >= 2**31 is False everywhere.
+        j = torch.arange(M, device=pred.device, dtype=torch.int64)
         rows, cols = j // grid_width, j % grid_width
         removed = torch.zeros(logits.shape, dtype=torch.bool, device=pred.device)
         for c in range(exclude_centers.shape[-1]):  # one (B, N, M) mask per centre, not (B, N, C, M)
-            centre = exclude_centers[..., c, None].to(torch.int32)
+            centre = exclude_centers[..., c, None]
             near_row = (rows - centre // grid_width).abs_() < exclude_radius
             removed |= near_row & ((cols - centre % grid_width).abs_() < exclude_radius)
         removed &= j != pos_index[..., None]

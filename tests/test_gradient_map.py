@@ -171,11 +171,30 @@ def test_bad_input(fn, device):
         fn(torch.ones(1, 3, 8, 8, dtype=torch.int64, device=device))
     with pytest.raises(TypeError, match="list"):
         fn([[1.0]])
-    for bad in (0, 3, True):
-        with pytest.raises(ValueError, match=f"padding={bad}"):
+    for bad in (0, 3, True, 2.0, "2"):  # 2.0: accepted by `in (1, 2)`, then refused inside F.pad
+        with pytest.raises(ValueError, match=f"padding={bad!r} is not supported"):
             fn(x, bad)
     with pytest.raises(ValueError, match="backend='cuda'"):
         fn(x, backend="cuda")
+    import numpy as np
+
+    torch.testing.assert_close(fn(x, np.int64(2)), fn(x, 2))  # an integer type is an integer
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 3, 4, 0), (1, 1, 0, 0)])
+def test_empty_image_in_every_implementation(shape, padding, device):
+    """An image with no rows or columns: the map is the padding's alone (v = h = 0, so sqrt(EPS)),
+    from a loop over the definition. Before: gradient_map_ref (conv2d) raised."""
+    h, w = shape[2] + 2 * (padding - 1), shape[3] + 2 * (padding - 1)
+    want = torch.full((*shape[:2], h, w), gm.EPS, dtype=torch.float64).sqrt()
+    for fn in (gradient_map_ref, lambda t, p: gradient_map(t, p, backend="torch"),
+               lambda t, p: gradient_map(t.to(device), p, backend="triton").cpu()):
+        x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        y = fn(x, padding)
+        torch.testing.assert_close(y, want, atol=0, rtol=0)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        assert dx.shape == x.shape
 
 
 def test_bad_input_launchers(device):
@@ -455,3 +474,49 @@ def test_cuda_gradcheck_fp64():
     x = torch.randn(2, 2, 9, 70, device="cuda", dtype=torch.float64, requires_grad=True)
     for padding in PADDINGS:
         assert torch.autograd.gradcheck(lambda t, p=padding: gradient_map(t, p), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_matches_the_reference(backend, device):
+    """A gradient penalty through the map (R1-style), against the reference's in float64. Before:
+    the Triton path's second backward failed naming an internal op ("no autograd formula was
+    registered" for spsr_kernels::gradient_map_bwd), while the torch path worked."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    x0 = torch.rand(1, 2, 6, 7, dtype=torch.float64)
+
+    def penalty_grad(fn, x):
+        x = x.detach().requires_grad_()
+        y = fn(x, 2)
+        (g,) = torch.autograd.grad((y * y.detach()).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), x)[0]
+
+    want = penalty_grad(gradient_map_ref, x0)
+    got = penalty_grad(lambda x, p: gradient_map(x, p, backend=backend), x0.to(dev))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("when", ["set after the import", "2 (off for triton)"])
+def test_interpreter_decision_follows_how_the_kernels_were_built(when):
+    """TRITON_INTERPRET is read by @triton.jit once, when spsr_kernels is imported. Before: a
+    value set after the import, or one triton reads as off ("2"), made backend="auto" send CPU
+    tensors to the compiled kernels: "RuntimeError: 0 active drivers ([])"."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch\n"
+        "from spsr_kernels import gradient_map, gradient_map_ref, info_nce, info_nce_ref\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "x = torch.rand(1, 2, 5, 6)\n"
+        "torch.testing.assert_close(gradient_map(x, 2), gradient_map_ref(x.double(), 2).float())\n"
+        "p, k = torch.randn(1, 3, 8), torch.randn(1, 5, 8)\n"
+        "pos = torch.tensor([[0, 1, 2]])\n"
+        "torch.testing.assert_close(info_nce(p, k, pos), info_nce_ref(p.double(), k.double(), pos).float())\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if when.startswith("2"):
+        env["TRITON_INTERPRET"] = "2"
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

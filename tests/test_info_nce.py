@@ -368,22 +368,37 @@ def test_bad_inputs_raise_clear_errors(override, exc, match):
             fn(pred, keys, pos, **args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("radius", [600, 2**31 - 1, 2**40])
+@pytest.mark.parametrize("backend", [*BACKENDS, "ref"])
+@pytest.mark.parametrize("radius", [600, 2**31 - 1, 2**31, 2**40])
 def test_radius_beyond_the_grid(backend, radius):
     """A radius past the map removes every negative: loss exactly 0. Near 2**31 it once wrapped
     int32 in the kernels (exclusion silently off, loss ~ 38); on the torch path the removed-key
-    lists grew with radius² (600 on a 5×7 map: 650 MB) and are now bounded by the grid."""
+    lists grew with radius² (600 on a 5×7 map: 650 MB) and are now bounded by the grid. The
+    reference compared int32 distances with the radius: from 2**31 on it removed nothing."""
     B, N, H, W, d = 1, 6, 5, 7, 16
     pred, keys, pos, centers = _make(B, N, H, W, d, C=2)
     kw = dict(grid_width=W, exclude_centers=centers, exclude_radius=radius, reduction="none")
-    loss, gp, gk = _loss_and_grads(lambda *a, **k: _run(backend, *a, **k), pred, keys, pos, **kw)
+    fn = info_nce_ref if backend == "ref" else (lambda *a, **k: _run(backend, *a, **k))
+    loss, gp, gk = _loss_and_grads(fn, pred, keys, pos, **kw)
     assert torch.equal(loss, torch.zeros(B, N)), loss
+    if backend == "ref":
+        return
     assert torch.isfinite(gp).all() and torch.isfinite(gk).all()
     _assert_close("dpred", gp, torch.zeros_like(gp), 1e-5, 0)
     crow, ccol = nce._centre_grid(centers, W)
     listed = nce._torch_excluded_keys(pos, crow, ccol, H * W, W, nce._effective_radius(radius, H * W, W))
     assert listed.shape[-1] <= 2 * (2 * H - 1) * (2 * W - 1)
+
+
+def test_zero_exclusion_centres_exclude_nothing_in_every_implementation():
+    """C = 0 centres with a radius and no grid_width: the validation reads it as no exclusion.
+    Before: info_nce_ref still built the mask and failed with a TypeError (j // None)."""
+    pred, keys, pos, _ = _make(2, 4, 3, 4, 8)
+    none = torch.zeros(2, 4, 0, dtype=torch.int64)
+    want = info_nce_ref(pred.double(), keys.double(), pos, reduction="none")
+    for fn in (info_nce_ref, lambda *a, **k: _run("triton", *a, **k), lambda *a, **k: _run("torch", *a, **k)):
+        got = fn(pred, keys, pos, exclude_centers=none, exclude_radius=2, reduction="none")
+        _assert_close("loss", got.double(), want, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -455,6 +470,49 @@ def test_split_key_forward_equals_plain():
     _assert_close("pos_logit", split[1], plain[1], 0, 0)
     every = nce.info_nce_fwd(p_hat, k_hat, pos, crow, ccol, 64.0, W, 10**6, splits=3)
     assert torch.equal(every[0], every[1])  # all negatives removed: lse == positive exactly
+
+
+@pytest.mark.parametrize("dup", [1, 63, 64, 100, 127])
+def test_split_key_forward_with_a_negative_as_strong_as_the_positive(dup):
+    """Key ``dup`` duplicates the positive (key 0), every other key is orthogonal: the loss is
+    log(2 + 126 e^-64). Before: a split holding the duplicate and nothing else that counts flagged
+    itself "only the positive" (its one dominant key scores as the positive does), and with every
+    split so flagged the merged loss was 0 (splits=2, dup in the second half)."""
+    B, N, M, d = 1, 1, 128, 16
+    keys = torch.zeros(B, M, d, dtype=torch.float64)
+    keys[..., 1] = 1.0
+    keys[0, 0] = keys[0, dup] = torch.eye(d, dtype=torch.float64)[0]
+    pred = torch.eye(d, dtype=torch.float64)[0].reshape(1, 1, d)
+    pos = torch.zeros(B, N, dtype=torch.int64)
+    want = info_nce_ref(pred, keys, pos, reduction="none")
+    assert abs(want.item() - math.log(2 + 126 * math.exp(-64.0))) < 1e-12  # the reference itself
+    p_hat, k_hat = (nce._normalize(t.float().to(KERNEL_DEVICE))[0] for t in (pred, keys))
+    for splits in (1, 2, 3, 4):
+        lse, pos_logit = nce.info_nce_fwd(p_hat, k_hat, pos.to(KERNEL_DEVICE), None, None, 64.0, 1, 0,
+                                          splits=splits)
+        _assert_close(f"loss, splits={splits}", (lse - pos_logit).cpu().double(), want, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_second_order_gradients_raise_instead_of_being_zero(backend):
+    """Neither autograd Function is twice differentiable. Before: a gradient penalty through
+    info_nce, added to any other term, silently contributed a zero gradient (info_nce_ref's is
+    not zero); now differentiating the gradient raises."""
+    pred = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(1, 6, 8, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 3]])
+    (g_ref,) = torch.autograd.grad(info_nce_ref(pred, keys, pos), pred, create_graph=True)
+    (gg_ref,) = torch.autograd.grad(g_ref.pow(2).sum() + 0 * pred.sum(), pred)
+    assert gg_ref.abs().max() > 1e-3  # the penalty's gradient the fused paths cannot give
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    p = pred.detach().float().to(dev).requires_grad_()
+    (g,) = torch.autograd.grad(info_nce(p, keys.float().to(dev), pos.to(dev), backend=backend), p,
+                               create_graph=True)
+    for penalty in (g.pow(2).sum() + 0 * p.sum(), g.pow(2).sum()):  # with another term, alone
+        with pytest.raises(RuntimeError, match="info_nce: this backward is not twice differentiable"):
+            torch.autograd.grad(penalty, p, retain_graph=True)
+    (g1,) = torch.autograd.grad(info_nce(p, keys.float().to(dev), pos.to(dev), backend=backend), p)
+    torch.testing.assert_close(g1.cpu().double(), g_ref.detach(), atol=1e-5, rtol=1e-4)  # first order
 
 
 def test_split_heuristic():
