@@ -5,6 +5,7 @@ paths; ``HAS_TRITON`` says which case this is.
 """
 
 from ._triton import HAS_TRITON
+from ._utils import interpreter_active
 from .gradient_map import GradientMap, gradient_map, gradient_map_ref
 from .info_nce import InfoNCELoss, info_nce, info_nce_ref
 
@@ -16,4 +17,5 @@ __all__ = [
     "gradient_map_ref",
     "info_nce",
     "info_nce_ref",
+    "interpreter_active",
 ]

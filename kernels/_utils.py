@@ -77,7 +77,9 @@ def first_order_only(op: str, fix: str, inputs: Callable) -> Callable:
                 if isinstance(grad, torch.Tensor):
                     grad = grad.detach()
                     if isinstance(source, torch.Tensor) and source.requires_grad:
-                        grad = grad + 0 * source.sum()  # an edge to the input (value unchanged)
+                        # An edge to the input whose value is exactly 0: the sum of no elements
+                        # (0 * source.sum() would be NaN for an inf anywhere in the input).
+                        grad = grad + source.reshape(-1)[:0].sum()
                     else:
                         grad.requires_grad_(True)
                 tied.append(grad)

@@ -427,6 +427,10 @@ def _check_inputs(op: str, x: torch.Tensor, padding: int) -> None:
         raise ValueError(
             f"{op}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}; add batch/channel dims"
         )
+    _check_padding(op, padding)
+
+
+def _check_padding(op: str, padding: object) -> None:
     try:
         index = operator.index(padding)  # an int (numpy's too); 2.0 is not: F.pad would refuse it later
     except TypeError:
@@ -687,8 +691,7 @@ class GradientMap(nn.Module):
 
     def __init__(self, padding: int = 1, *, backend: str = "auto") -> None:
         super().__init__()
-        if isinstance(padding, bool) or padding not in PADDINGS:
-            raise ValueError(f"GradientMap: padding={padding!r} is not supported; use 1 or 2")
+        _check_padding("GradientMap", padding)
         if backend not in BACKENDS:
             raise ValueError(f"GradientMap: backend={backend!r} is not one of {BACKENDS}")
         self.padding = padding

@@ -1189,8 +1189,16 @@ def _(p_hat, k_hat, pos_index, crow, ccol, lse, grad, scale, grid_width, radius,
 # --------------------------------------------------------------------------------------------
 
 
+def _graph_inputs(pred: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The inputs that get a gradient, saved only so that :func:`first_order_only` can tie that
+    gradient to them (no copy); None for the others (e.g. a key queue updated in place after the
+    loss, which autograd would otherwise refuse as "modified by an inplace operation")."""
+    return (pred if pred.requires_grad else None), (keys if keys.requires_grad else None)
+
+
 class InfoNCEFunction(torch.autograd.Function):
-    """Triton path. Saves the normalised inputs (input dtype), their norms and the LSE only."""
+    """Triton path. Saves the normalised inputs (input dtype), their norms and the LSE (and
+    references to the inputs that get a gradient: :func:`_graph_inputs`)."""
 
     @staticmethod
     def forward(ctx, pred, keys, pos_index, crow, ccol, scale, grid_width, radius):
@@ -1202,8 +1210,8 @@ class InfoNCEFunction(torch.autograd.Function):
         p_norm, k_norm = p_norm[..., 0].contiguous(), k_norm[..., 0].contiguous()
         pos_index = pos_index.contiguous()
         lse, pos_logit = _triton_fwd_op(p_low, k_low, pos_index, crow, ccol, scale, grid_width, radius)
-        # pred and keys themselves only for first_order_only (no copy: the caller's tensors).
-        ctx.save_for_backward(p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse, pred, keys)
+        graph_inputs = _graph_inputs(pred, keys)
+        ctx.save_for_backward(p_low, k_low, p_norm, k_norm, pos_index, crow, ccol, lse, *graph_inputs)
         ctx.scale, ctx.grid_width, ctx.radius, ctx.d = scale, grid_width, radius, pred.shape[-1]
         return (lse - pos_logit).to(pred.dtype)
 
@@ -1241,7 +1249,8 @@ class InfoNCEChunkedFunction(torch.autograd.Function):
         lse, pos_logit = _chunked_fwd_op(
             p_hat, k_hat, pos_index, crow, ccol, scale, grid_width, radius, chunk_n, chunk_m
         )
-        ctx.save_for_backward(p_hat, k_hat, p_norm, k_norm, pos_index, crow, ccol, lse, pred, keys)
+        graph_inputs = _graph_inputs(pred, keys)
+        ctx.save_for_backward(p_hat, k_hat, p_norm, k_norm, pos_index, crow, ccol, lse, *graph_inputs)
         ctx.args = (scale, grid_width, radius, chunk_n, chunk_m)
         return (lse - pos_logit).to(pred.dtype)
 

@@ -677,6 +677,19 @@ def run_demo(
     return report_path
 
 
+def _demo_write_error(e: OSError, out: str | Path) -> bool:
+    """A write of the demo's own that failed: a full disk or quota, a file size limit or a
+    read-only filesystem anywhere, or no permission under ``out`` (a permission error elsewhere,
+    e.g. an unreadable weights file, is not about --out and keeps its traceback)."""
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return True
+    if e.errno in (errno.EACCES, errno.EPERM) and e.filename:
+        return Path(os.path.abspath(e.filename)).is_relative_to(Path(os.path.abspath(out)))
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -736,13 +749,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
-        reason = describe_write_error(e)
-        advice = write_advice(reason)  # a full disk, a quota, a read-only folder; not e.g. a missing file
-        if not advice and e.errno is None:  # ours, with its fix in the text (no `deepspeed` launcher)
+        if isinstance(e, FileNotFoundError) and e.errno is None:  # ours, its fix in the text (no launcher)
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if not advice:
+        if not _demo_write_error(e, a.out):
             raise
+        reason = describe_write_error(e)
+        advice = write_advice(reason)
         print(f"error: could not write under {a.out}: {reason}. {advice}, or pass --out elsewhere, then "
               "re-run the same command", file=sys.stderr)
         return OutputWriteError.exit_code

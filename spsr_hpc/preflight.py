@@ -9,7 +9,6 @@ models, DeepSpeed's engines and its one-off C++ op build). Tracebacks stay for r
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -160,10 +159,13 @@ def run_problems(cfg: Any) -> list[str]:
         if not torch.cuda.is_available():
             problems.append("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     backend = getattr(getattr(cfg, "objective", None), "loss_backend", None)  # NSE pretraining
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton":
         import torch
 
-        if getattr(train, "device", None) == "cpu" or not torch.cuda.is_available():
+        from spsr_kernels import interpreter_active
+
+        on_cpu = getattr(train, "device", None) == "cpu" or not torch.cuda.is_available()
+        if on_cpu and not interpreter_active():
             problems.append("objective.loss_backend=triton runs the Triton kernels, which need a CUDA GPU "
                             "(or TRITON_INTERPRET=1, slow): use objective.loss_backend=auto or torch")
     run_dir = getattr(getattr(cfg, "logging", None), "run_dir", None)

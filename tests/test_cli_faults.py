@@ -634,6 +634,23 @@ def test_sixteen_bit_colour_png_is_reduced_with_a_note(channels, tmp_path):
     assert ("alpha dropped" in note) == (channels == 4)
 
 
+def test_sixteen_bit_detection_reads_every_pillow_tile_form_and_not_565_bmps(tmp_path):
+    """Pillow 10 keeps tiles as plain tuples (``.args`` is Pillow 11's NamedTuple: an
+    AttributeError on every colour image there), and a 5-6-5 BMP's raw mode "BGR;16" is not 16
+    bits per channel (it got the "high byte" note)."""
+    from PIL import Image as PILImage
+
+    from spsr_hpc.data.images import _sixteen_bit_colour
+
+    (tmp_path / "deep.png").write_bytes(_png16(np.zeros((2, 3, 3), dtype=np.uint16)))
+    with PILImage.open(tmp_path / "deep.png") as im:
+        assert _sixteen_bit_colour(im)
+        im.tile = [tuple(t) for t in im.tile]  # Pillow 10's form
+        assert _sixteen_bit_colour(im)
+        im.tile = [("raw", (0, 0, 3, 2), 0, ("BGR;16", 0, 1))]  # a 5-6-5 BMP's tile
+        assert not _sixteen_bit_colour(im)
+
+
 def _interrupt_when(cmd: list[str], ready, cwd: Path) -> tuple[int, str]:
     """Start ``cmd`` in its own process group, send SIGINT to the group (as a terminal's Ctrl-C
     does) once ``ready()`` is true, and return (exit status, stderr)."""

@@ -240,6 +240,29 @@ def test_a_full_disk_outside_the_launch_ends_the_demo_with_one_error_line(tmp_pa
     assert "[Errno 28] No space left on device (ENOSPC)" in err and "Free space there" in err, err
 
 
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_permission_error_is_about_out_only_when_it_is_under_out(inside, tmp_path, monkeypatch, capsys):
+    """EACCES on a file under --out is the demo's own write (one line, exit 4); elsewhere (e.g. an
+    unreadable weights file) it is not about --out and keeps its traceback."""
+    import errno
+
+    out = tmp_path / "out"
+    where = out / "shards" / "s.tar" if inside else tmp_path / "weights" / "vgg.pth"
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(where))
+
+    _no_data(monkeypatch)
+    monkeypatch.setattr(demo, "write_shards", denied)
+    if inside:
+        assert demo.main(["--out", str(out), "--nproc", "1", "--precision", "fp32"]) == 4
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "Make the folder writable" in err, err
+    else:
+        with pytest.raises(PermissionError):
+            demo.main(["--out", str(out), "--nproc", "1", "--precision", "fp32"])
+
+
 def test_no_deepspeed_launcher_is_one_error_line(tmp_path, monkeypatch, capsys):
     """Before: a FileNotFoundError traceback (its message already named the fix)."""
     _no_data(monkeypatch)

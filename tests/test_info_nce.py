@@ -472,25 +472,31 @@ def test_split_key_forward_equals_plain():
     assert torch.equal(every[0], every[1])  # all negatives removed: lse == positive exactly
 
 
-@pytest.mark.parametrize("dup", [1, 63, 64, 100, 127])
-def test_split_key_forward_with_a_negative_as_strong_as_the_positive(dup):
+@pytest.mark.parametrize(("M", "dup"), [(128, 1), (128, 64), (128, 127), (192, 100), (192, 191),
+                                        (256, 63), (256, 130), (256, 255)])
+def test_split_key_forward_with_a_negative_as_strong_as_the_positive(M, dup):
     """Key ``dup`` duplicates the positive (key 0), every other key is orthogonal: the loss is
-    log(2 + 126 e^-64). Before: a split holding the duplicate and nothing else that counts flagged
-    itself "only the positive" (its one dominant key scores as the positive does), and with every
-    split so flagged the merged loss was 0 (splits=2, dup in the second half)."""
-    B, N, M, d = 1, 1, 128, 16
+    log(2 + (M - 2) e^-64). Before: a split holding the duplicate and nothing else that counts
+    flagged itself "only the positive" (its one dominant key scores as the positive does), and
+    with every split so flagged the merged loss was 0 (the duplicate outside the first split)."""
+    B, N, d = 1, 1, 16
     keys = torch.zeros(B, M, d, dtype=torch.float64)
     keys[..., 1] = 1.0
     keys[0, 0] = keys[0, dup] = torch.eye(d, dtype=torch.float64)[0]
     pred = torch.eye(d, dtype=torch.float64)[0].reshape(1, 1, d)
     pos = torch.zeros(B, N, dtype=torch.int64)
     want = info_nce_ref(pred, keys, pos, reduction="none")
-    assert abs(want.item() - math.log(2 + 126 * math.exp(-64.0))) < 1e-12  # the reference itself
+    assert abs(want.item() - math.log(2 + (M - 2) * math.exp(-64.0))) < 1e-12  # the reference itself
     p_hat, k_hat = (nce._normalize(t.float().to(KERNEL_DEVICE))[0] for t in (pred, keys))
-    for splits in (1, 2, 3, 4):
+    block_m = nce._block_sizes(N, M, d)[1]
+    ran = set()
+    for asked in (1, 2, 3, 4):
         lse, pos_logit = nce.info_nce_fwd(p_hat, k_hat, pos.to(KERNEL_DEVICE), None, None, 64.0, 1, 0,
-                                          splits=splits)
-        _assert_close(f"loss, splits={splits}", (lse - pos_logit).cpu().double(), want, 1e-5, 1e-5)
+                                          splits=asked)
+        _assert_close(f"loss, splits={asked}", (lse - pos_logit).cpu().double(), want, 1e-5, 1e-5)
+        per_split = math.ceil(math.ceil(M / asked) / block_m) * block_m  # info_nce_fwd's key range
+        ran.add(math.ceil(M / per_split))
+    assert 1 in ran and max(ran) == min(4, math.ceil(M / block_m))  # up to every key tile its own split
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -513,6 +519,39 @@ def test_second_order_gradients_raise_instead_of_being_zero(backend):
             torch.autograd.grad(penalty, p, retain_graph=True)
     (g1,) = torch.autograd.grad(info_nce(p, keys.float().to(dev), pos.to(dev), backend=backend), p)
     torch.testing.assert_close(g1.cpu().double(), g_ref.detach(), atol=1e-5, rtol=1e-4)  # first order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_updated_in_place_after_the_loss(backend):
+    """A key queue refreshed in place between the loss and backward (keys need no gradient): the
+    Functions keep references only to inputs that get a gradient, so autograd has nothing to
+    refuse ("modified by an inplace operation"), and the gradient is the one of the old keys."""
+    pred = torch.randn(1, 4, 8, requires_grad=True)
+    keys = torch.randn(1, 6, 8)
+    pos = torch.tensor([[0, 1, 2, 3]])
+    (want,) = torch.autograd.grad(info_nce_ref(pred.double(), keys.double(), pos), pred)
+    loss = _run(backend, pred, keys, pos)
+    keys.mul_(-1.0)  # the queue moves on
+    loss.backward()
+    _assert_close("dpred", pred.grad.double(), want.double(), 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_order_gradient_under_create_graph_is_the_plain_one(backend):
+    """create_graph=True (e.g. another term needs it) must not change the first-order gradient.
+    Tying it to the input through 0 * input.sum() made it NaN as soon as that sum was not finite
+    (here: fp16 inputs summing past 65504); the tie is now an empty sum."""
+    pred = torch.full((1, 4, 64), 600.0, dtype=torch.float16)
+    pred[0, :, :4] = torch.randn(4, 4, dtype=torch.float16) * 600  # sum 1.5e5: inf in fp16
+    keys = torch.randn(1, 6, 64, dtype=torch.float16) * 600
+    pos = torch.tensor([[0, 1, 2, 3]])
+    grads = []
+    for create_graph in (False, True):
+        p = pred.clone().requires_grad_()
+        (g,) = torch.autograd.grad(_run(backend, p, keys, pos), p, create_graph=create_graph)
+        grads.append(g.detach())
+    assert torch.isfinite(grads[0]).all()
+    assert torch.equal(grads[1], grads[0])
 
 
 def test_split_heuristic():

@@ -185,6 +185,8 @@ def test_triton_loss_backend_without_a_gpu_is_refused_at_start(shards, tmp_path,
     assert "auto or torch" in problems[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels on the CPU (slow)
     assert run_input_problems(cfg) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # read as triton reads it (it was "== '1'" only)
+    assert run_input_problems(cfg) == []
 
 
 def test_full_run_dir_stops_with_a_checkpoint_and_exit_4(shards, tmp_path, small_tmpfs):

@@ -59,9 +59,10 @@ def _sixteen_bit_colour(im: Image.Image) -> bool:
     """
     if im.mode not in ("RGB", "RGBA") or not im.tile:
         return False
-    args = im.tile[0].args
+    args = im.tile[0][3]  # (codec, extents, offset, args): a tuple in Pillow 10, a NamedTuple since 11
     rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
-    return isinstance(rawmode, str) and ";16" in rawmode
+    # 16 bits per channel: "RGB;16B", "RGBA;16L", "RGBX;16N", ...; not "BGR;16" (a 5-6-5 BMP).
+    return isinstance(rawmode, str) and re.fullmatch(r"RGB[AX]?;16[BLN]", rawmode) is not None
 
 
 def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
