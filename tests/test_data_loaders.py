@@ -57,6 +57,15 @@ def many_shards(photos, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def uneven_shards(photos, tmp_path_factory):
+    """Shards of 5, 5 and 2 samples."""
+    out = tmp_path_factory.mktemp("uneven")
+    m = write_shards(photos[0], out, scale=S, shard_size_mb=0.06, workers=0, progress=False)
+    assert [s["samples"] for s in m["shards"]] == [5, 5, 2]
+    return out
+
+
+@pytest.fixture(scope="module")
 def one_shard(photos, tmp_path_factory):
     """All samples in one shard: the sample-index modulo split."""
     out = tmp_path_factory.mktemp("one")
@@ -191,12 +200,30 @@ def test_stream_plans_partition_the_samples(n_shards, world, workers):
             for name, off in zip(plan.shards, plan.offsets):
                 c = counts[shards.index(name)]
                 for pos in range(c):
-                    if (off + pos) % plan.modulo == plan.residue:
+                    if plan.keeps(off + pos):
                         assert (name, pos) not in owner, "a sample is read by two streams"
                         owner[(name, pos)] = (rank, w)
                         got += 1
             assert got == plan.num_samples
+            assert got in (N_IMAGES // (world * workers), -(-N_IMAGES // (world * workers)))  # balanced
     assert len(owner) == N_IMAGES
+
+
+@pytest.mark.parametrize(("world", "workers", "batch"), [(2, 2, 3), (1, 2, 3), (3, 1, 2), (1, 3, 2)])
+def test_one_default_epoch_reads_every_sample_once(uneven_shards, photos, world, workers, batch):
+    """Shards of 5, 5 and 2 samples. Before: whole shards went to ranks and workers by stride, and
+    every stream drew the same number of batches, so in an epoch the streams holding more samples
+    left some unread while the others repeated theirs (2 ranks x 2 workers: 3 of 12 unread)."""
+    ids = {hashlib.sha1(h.tobytes()).hexdigest(): i for i, h in enumerate(photos[1])}
+    c = full_image_cfg(uneven_shards, num_workers=workers if workers > 1 else 0, batch_size=batch)
+    reads = [0] * N_IMAGES
+    for rank in range(world):
+        loader = build_train_loader(c, rank=rank, world_size=world)
+        assert len(loader) * batch * world == N_IMAGES  # the default epoch: one pass
+        for b in loader:
+            for h in b["hr"]:
+                reads[ids[digest(h.permute(1, 2, 0))]] += 1
+    assert reads == [1] * N_IMAGES
 
 
 @pytest.mark.distributed

@@ -1,18 +1,22 @@
 """The WebDataset loader: tar shards read by CPU worker processes.
 
-How data is split (every rank and worker gets disjoint samples):
+How data is split (every rank and worker gets disjoint samples, equal in number to one):
 
-1. Ranks: with at least as many shards as ranks, rank r reads shards r, r + W, r + 2W, ...;
-   with fewer shards every rank reads all shards and keeps the samples whose index
-   (position in the sorted shard list) is ≡ r mod W.
-2. Workers of a rank: the same rule again on the rank's share (shards when there are enough,
-   else sample index modulo the number of workers).
+The samples are numbered by their position in the sorted shard list (the manifest's / .idx
+counts), N in all. With W ranks of ``nw`` workers there are S = W·nw streams; stream
+i = r·nw + w (rank r, logical worker w) keeps the contiguous range [⌊i·N/S⌋, ⌊(i+1)·N/S⌋):
+⌊N/S⌋ or ⌈N/S⌉ samples each, whatever the shard sizes. A stream reads only the shards its range
+touches (a shard on a boundary is read by both neighbours, each stopping at its range's end).
+Before, whole shards went to ranks and workers by stride, so streams held different numbers of
+samples but drew the same number of batches: within an epoch the larger ones left samples
+unread and the smaller ones repeated theirs (on a DIV2K-sized set, 0.73-1.10 reads per sample
+and epoch).
 
 Each (rank, worker) stream is infinite ("resampled"): it walks its shards in a shuffled order,
 pass after pass, through a shuffle buffer that is emptied at the end of each pass (every sample
-once per pass; with parts of equal size and the default epoch length, every sample at least once
-per epoch). An epoch is a fixed number of batches, the same on
-every rank, so no rank waits for another at an epoch end.
+once per pass, so with the default epoch length every sample at least once per epoch). An epoch
+is a fixed number of batches, the same on every rank, so no rank waits for another at an epoch
+end.
 
 Determinism and resume: logical worker ``L`` of rank ``r`` produces global batches
 ``k ≡ L (mod num_workers)`` of the epoch. Its sample order and every crop/flip draw are a
@@ -57,37 +61,26 @@ pass over the shard; they enter the trainer's skip metrics and train.max_skip_ra
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """What one (rank, logical worker) reads: shards, and the sample-index residue it keeps."""
+    """What one (rank, logical worker) reads: the shards its sample range touches, and the range
+    ``[lo, hi)`` of global sample indices (position in the sorted shard list) it keeps."""
 
     shards: tuple[str, ...]
-    offsets: tuple[int, ...]  # index of each shard's first sample in the numbering used by modulo
-    modulo: int
-    residue: int
-    num_samples: int
-    counts: tuple[int, ...] = ()  # samples of each shard (manifest / .idx), for lost-sample counts
+    offsets: tuple[int, ...]  # global index of each shard's first sample
+    lo: int
+    hi: int
+    counts: tuple[int, ...] = ()  # samples of each shard (manifest / .idx)
+
+    @property
+    def num_samples(self) -> int:
+        return self.hi - self.lo
+
+    def keeps(self, index: int) -> bool:
+        """Whether the sample with this global index is this stream's."""
+        return self.lo <= index < self.hi
 
     def expected(self, si: int) -> int:
         """Samples this stream should read from its shard ``si`` in one pass."""
-        return _count_residue(self.offsets[si], self.offsets[si] + self.counts[si], self.modulo, self.residue)
-
-
-def _count_residue(a: int, b: int, m: int, r: int) -> int:
-    """How many i in [a, b) have i % m == r."""
-
-    def below(x: int) -> int:
-        return (x - r + m - 1) // m if x > r else 0
-
-    return below(b) - below(a)
-
-
-def _plan(shards: list[str], counts: list[int], idx: list[int], modulo: int, residue: int) -> StreamPlan:
-    offsets, total = [], 0
-    for i in idx:
-        offsets.append(total)
-        total += counts[i]
-    n = sum(_count_residue(o, o + counts[i], modulo, residue) for o, i in zip(offsets, idx))
-    return StreamPlan(tuple(shards[i] for i in idx), tuple(offsets), modulo, residue, n,
-                      tuple(counts[i] for i in idx))
+        return max(0, min(self.hi, self.offsets[si] + self.counts[si]) - max(self.lo, self.offsets[si]))
 
 
 def plan_streams(
@@ -95,15 +88,19 @@ def plan_streams(
 ) -> list[StreamPlan]:
     """One plan per logical worker of ``rank`` (see the module docstring)."""
     nw = max(1, num_workers)
-    n = len(shards)
-    if n >= world_size:
-        rank_idx = list(range(rank, n, world_size))
-        if len(rank_idx) >= nw:
-            # offsets are irrelevant with modulo 1
-            return [_plan(shards, counts, rank_idx[w::nw], 1, 0) for w in range(nw)]
-        return [_plan(shards, counts, rank_idx, nw, w) for w in range(nw)]
-    all_idx = list(range(n))
-    return [_plan(shards, counts, all_idx, world_size * nw, rank + world_size * w) for w in range(nw)]
+    streams = world_size * nw
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    total = starts[-1]
+    plans = []
+    for w in range(nw):
+        i = rank * nw + w
+        lo, hi = i * total // streams, (i + 1) * total // streams
+        idx = [j for j in range(len(shards)) if starts[j] < hi and starts[j + 1] > lo and counts[j] > 0]
+        plans.append(StreamPlan(tuple(shards[j] for j in idx), tuple(starts[j] for j in idx), lo, hi,
+                                tuple(counts[j] for j in idx)))
+    return plans
 
 
 def _to_tensor(batch: list[np.ndarray]) -> torch.Tensor:
@@ -184,7 +181,9 @@ class _EpochStream(IterableDataset):
                 samples = wds.tarfile_samples(src, handler=self._tar_handler, select_files=select)
                 read = 0
                 for pos, sample in enumerate(samples):
-                    if (plan.offsets[si] + pos) % plan.modulo != plan.residue:
+                    if plan.offsets[si] + pos >= plan.hi:
+                        break  # the rest of the shard is the next stream's
+                    if not plan.keeps(plan.offsets[si] + pos):
                         continue
                     accepted += 1
                     read += 1
