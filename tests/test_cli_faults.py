@@ -601,6 +601,33 @@ def test_exif_orientation_is_applied(tmp_path):
     assert img.shape == (40, 32, 3) and note == "EXIF orientation 6 applied"
 
 
+def test_pair_check_reads_sizes_as_the_images_are_read(tmp_path):
+    """An HR JPEG stored 80x40 with EXIF orientation 6 is read as 40x80 (read_rgb turns it). Before:
+    FolderDataset.check_pairs (evaluate runs it) compared the stored size, refusing the LR made from
+    the image as shown (10x20) and passing one made from the stored pixels (20x10), which then failed
+    when read."""
+    from PIL import Image as PILImage
+
+    from spsr_hpc.data import FolderDataset, read_rgb
+
+    hr, lr_shown, lr_stored = (tmp_path / d for d in ("hr", "lr_shown", "lr_stored"))
+    for d in (hr, lr_shown, lr_stored):
+        d.mkdir()
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    stored = np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8)  # H 40, W 80
+    PILImage.fromarray(stored).save(hr / "cam.jpg", exif=exif, quality=95)
+    shown = read_rgb(hr / "cam.jpg")[0]
+    assert shown.shape[:2] == (80, 40)
+    PILImage.fromarray(shown[::4, ::4]).save(lr_shown / "cam.png")  # 10 wide, 20 high
+    PILImage.fromarray(stored[::4, ::4]).save(lr_stored / "cam.png")  # 20 wide, 10 high
+    good = FolderDataset(hr, lr_shown, scale=4)
+    good.check_pairs()
+    assert good[0]["hr"].shape[:2] == (80, 40)  # (H, W, 3)
+    with pytest.raises(ValueError, match="do not match their HR"):
+        FolderDataset(hr, lr_stored, scale=4).check_pairs()
+
+
 def _png16(values: np.ndarray) -> bytes:
     """A 16-bit colour PNG written byte by byte (Pillow cannot write one): IHDR bit depth 16,
     colour type 2 (RGB) or 6 (RGBA), filter 0 on every row."""
@@ -644,11 +671,34 @@ def test_sixteen_bit_detection_reads_every_pillow_tile_form_and_not_565_bmps(tmp
 
     (tmp_path / "deep.png").write_bytes(_png16(np.zeros((2, 3, 3), dtype=np.uint16)))
     with PILImage.open(tmp_path / "deep.png") as im:
-        assert _sixteen_bit_colour(im)
+        assert _sixteen_bit_colour(im) == "RGB"
         im.tile = [tuple(t) for t in im.tile]  # Pillow 10's form
-        assert _sixteen_bit_colour(im)
+        assert _sixteen_bit_colour(im) == "RGB"
         im.tile = [("raw", (0, 0, 3, 2), 0, ("BGR;16", 0, 1))]  # a 5-6-5 BMP's tile
-        assert not _sixteen_bit_colour(im)
+        assert _sixteen_bit_colour(im) is None
+
+
+def test_sixteen_bit_grey_alpha_png_gets_its_note(tmp_path):
+    """Pillow opens a 16-bit grey+alpha PNG as RGBA (raw mode "LA;16B"): the high byte is kept,
+    unlike 16-bit grey (rounded). Before: only "RGBA -> RGB (alpha dropped)" was noted."""
+    import struct
+    import zlib
+
+    from spsr_hpc.data import read_rgb
+
+    grey = np.array([[0x00FF, 0x7F80, 0xFF00, 0xFFFF]], dtype=np.uint16)
+    pixels = np.stack([grey, np.full_like(grey, 0xFFFF)], axis=-1)  # grey, alpha
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(1))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 1, 16, 4, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    (tmp_path / "ga.png").write_bytes(png)
+    img, note = read_rgb(tmp_path / "ga.png")
+    assert img[0, :, 0].tolist() == (grey[0] >> 8).tolist() == [0, 127, 255, 255]  # the high byte
+    assert note.startswith("16-bit LA -> 8-bit (the high byte of each value)") and "alpha dropped" in note
 
 
 def _interrupt_when(cmd: list[str], ready, cwd: Path) -> tuple[int, str]:

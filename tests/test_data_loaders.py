@@ -332,6 +332,20 @@ def test_deterministic_and_resumes_at_the_batch(loader, workers, many_shards):
             rank=0,
             world_size=1,
         ).load_state_dict(state)
+    # Before: another shuffle buffer (or another shard list of the same length) was accepted, and
+    # the resumed epoch read some samples twice and others not at all.
+    with pytest.raises(ValueError, match="shuffle_buffer=8 but this loader has shuffle_buffer=4"):
+        build_train_loader(
+            cfg(many_shards, loader=loader, num_workers=workers, shuffle_buffer=4, batches_per_epoch=5),
+            rank=0,
+            world_size=1,
+        ).load_state_dict(state)
+    fewer = str(many_shards / "shard-00000*.tar")  # 10 of the 12 shards, the epoch length kept
+    with pytest.raises(ValueError, match=r"shards='12 shard\(s\), 12 samples, [0-9a-f]+' but this loader has "
+                                         r"shards='10 shard\(s\), 10 samples"):
+        build_train_loader(
+            cfg(fewer, loader=loader, num_workers=workers, batches_per_epoch=5), rank=0, world_size=1
+        ).load_state_dict(state)
 
 
 @requires_dali

@@ -105,6 +105,37 @@ def test_resume_with_the_same_settings_changes_nothing(tmp_path, capsys):
     run.close()
 
 
+class _StatefulBatches(list):
+    """Batches with a loader state, as the real loaders have; ``refuse`` makes loading it fail as
+    theirs do when a data setting changed (tests/test_data_loaders.py checks which)."""
+
+    refuse = False
+
+    def state_dict(self) -> dict:
+        return {"epoch": 0, "batches_consumed": 1, "shuffle_buffer": 8}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.refuse:
+            raise ValueError("loader state was saved with shuffle_buffer=8 but this loader has "
+                             "shuffle_buffer=4; ... Resume with the same data settings")
+
+
+def test_a_loader_that_cannot_continue_is_a_resume_error(tmp_path):
+    """Before: the loader's ValueError left Trainer() as a traceback (exit status 1); now the
+    checkpoint is named in a ResumeError, one error: line with exit status 2."""
+    from spsr_hpc.train.trainer import Trainer
+
+    writer = Trainer(_config(tmp_path / "writer"), loader=_StatefulBatches(_batches(1)))
+    writer.train_step()
+    ckpt = writer.save()
+    writer.close()
+    again = _StatefulBatches(_batches(1))
+    Trainer(_config(tmp_path / "same", f"checkpoint.resume={ckpt}"), loader=again).close()
+    again.refuse = True
+    with pytest.raises(ResumeError, match=rf"{ckpt}: loader state was saved with shuffle_buffer=8"):
+        Trainer(_config(tmp_path / "other", f"checkpoint.resume={ckpt}"), loader=again)
+
+
 @pytest.mark.parametrize(("saved", "resumed"), [(0, 1), (1, 0)])
 def test_resume_across_zero_0_and_1_is_refused_with_the_fix(tmp_path, saved, resumed):
     from spsr_hpc.train.trainer import Trainer

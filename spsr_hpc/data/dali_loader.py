@@ -62,6 +62,7 @@ from spsr_hpc.data.loader_state import (
     derive_seed,
     epoch_batches,
     index_path,
+    shard_set,
 )
 from spsr_hpc.data.shards import verify_shards
 
@@ -301,6 +302,8 @@ class DaliLoader:
                 f"{world_size} rank(s); DALI splits samples across ranks, one at least each"
             )
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
+        self._order = {"batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
+                       "shards": shard_set(shards, counts)}  # what the resume check compares
         self.gpu = _use_gpu(cfg, device)
         if self.gpu:
             self.device = (
@@ -328,10 +331,10 @@ class DaliLoader:
         self.state.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state.state_dict(batch_size=self.cfg.batch_size, loader="dali")
+        return self.state.state_dict(**self._order, loader="dali")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state.load_state_dict(state, batch_size=self.cfg.batch_size)
+        self.state.load_state_dict(state, **self._order)
 
     def _run(self, pipe: Any) -> Any:
         """``pipe.run()``; DALI's error (an undecodable image, unreadable tar data) becomes a

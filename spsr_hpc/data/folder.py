@@ -59,9 +59,11 @@ class FolderDataset(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         def size(path: Path) -> tuple[int, int]:
+            """(width, height) as read_rgb gives the image: EXIF orientations 5-8 turn it by 90°."""
             try:
                 with Image.open(path) as im:
-                    return im.size  # (width, height)
+                    w, h = im.size
+                    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
             except (OSError, UnidentifiedImageError) as e:
                 raise BadImageError(f"{path}: not a readable image ({e})") from e
 

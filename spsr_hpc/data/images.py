@@ -51,18 +51,20 @@ def _to_rgb(im: Image.Image, source: str) -> tuple[np.ndarray, str | None]:
     raise BadImageError(f"{source}: unsupported image mode {mode!r}; convert it to 8-bit RGB first")
 
 
-def _sixteen_bit_colour(im: Image.Image) -> bool:
-    """True for a 16-bit-per-channel colour file (PNG, TIFF) before it is loaded.
+def _sixteen_bit_colour(im: Image.Image) -> str | None:
+    """The file's 16-bit-per-channel mode ("RGB", "RGBA", "LA", ...) before it is loaded, else None.
 
-    Pillow has no 16-bit colour mode: it opens such a file as 8-bit RGB/RGBA and keeps the high
-    byte of each value (65535 -> 255, 255 -> 0). Only the undecoded tile's raw mode still says so.
+    Pillow has no 16-bit colour mode: it opens such a file (and a 16-bit grey+alpha PNG) as 8-bit
+    RGB/RGBA and keeps the high byte of each value (65535 -> 255, 255 -> 0). Only the undecoded
+    tile's raw mode still says so.
     """
     if im.mode not in ("RGB", "RGBA") or not im.tile:
-        return False
+        return None
     args = im.tile[0][3]  # (codec, extents, offset, args): a tuple in Pillow 10, a NamedTuple since 11
     rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
-    # 16 bits per channel: "RGB;16B", "RGBA;16L", "RGBX;16N", ...; not "BGR;16" (a 5-6-5 BMP).
-    return isinstance(rawmode, str) and re.fullmatch(r"RGB[AX]?;16[BLN]", rawmode) is not None
+    # 16 bits per channel: "RGB;16B", "RGBA;16L", "LA;16B", ...; not "BGR;16" (a 5-6-5 BMP).
+    m = re.fullmatch(r"(RGB[AX]?|LA);16[BLN]", rawmode) if isinstance(rawmode, str) else None
+    return m.group(1) if m else None
 
 
 def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
@@ -85,7 +87,7 @@ def decode_rgb(data: bytes, source: str) -> tuple[np.ndarray, str | None]:
             arr, note = _to_rgb(im, source)
             notes = (
                 f"EXIF orientation {orientation} applied" if turned else None,
-                f"16-bit {im.mode} -> 8-bit (the high byte of each value)" if deep else None,
+                f"16-bit {deep} -> 8-bit (the high byte of each value)" if deep else None,
                 note,
             )
             return arr, "; ".join(n for n in notes if n) or None

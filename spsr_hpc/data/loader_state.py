@@ -64,6 +64,14 @@ def count_samples(shard: str) -> int:
     return len(keys)
 
 
+def shard_set(shards: list[str], counts: list[int]) -> str:
+    """What a loader reads, for its resume check: shard file names (not folders: a moved copy is
+    the same data) and their sample counts, as ``"12 shard(s), 3456 samples, <digest>"``."""
+    names = [Path(s).name for s in shards]
+    digest = hashlib.sha256(json.dumps([names, [int(c) for c in counts]]).encode()).hexdigest()[:12]
+    return f"{len(shards)} shard(s), {sum(counts)} samples, {digest}"
+
+
 def epoch_batches(cfg: DataConfig, total_samples: int, world_size: int) -> int:
     """Batches per epoch per rank, the same on every rank."""
     if cfg.batches_per_epoch is not None:
@@ -130,4 +138,5 @@ __all__ = [
     "derive_seed",
     "epoch_batches",
     "index_path",
+    "shard_set",
 ]

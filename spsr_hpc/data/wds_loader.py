@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from spsr_hpc.data.augment import aligned_patch, random_patch
 from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.images import BadImageError, decode_rgb
-from spsr_hpc.data.loader_state import LoaderState, derive_seed, epoch_batches
+from spsr_hpc.data.loader_state import LoaderState, derive_seed, epoch_batches, shard_set
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting
@@ -328,14 +328,18 @@ class WebDatasetLoader:
         """Start ``epoch`` at its first batch on the next iteration (a no-op for the current epoch)."""
         self.state.set_epoch(epoch)
 
+    def _order_settings(self) -> dict[str, Any]:
+        """Settings that fix the batches' order besides seed, world size and epoch length: a
+        resume with another value would read some samples twice and others not at all."""
+        return {"num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "shards": shard_set(self.shards, self.counts)}
+
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "batches_consumed", ...}``: the next iteration continues at that batch."""
-        return self.state.state_dict(
-            num_workers=self.cfg.num_workers, batch_size=self.cfg.batch_size, loader="webdataset"
-        )
+        return self.state.state_dict(**self._order_settings(), loader="webdataset")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state.load_state_dict(state, num_workers=self.cfg.num_workers, batch_size=self.cfg.batch_size)
+        self.state.load_state_dict(state, **self._order_settings())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg

@@ -222,7 +222,7 @@ class NSEPretrainer:
         self.micro_step = int(trainer_state["micro_step"])
         if rank_state:
             ckpt.restore_rng_state(rank_state["rng"])
-            self.loader.load_state_dict(rank_state["loader"])
+            ckpt.resume_loader(self.loader, rank_state["loader"], path)
         else:
             # Another world size: data positions cannot be mapped; continue at the epoch start.
             self.loader.set_epoch(self.micro_step // len(self.loader))

@@ -64,6 +64,16 @@ class ResumeError(StartupError):
     ``error:`` line and exit with status 2, before any step."""
 
 
+def resume_loader(loader: Any, state: dict[str, Any], path: str | Path) -> None:
+    """``loader.load_state_dict(state)``; a data setting that changed since the checkpoint (seed,
+    batch size, workers, shuffle buffer, the shards) is a :class:`ResumeError` naming it and the
+    checkpoint (one ``error:`` line, exit status 2) instead of a ValueError traceback."""
+    try:
+        loader.load_state_dict(state)
+    except ValueError as e:
+        raise ResumeError(f"{path}: {e}") from None
+
+
 CHECKPOINT_PREFIX = "step_"
 META_NAME = "meta.json"
 TRAINER_NAME = "trainer.pt"

@@ -59,6 +59,7 @@ from spsr_hpc.train.checkpoint import (
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
+    resume_loader,
     save_checkpoint,
 )
 from spsr_hpc.train.ema import EMA
@@ -368,7 +369,7 @@ class Trainer:
         if rank_state:
             restore_rng_state(rank_state["rng"])
             if "loader" in rank_state and hasattr(self.loader, "load_state_dict"):
-                self.loader.load_state_dict(rank_state["loader"])
+                resume_loader(self.loader, rank_state["loader"], path)
         elif sdist.is_main_process():
             print(
                 f"[spsr] resumed {path} written by {meta.get('world_size')} ranks on {self.world}: "
