@@ -177,6 +177,46 @@ def test_dali_stops_at_an_undecodable_image_naming_shard_and_sample(shard_dir):
     assert "Stacktrace" not in msg and "traceback" not in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("loader", ["webdataset", pytest.param("dali", marks=requires_dali)])
+@pytest.mark.parametrize("scale", [2, 8])
+def test_shards_of_another_scale_are_refused_when_the_loader_is_built(shard_dir, loader, scale):
+    """x4 shards with data.scale 2 or 8, given as a list of .tar files (no manifest to check, as
+    preflight does). Before: DALI at scale 2 delivered LR 8x8 against a quarter of the HR area in
+    silence, at 8 a slice error blamed on damaged shards; WebDataset skipped every sample as a
+    size mismatch and stopped after 101 of them."""
+    from spsr_hpc.data import build_train_loader
+
+    shard = _shard(shard_dir)
+    c = DataConfig(shards=str(shard), batch_size=2, patch_size=2, scale=scale, num_workers=0,
+                   shuffle_buffer=1, loader=loader, dali_device="cpu", dali_threads=1)
+    with pytest.raises(ValueError, match=rf"data.scale={scale} does not fit the shards: {shard}: sample 0 has "
+                                         r"LR 8x8 and HR 32x32 \(made at scale 4\)"):
+        build_train_loader(c, rank=0, world_size=1)
+
+
+@requires_dali
+def test_dali_names_an_image_smaller_than_the_patch(tmp_path):
+    """Whole-image shards with one photo whose LR (4x4) is below the patch (8): DALI cannot skip
+    it. Before: "nothing found in shards ... re-run launch/make_shards.py", which would write the
+    same image again; now the sample, its size and the patch are named."""
+    from spsr_hpc.data import build_train_loader
+    from spsr_hpc.data.loader_state import ShardReadError
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "hr").mkdir()
+    for i in range(5):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "hr" / f"{i}.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "hr" / "tiny.png")
+    write_shards(tmp_path / "hr", tmp_path / "shards", scale=4, workers=0, progress=False)
+    c = DataConfig(shards=str(tmp_path / "shards"), batch_size=2, patch_size=8, scale=4, num_workers=0,
+                   shuffle_buffer=1, loader="dali", dali_device="cpu", dali_threads=1, batches_per_epoch=6)
+    with pytest.raises(ShardReadError) as info:
+        for _ in build_train_loader(c, rank=0, world_size=1):
+            pass
+    msg = str(info.value)
+    assert "sample tiny: LR 4x4 is smaller than the patch 8" in msg and "nothing found" not in msg, msg
+
+
 @requires_dali
 def test_dali_stops_at_a_truncated_shard_naming_it(shard_dir):
     """data.verify_shards=size refuses a truncated shard before start (tested above); with

@@ -58,10 +58,12 @@ from spsr_hpc.data.images import BadImageError, decode_rgb
 from spsr_hpc.data.loader_state import (
     LoaderState,
     ShardReadError,
+    check_scale,
     count_samples,
     derive_seed,
     epoch_batches,
     index_path,
+    png_size,
     shard_set,
 )
 from spsr_hpc.data.shards import verify_shards
@@ -213,11 +215,14 @@ def dali_reason(exc: BaseException) -> str:
     return f"{op}: {reason}" if op else reason
 
 
-def find_damage(shards: list[str], budget_s: float = SCAN_BUDGET_S) -> list[str]:
+def find_damage(shards: list[str], budget_s: float = SCAN_BUDGET_S, *, scale: int | None = None,
+                patch: int | None = None, hr_patch: int | None = None) -> list[str]:
     """What is wrong with ``shards``, one phrase per finding (after a DALI failure, which names
     no sample): a size that differs from the manifest, sample keys whose PNG members do not
-    decode, where a shard's tar data stops being readable. Reads the shards once (decoding every
-    PNG) until ``budget_s`` seconds have passed, then says how far it got."""
+    decode, where a shard's tar data stops being readable, and (given ``scale`` and ``patch``, the
+    LR patch, for paired data; ``hr_patch`` for HR-only data) samples whose LR x scale is not the
+    HR or that are smaller than the patch, which DALI cannot skip. Reads the shards once
+    (decoding every PNG) until ``budget_s`` seconds have passed, then says how far it got."""
     found = [f"{sh}: {what}" for sh, what in verify_shards(shards, "size")]
     t0 = time.monotonic()
     for i, sh in enumerate(shards):
@@ -226,6 +231,7 @@ def find_damage(shards: list[str], budget_s: float = SCAN_BUDGET_S) -> list[str]
             break
         bad: list[str] = []
         keys: set[str] = set()
+        sizes: dict[str, dict[str, tuple[int, int]]] = {}
         last, error = None, ""
         try:
             with tarfile.open(sh, "r|") as tar:
@@ -241,6 +247,10 @@ def find_damage(shards: list[str], budget_s: float = SCAN_BUDGET_S) -> list[str]
                             decode_rgb(data, m.name)
                         except BadImageError:
                             bad.append(m.name)
+                        key, _, ext = m.name.partition(".")
+                        size = png_size(data[:24])
+                        if ext in ("hr.png", "lr.png") and size is not None:
+                            sizes.setdefault(key, {})[ext[:2]] = size
                     last = m.name
                     keys.add(m.name.split(".", 1)[0])
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -253,7 +263,24 @@ def find_damage(shards: list[str], budget_s: float = SCAN_BUDGET_S) -> list[str]
             keys = sorted({b.split(".", 1)[0] for b in bad})
             found.append(f"{sh}: sample(s) {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} do not "
                          f"decode ({', '.join(bad[:3])})")
+        found += [f"{sh}: {what}" for what in _size_problems(sizes, scale, patch, hr_patch)]
     return found
+
+
+def _size_problems(sizes: dict[str, dict[str, tuple[int, int]]], scale: int | None, patch: int | None,
+                   hr_patch: int | None) -> list[str]:
+    """Samples DALI cannot crop: LR x scale != HR, or an image below the patch."""
+    fix = "lower the patch size, or remove the image and remake the shards"
+    out = []
+    for key, sz in sorted(sizes.items()):
+        lr, hr = sz.get("lr"), sz.get("hr")
+        if hr_patch and hr and min(hr) < hr_patch:
+            out.append(f"sample {key}: HR {hr[0]}x{hr[1]} is smaller than the HR patch {hr_patch} ({fix})")
+        elif scale and lr and hr and (lr[0] * scale, lr[1] * scale) != hr:
+            out.append(f"sample {key}: LR {lr[0]}x{lr[1]} x scale {scale} is not its HR {hr[0]}x{hr[1]}")
+        elif patch and lr and min(lr) < patch:
+            out.append(f"sample {key}: LR {lr[0]}x{lr[1]} is smaller than the patch {patch} ({fix})")
+    return out
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -301,6 +328,8 @@ class DaliLoader:
                 f"rank {rank} would get no data: {len(shards)} shard(s) hold {total} sample(s) for "
                 f"{world_size} rank(s); DALI splits samples across ranks, one at least each"
             )
+        if not cfg.hr_only:
+            check_scale(shards, cfg.scale)
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self._order = {"batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
                        "shards": shard_set(shards, counts)}  # what the resume check compares
@@ -343,7 +372,10 @@ class DaliLoader:
         try:
             return pipe.run()
         except Exception as e:  # DALI raises RuntimeError (and its own types) for data errors
-            damage = find_damage(self.shards)
+            cfg = self.cfg
+            sizes = {"hr_patch": cfg.hr_patch} if cfg.hr_only else {"scale": cfg.scale,
+                                                                    "patch": cfg.patch_size}
+            damage = find_damage(self.shards, **sizes)
             more = f" ... ({len(self.shards)} in all)" if len(self.shards) > 4 else ""
             shards = ", ".join(self.shards[:4]) + more
             if damage:

@@ -32,6 +32,63 @@ class ShardReadError(RuntimeError):
     image); the message names the shards and the fix. The trainer ends with exit status 6."""
 
 
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (its first 24 bytes), or None."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _first_pair(shard: str) -> tuple[str, dict[str, tuple[int, int]]] | None:
+    """The first sample of a shard: its key and the IHDR sizes of its hr.png / lr.png (reads the
+    first members only)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    first = None
+    try:
+        with tarfile.open(shard, "r|") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                if first is None:
+                    first = key
+                if key != first:
+                    break
+                if ext in ("hr.png", "lr.png"):
+                    f = tar.extractfile(m)
+                    size = png_size(f.read(24) if f is not None else b"")
+                    if size is not None:
+                        sizes[ext[:2]] = size
+    except (tarfile.TarError, OSError, EOFError):
+        return None  # damaged: the run's own checks and find_damage name it
+    return (first, sizes) if first is not None else None
+
+
+def check_scale(shards: list[str], scale: int) -> None:
+    """Refuse shards whose first sample is not LR x ``scale`` = HR, before any batch. DALI slices
+    the HR at ``scale`` x the LR crop without looking: shards made at a higher scale than
+    data.scale gave misaligned pairs in silence (x4 shards at scale 2: LR 8x8 against a quarter of
+    the HR area), a lower one a slice error blamed on damage; the WebDataset loader skipped every
+    sample as a size mismatch and stopped after 101. One tar read of the first members per shard
+    (a manifest-less shard list or the Python API: preflight's manifest check does not see these)."""
+    wrong = []
+    for sh in shards:
+        first = _first_pair(sh)
+        if first is None or set(first[1]) != {"hr", "lr"}:
+            continue
+        key, sizes = first
+        (lw, lh), (hw, hh) = sizes["lr"], sizes["hr"]
+        if (lw * scale, lh * scale) != (hw, hh):
+            made = f" (made at scale {hw // lw})" if lw and hw % lw == 0 and (hw // lw) * lh == hh else ""
+            wrong.append(f"{sh}: sample {key} has LR {lw}x{lh} and HR {hw}x{hh}{made}")
+    if wrong:
+        more = " ..." if len(wrong) > 3 else ""
+        raise ValueError(
+            f"data.scale={scale} does not fit the shards: {'; '.join(wrong[:3])}{more}; set data.scale to "
+            "the shards' scale or use shards made at this one (launch/make_shards.py --scale)"
+        )
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, rank, worker, epoch, ...), stable across runs and platforms."""
     digest = hashlib.sha256(json.dumps([int(p) for p in parts]).encode()).digest()
@@ -134,9 +191,11 @@ __all__ = [
     "LoaderState",
     "ShardReadError",
     "TrainLoader",
+    "check_scale",
     "count_samples",
     "derive_seed",
     "epoch_batches",
     "index_path",
+    "png_size",
     "shard_set",
 ]

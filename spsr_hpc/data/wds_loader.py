@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from spsr_hpc.data.augment import aligned_patch, random_patch
 from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.images import BadImageError, decode_rgb
-from spsr_hpc.data.loader_state import LoaderState, derive_seed, epoch_batches, shard_set
+from spsr_hpc.data.loader_state import LoaderState, check_scale, derive_seed, epoch_batches, shard_set
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting
@@ -289,6 +289,8 @@ class WebDatasetLoader:
     def __init__(
         self, cfg: DataConfig, shards: list[str], counts: list[int], *, rank: int, world_size: int, seed: int
     ):
+        if not cfg.hr_only:
+            check_scale(shards, cfg.scale)
         self.cfg, self.shards, self.counts = cfg, shards, counts
         self.rank, self.world_size = rank, world_size
         self.plans = plan_streams(shards, counts, rank, world_size, cfg.num_workers)
