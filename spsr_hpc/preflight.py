@@ -71,16 +71,18 @@ def _manifest_problems(data: Any, shards: list[str]) -> list[str]:
     """Shards whose make_shards manifest says they were cut at another scale, or into crops
     smaller than the HR training patch: every sample would be refused as unusable, and the run
     would stop only after thousands of them (the loader's consecutive-unusable limit)."""
-    from spsr_hpc.data.shards import MANIFEST_NAME, read_manifest
+    from spsr_hpc.data.shards import shard_manifests
 
     problems = []
-    for folder in sorted({str(Path(sh).parent) for sh in shards}):
-        if not (Path(folder) / MANIFEST_NAME).is_file():
-            continue
-        try:
-            params = read_manifest(folder).get("params") or {}
-        except ValueError:
-            continue  # resolve_shards / verify_shards report an unreadable manifest
+    sets: dict[tuple[str, int], dict] = {}  # (folder, id of its manifest) -> params: each set once
+    for sh in shards:
+        folder = str(Path(sh).parent)
+        found = shard_manifests(folder).get(Path(sh).name)
+        if found is not None:
+            sets.setdefault((folder, id(found[1])), found[1].get("params") or {})
+    for (folder, _), params in sorted(sets.items(), key=lambda kv: (kv[0][0], str(kv[1].get("prefix")))):
+        if len({f for f, _ in sets}) < len(sets):  # several sets in one folder: name the set
+            folder = f"{folder} ({params.get('prefix')}-*.tar)"
         scale, crop = params.get("scale"), params.get("crop_size")
         if not data.hr_only and scale is not None and int(scale) != data.scale:
             problems.append(

@@ -189,8 +189,8 @@ def test_shards_of_another_scale_are_refused_when_the_loader_is_built(shard_dir,
     shard = _shard(shard_dir)
     c = DataConfig(shards=str(shard), batch_size=2, patch_size=2, scale=scale, num_workers=0,
                    shuffle_buffer=1, loader=loader, dali_device="cpu", dali_threads=1)
-    with pytest.raises(ValueError, match=rf"data.scale={scale} does not fit the shards: {shard}: sample 0 has "
-                                         r"LR 8x8 and HR 32x32 \(made at scale 4\)"):
+    with pytest.raises(ValueError, match=rf"data.scale={scale} does not fit the shards: {shard}: sample 0 "
+                                         r"has LR 8x8 and HR 32x32 \(made at scale 4\)"):
         build_train_loader(c, rank=0, world_size=1)
 
 

@@ -302,3 +302,52 @@ def test_export_bundled_photos_fixed_split_and_idempotent(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in [*train.iterdir(), *val.iterdir()]}
     with pytest.raises(ValueError, match="holdout"):
         export_bundled_photos(tmp_path, holdout=len(photos))
+
+
+def _photos(folder: Path, n: int, size: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        save(smooth_image(rng, size, size), folder / f"p{i}.png")
+    return folder
+
+
+def test_two_prefixes_share_a_folder_without_overwriting_each_other(tmp_path):
+    """make_shards --prefix x4 then --prefix x2 into one folder. Before: both wrote manifest.json,
+    so the second replaced the first's: the folder resolved to the x2 set only, a truncated x4
+    shard passed verification, preflight refused the valid x4 set at scale 4 ("made at scale 2"),
+    and re-running the first command rewrote its shards. Each set has its own manifest now."""
+    from spsr_hpc.data import DataConfig, resolve_shards
+    from spsr_hpc.data.shards import verify_shards
+    from spsr_hpc.preflight import data_problems
+
+    a, b, out = _photos(tmp_path / "a", 3, 64, 0), _photos(tmp_path / "b", 2, 32, 1), tmp_path / "out"
+    m4 = write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False)
+    m2 = write_shards(b, out, scale=2, prefix="x2", workers=0, progress=False)
+    assert read_manifest(out, "x4") == m4 and read_manifest(out, "x2") == m2  # both kept
+    with pytest.raises(ValueError, match=r"holds several shard sets \(x2.manifest.json, x4.manifest.json\)"):
+        resolve_shards(str(out))  # which set is meant must be said
+    for prefix, scale in (("x4", 4), ("x2", 2)):
+        spec = str(out / f"{prefix}-*.tar")
+        assert data_problems(DataConfig(shards=spec, scale=scale, patch_size=8)) == [], prefix
+        other = 2 if scale == 4 else 4
+        (problem,) = data_problems(DataConfig(shards=spec, scale=other, patch_size=8))
+        assert f"was made at scale {scale}" in problem
+    shard = out / "x4-000000.tar"
+    before = shard.stat().st_mtime_ns
+    assert write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False) == m4  # a no-op
+    assert shard.stat().st_mtime_ns == before and read_manifest(out, "x2") == m2
+    shard.write_bytes(shard.read_bytes()[:4096])
+    assert verify_shards([str(shard)], "size") == [(str(shard), f"4096 bytes, the manifest says "
+                                                                f"{m4['shards'][0]['bytes']}")]
+
+
+def test_an_old_style_manifest_of_another_prefix_is_replaced_by_its_own(tmp_path):
+    """A folder made before prefixes had their own manifests: manifest.json lists x4 shards. The
+    next x4 run writes x4.manifest.json and removes that manifest.json (it described only x4)."""
+    a, out = _photos(tmp_path / "a", 2, 64, 0), tmp_path / "out"
+    m = write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False)
+    (out / "x4.manifest.json").rename(out / "manifest.json")  # the old layout
+    assert read_manifest(out)["shards"] == m["shards"]
+    write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False, force=True)
+    assert sorted(p.name for p in out.glob("*.json")) == ["x4.manifest.json"]

@@ -51,8 +51,45 @@ from spsr_hpc.files import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "manifest.json"  # of the default prefix ("shard"); another prefix P: P.manifest.json
 MANIFEST_VERSION = 1
+DEFAULT_PREFIX = "shard"
+_SHARD_NAME = re.compile(r"(.+)-\d{6}\.tar")
+
+
+def manifest_name(prefix: str = DEFAULT_PREFIX) -> str:
+    """The manifest of the shards ``<prefix>-NNNNNN.tar``: ``manifest.json`` for the default prefix,
+    ``<prefix>.manifest.json`` for another, so that sets of several prefixes share a folder (one
+    manifest.json for all made each run replace the other's)."""
+    return MANIFEST_NAME if prefix == DEFAULT_PREFIX else f"{prefix}.{MANIFEST_NAME}"
+
+
+def folder_manifests(folder: str | Path) -> list[Path]:
+    """The manifest files in a folder, ``manifest.json`` first."""
+    folder = Path(folder)
+    found = [folder / MANIFEST_NAME] if (folder / MANIFEST_NAME).is_file() else []
+    return found + sorted(p for p in folder.glob(f"*.{MANIFEST_NAME}") if p.is_file())
+
+
+def shard_manifests(folder: str | Path) -> dict[str, tuple[dict, dict]]:
+    """Shard file name -> (its manifest entry, its manifest) for every readable manifest in
+    ``folder``. A shard listed by two (an old-style ``manifest.json`` next to its prefix's own) is
+    taken from its prefix's manifest."""
+    out: dict[str, tuple[dict, dict]] = {}
+    for path in folder_manifests(folder):
+        try:
+            manifest = _read_manifest_file(path)
+        except ValueError:
+            continue  # an unreadable manifest is reported by the shard resolution itself
+        for entry in manifest["shards"]:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                continue
+            m = _SHARD_NAME.fullmatch(name)
+            own = m is not None and path.name == manifest_name(m.group(1))
+            if own or name not in out:
+                out[name] = (entry, manifest)
+    return out
 INDEX_VERSION = "v1.2"  # DALI's wds2idx index format
 
 
@@ -296,7 +333,8 @@ def _written(writer: _ShardWriter, write: Any, *args: Any) -> Any:
         raise OutputWriteError(
             out / writer.current().name, describe_write_error(exc),
             f"{len(writer.shards)} complete shard(s) are in {out}, but the run is unfinished (no "
-            f"{MANIFEST_NAME}: training refuses the folder) and the re-run writes every shard again",
+            f"{manifest_name(writer.params.prefix)}: training refuses the folder) and the re-run writes "
+            "every shard again",
         ) from exc
 
 
@@ -316,8 +354,8 @@ def _file_fingerprint(paths: list[Path]) -> list[list]:
     return out
 
 
-def _manifest_is_current(out_dir: Path, fingerprint: str) -> dict | None:
-    path = out_dir / MANIFEST_NAME
+def _manifest_is_current(out_dir: Path, fingerprint: str, prefix: str) -> dict | None:
+    path = out_dir / manifest_name(prefix)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -331,14 +369,30 @@ def _manifest_is_current(out_dir: Path, fingerprint: str) -> dict | None:
     return manifest
 
 
-def read_manifest(out_dir: str | Path) -> dict:
-    """The manifest of a finished make_shards run; ValueError when the run did not finish."""
-    path = Path(out_dir) / MANIFEST_NAME
+def read_manifest(out_dir: str | Path, prefix: str | None = None) -> dict:
+    """The manifest of a finished make_shards run in ``out_dir`` (of ``prefix``'s shards, or the
+    folder's only one); ValueError when the run did not finish, or when the folder holds several
+    sets and no prefix is given."""
+    if prefix is None:
+        found = folder_manifests(out_dir)
+        if len(found) > 1:
+            sets = ", ".join(p.name for p in found)
+            raise ValueError(
+                f"{out_dir} holds several shard sets ({sets}): name one, e.g. data.shards="
+                f"{Path(out_dir) / 'PREFIX-*.tar'} (the prefix of that set's shard files)"
+            )
+        path = found[0] if found else Path(out_dir) / MANIFEST_NAME
+    else:
+        path = Path(out_dir) / manifest_name(prefix)
     if not path.is_file():
         raise ValueError(
             f"{path} not found: {out_dir} is not a finished make_shards output (the manifest is written "
             "last); re-run make_shards"
         )
+    return _read_manifest_file(path)
+
+
+def _read_manifest_file(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -372,14 +426,9 @@ def verify_shards(shards: list[str], mode: str = "size") -> list[tuple[str, str]
         by_dir.setdefault(Path(sh).parent, []).append(Path(sh))
     out: list[tuple[str, str]] = []
     for folder, paths in by_dir.items():
-        if not (folder / MANIFEST_NAME).is_file():
-            continue
-        try:
-            entries = {e["name"]: e for e in read_manifest(folder)["shards"]}
-        except (ValueError, KeyError, TypeError):
-            continue  # an unreadable manifest is reported by the shard resolution itself
+        entries = shard_manifests(folder)  # every set's manifest: several prefixes share a folder
         for path in paths:
-            entry = entries.get(path.name)
+            entry = entries.get(path.name, (None, None))[0]
             if entry is None:
                 continue
             try:
@@ -495,13 +544,23 @@ def write_shards(
         ).encode()
     ).hexdigest()
     if not force:
-        current = _manifest_is_current(out, fingerprint)
+        current = _manifest_is_current(out, fingerprint, prefix)
         if current is not None:
             log.info("%s is up to date (%d samples); nothing to do", out, current["num_samples"])
             return current
 
-    # From here on the folder is "unfinished" until the new manifest lands.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    # From here on the set is "unfinished" until its new manifest lands. An old-style manifest.json
+    # of this prefix's shards alone (written before prefixes had their own) goes too.
+    mine = manifest_name(prefix)
+    (out / mine).unlink(missing_ok=True)
+    if mine != MANIFEST_NAME:
+        try:
+            names = [s["name"] for s in _read_manifest_file(out / MANIFEST_NAME)["shards"]]
+        except (ValueError, KeyError, TypeError):
+            names = []
+        prefixes = {m.group(1) if (m := _SHARD_NAME.fullmatch(n)) else None for n in names}
+        if names and prefixes == {prefix}:
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
 
     skipped: list[dict] = []
     lr_by_stem = {p.stem: p for p in lr_files}
@@ -584,8 +643,8 @@ def write_shards(
         "converted_count": len(conversions),
         "converted": conversions,
     }
-    kept = f"Every shard is complete in {out}, but without {MANIFEST_NAME} the run is unfinished"
-    with atomic_output(out / MANIFEST_NAME, kept) as tmp:
+    kept = f"Every shard is complete in {out}, but without {mine} the run is unfinished"
+    with atomic_output(out / mine, kept) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

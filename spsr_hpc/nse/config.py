@@ -188,22 +188,22 @@ def training_images(shards: str | list[str]) -> tuple[int, str] | None:
     the shards of one such directory: the manifest's ``num_files`` minus its skipped files.
     """
     from spsr_hpc.data.loader import resolve_shards
-    from spsr_hpc.data.shards import MANIFEST_NAME, read_manifest
+    from spsr_hpc.data.shards import MANIFEST_NAME, manifest_name, shard_manifests
 
-    if isinstance(shards, str) and Path(shards).is_dir():
-        folder = Path(shards)
-    else:
-        parents = {Path(p).resolve().parent for p in resolve_shards(shards)}
-        if len(parents) != 1:
-            return None
-        folder = parents.pop()
-    if not (folder / MANIFEST_NAME).is_file():
+    paths = [Path(p).resolve() for p in resolve_shards(shards)]
+    parents = {p.parent for p in paths}
+    if len(parents) != 1:
         return None
-    manifest = read_manifest(folder)
-    listed = {Path(p).resolve().name for p in resolve_shards(shards)}
-    if listed != {s["name"] for s in manifest["shards"]}:
+    folder = parents.pop()
+    found = shard_manifests(folder).get(paths[0].name)
+    if found is None:
+        return None
+    manifest = found[1]
+    if {p.name for p in paths} != {s["name"] for s in manifest["shards"]}:
         return None  # a subset of the shards: the image count of the whole set does not apply
-    return int(manifest["num_files"]) - int(manifest.get("skipped_count", 0)), str(folder / MANIFEST_NAME)
+    own = folder / manifest_name(str((manifest.get("params") or {}).get("prefix", "shard")))
+    path = own if own.is_file() else folder / MANIFEST_NAME  # an old-style manifest.json of this set
+    return int(manifest["num_files"]) - int(manifest.get("skipped_count", 0)), str(path)
 
 
 def resolve_epoch_length(cfg: NSEPretrainConfig) -> tuple[NSEPretrainConfig, str]:
