@@ -326,26 +326,17 @@ def test_deterministic_and_resumes_at_the_batch(loader, workers, many_shards):
     resumed.load_state_dict(state)
     rest = [b["hr"] for b in resumed]
     assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, run[8:]))
-    with pytest.raises(ValueError, match="seed"):
-        build_train_loader(
-            cfg(many_shards, loader=loader, num_workers=workers, seed=7, batches_per_epoch=5),
-            rank=0,
-            world_size=1,
-        ).load_state_dict(state)
-    # Before: another shuffle buffer (or another shard list of the same length) was accepted, and
-    # the resumed epoch read some samples twice and others not at all.
-    with pytest.raises(ValueError, match="shuffle_buffer=8 but this loader has shuffle_buffer=4"):
-        build_train_loader(
-            cfg(many_shards, loader=loader, num_workers=workers, shuffle_buffer=4, batches_per_epoch=5),
-            rank=0,
-            world_size=1,
-        ).load_state_dict(state)
+    # Another seed is refused. Before: another shuffle buffer (or another shard list of the same
+    # epoch length) was accepted, and the resumed epoch read some samples twice, others not at all.
     fewer = str(many_shards / "shard-00000*.tar")  # 10 of the 12 shards, the epoch length kept
-    with pytest.raises(ValueError, match=r"shards='12 shard\(s\), 12 samples, [0-9a-f]+' but this loader has "
-                                         r"shards='10 shard\(s\), 10 samples"):
-        build_train_loader(
-            cfg(fewer, loader=loader, num_workers=workers, batches_per_epoch=5), rank=0, world_size=1
-        ).load_state_dict(state)
+    for shards, change, match in [
+        (many_shards, {"seed": 7}, "seed"),
+        (many_shards, {"shuffle_buffer": 4}, "shuffle_buffer=8 but this loader has shuffle_buffer=4"),
+        (fewer, {}, r"shards='12 shard\(s\), 12 samples, [0-9a-f]+' but this loader has shards='10 shard"),
+    ]:
+        other = cfg(shards, loader=loader, num_workers=workers, batches_per_epoch=5, **change)
+        with pytest.raises(ValueError, match=match):
+            build_train_loader(other, rank=0, world_size=1).load_state_dict(state)
 
 
 @requires_dali
