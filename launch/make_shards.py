@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from spsr_hpc.data import export_bundled_photos, write_shards
+from spsr_hpc.data.shards import manifest_name
 from spsr_hpc.files import OutputWriteError
 
 
@@ -84,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C: the workers are stopped, the unfinished shard's .tmp removed
-        print(f"make_shards: interrupted: {args.out} holds an unfinished run (no manifest.json; training "
-              "refuses it); re-run the same command", file=sys.stderr)
+        print(f"make_shards: interrupted: {args.out} holds an unfinished run (no "
+              f"{manifest_name(args.prefix)}; training refuses it); re-run the same command", file=sys.stderr)
         return 130
     print(
         f"{manifest['num_samples']} samples in {manifest['num_shards']} shard(s), "
         f"{manifest['total_bytes'] / 2**20:.1f} MiB, {manifest['skipped_count']} file(s) skipped, "
-        f"{manifest['converted_count']} converted -> {Path(args.out) / 'manifest.json'}"
+        f"{manifest['converted_count']} converted -> {Path(args.out) / manifest_name(args.prefix)}"
     )
     for s in manifest["skipped"]:
         print(f"  skipped {s['file']}: {s['reason']}")

@@ -74,15 +74,20 @@ def _manifest_problems(data: Any, shards: list[str]) -> list[str]:
     from spsr_hpc.data.shards import shard_manifests
 
     problems = []
-    sets: dict[tuple[str, int], dict] = {}  # (folder, id of its manifest) -> params: each set once
+    by_folder: dict[str, dict] = {}  # each folder's manifests read once
+    sets: dict[tuple[str, str], dict] = {}  # (folder, prefix) -> params: each set once
     for sh in shards:
         folder = str(Path(sh).parent)
-        found = shard_manifests(folder).get(Path(sh).name)
+        if folder not in by_folder:
+            by_folder[folder] = shard_manifests(folder)
+        found = by_folder[folder].get(Path(sh).name)
         if found is not None:
-            sets.setdefault((folder, id(found[1])), found[1].get("params") or {})
-    for (folder, _), params in sorted(sets.items(), key=lambda kv: (kv[0][0], str(kv[1].get("prefix")))):
-        if len({f for f, _ in sets}) < len(sets):  # several sets in one folder: name the set
-            folder = f"{folder} ({params.get('prefix')}-*.tar)"
+            params = found[1].get("params") or {}
+            sets.setdefault((folder, str(params.get("prefix"))), params)
+    several = len({f for f, _ in sets}) < len(sets)  # several sets in one folder: name each
+    for (folder, prefix), params in sorted(sets.items()):
+        if several:
+            folder = f"{folder} ({prefix}-*.tar)"
         scale, crop = params.get("scale"), params.get("crop_size")
         if not data.hr_only and scale is not None and int(scale) != data.scale:
             problems.append(

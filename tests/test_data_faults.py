@@ -217,6 +217,25 @@ def test_dali_names_an_image_smaller_than_the_patch(tmp_path):
     assert "sample tiny: LR 4x4 is smaller than the patch 8" in msg and "nothing found" not in msg, msg
 
 
+def test_a_stream_whose_samples_are_all_in_a_lost_tail_names_the_shard(shard_dir):
+    """One shard of 12 samples cut in half, 2 workers (samples 0-5 and 6-11), no verification: the
+    second worker's samples are all in the unreadable tail. Before: a guess ("101 consecutive
+    unusable samples; are the shards corrupt or made for another scale/patch size?"); now
+    ShardReadError (exit status 6 in the trainers) naming the shard, the skip reasons and the fix."""
+    from spsr_hpc.data import build_train_loader
+    from spsr_hpc.data.loader_state import ShardReadError
+
+    shard = _shard(shard_dir)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    c = DataConfig(shards=str(shard_dir), batch_size=2, patch_size=4, scale=4, num_workers=2,
+                   shuffle_buffer=1, verify_shards="off")
+    loader = build_train_loader(c, rank=0, world_size=1)
+    with pytest.raises(ShardReadError, match=rf"worker 1: .*{shard}: \d+ unreadable_tar") as info:
+        for _ in loader:
+            pass
+    assert "a damaged shard, re-run launch/make_shards.py" in str(info.value)
+
+
 @requires_dali
 def test_dali_stops_at_a_truncated_shard_naming_it(shard_dir):
     """data.verify_shards=size refuses a truncated shard before start (tested above); with

@@ -342,12 +342,42 @@ def test_two_prefixes_share_a_folder_without_overwriting_each_other(tmp_path):
                                                                 f"{m4['shards'][0]['bytes']}")]
 
 
-def test_an_old_style_manifest_of_another_prefix_is_replaced_by_its_own(tmp_path):
+@pytest.mark.parametrize("next_run", ["x4 again", "default prefix"])
+def test_an_old_style_manifest_of_another_prefix_becomes_its_own(tmp_path, next_run):
     """A folder made before prefixes had their own manifests: manifest.json lists x4 shards. The
-    next x4 run writes x4.manifest.json and removes that manifest.json (it described only x4)."""
+    next run into the folder makes it x4.manifest.json: an x4 re-run with the same inputs does
+    nothing, and a default-prefix run no longer deletes the x4 set's only manifest (the set would
+    be unlisted: unverified, and preflight blind to its scale)."""
+    from spsr_hpc.data.shards import verify_shards
+
     a, out = _photos(tmp_path / "a", 2, 64, 0), tmp_path / "out"
     m = write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False)
     (out / "x4.manifest.json").rename(out / "manifest.json")  # the old layout
     assert read_manifest(out)["shards"] == m["shards"]
-    write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False, force=True)
-    assert sorted(p.name for p in out.glob("*.json")) == ["x4.manifest.json"]
+    shard = out / "x4-000000.tar"
+    before = shard.stat().st_mtime_ns
+    if next_run == "x4 again":
+        write_shards(a, out, scale=4, prefix="x4", workers=0, progress=False)
+        assert shard.stat().st_mtime_ns == before  # found its manifest: nothing rewritten
+        assert sorted(p.name for p in out.glob("*.json")) == ["x4.manifest.json"]
+    else:
+        write_shards(_photos(tmp_path / "b", 2, 32, 1), out, scale=2, workers=0, progress=False)
+        assert sorted(p.name for p in out.glob("*.json")) == ["manifest.json", "x4.manifest.json"]
+        assert read_manifest(out, "x4")["shards"] == m["shards"]
+    shard.write_bytes(shard.read_bytes()[:4096])
+    assert [s for s, _ in verify_shards([str(shard)], "size")] == [str(shard)]  # still verified
+
+
+def test_preflight_names_each_shard_set_once(tmp_path):
+    """Two sets of several shards in one folder, both at the wrong scale: one problem per set.
+    Before: one per shard (sets were told apart by the id of a manifest read again per shard)."""
+    from spsr_hpc.data import DataConfig
+    from spsr_hpc.preflight import data_problems
+
+    a, b, out = _photos(tmp_path / "a", 3, 64, 0), _photos(tmp_path / "b", 3, 64, 1), tmp_path / "out"
+    for prefix, photos in (("p", a), ("q", b)):
+        m = write_shards(photos, out, scale=4, prefix=prefix, shard_size_mb=1e-3, workers=0, progress=False)
+        assert m["num_shards"] == 3
+    problems = data_problems(DataConfig(shards=str(out / "*.tar"), scale=2, patch_size=8))
+    assert len(problems) == 2, problems
+    assert "(p-*.tar) was made at scale 4" in problems[0] and "(q-*.tar) was made at scale 4" in problems[1]

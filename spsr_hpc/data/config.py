@@ -33,7 +33,8 @@ class DataConfig:
     batch_size: int = 16
     # LR patch side in pixels; the HR patch is scale × patch_size (32 → 128 for SPSR ×4).
     patch_size: int = 32
-    # SR scale; must equal the scale the shards were made with (checked per sample).
+    # SR scale; must equal the scale the shards were made with (checked when a loader is built,
+    # and per sample by the WebDataset loader).
     scale: int = 4
     # HR patch side when hr_only is set (e.g. 400 for NSE pretraining); None = scale × patch_size.
     hr_patch_size: int | None = None

@@ -354,6 +354,24 @@ def _file_fingerprint(paths: list[Path]) -> list[list]:
     return out
 
 
+def _adopt_old_manifest(out: Path) -> None:
+    """A folder made before prefixes had their own manifests: a ``manifest.json`` that lists only
+    shards of another prefix P is that set's manifest, so it becomes ``P.manifest.json`` (unless
+    that exists). The set stays listed (a run of the default prefix replaces manifest.json), and a
+    re-run of P with the same inputs finds it and does nothing."""
+    old = out / MANIFEST_NAME
+    if not old.is_file():
+        return
+    try:
+        names = [s["name"] for s in _read_manifest_file(old)["shards"]]
+    except (ValueError, KeyError, TypeError):
+        return
+    prefixes = {m.group(1) if (m := _SHARD_NAME.fullmatch(n)) else None for n in names}
+    prefix = prefixes.pop() if len(prefixes) == 1 else None
+    if prefix not in (None, DEFAULT_PREFIX) and not (out / manifest_name(prefix)).exists():
+        old.rename(out / manifest_name(prefix))
+
+
 def _manifest_is_current(out_dir: Path, fingerprint: str, prefix: str) -> dict | None:
     path = out_dir / manifest_name(prefix)
     try:
@@ -543,6 +561,7 @@ def write_shards(
             sort_keys=True,
         ).encode()
     ).hexdigest()
+    _adopt_old_manifest(out)
     if not force:
         current = _manifest_is_current(out, fingerprint, prefix)
         if current is not None:
@@ -550,7 +569,7 @@ def write_shards(
             return current
 
     # From here on the set is "unfinished" until its new manifest lands. An old-style manifest.json
-    # of this prefix's shards alone (written before prefixes had their own) goes too.
+    # of this prefix's shards alone (when its own manifest existed too) goes as well.
     mine = manifest_name(prefix)
     (out / mine).unlink(missing_ok=True)
     if mine != MANIFEST_NAME:

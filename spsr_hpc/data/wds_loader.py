@@ -3,10 +3,13 @@
 How data is split (every rank and worker gets disjoint samples, equal in number to one):
 
 The samples are numbered by their position in the sorted shard list (the manifest's / .idx
-counts), N in all. With W ranks of ``nw`` workers there are S = W·nw streams; stream
-i = r·nw + w (rank r, logical worker w) keeps the contiguous range [⌊i·N/S⌋, ⌊(i+1)·N/S⌋):
-⌊N/S⌋ or ⌈N/S⌉ samples each, whatever the shard sizes. A stream reads only the shards its range
-touches (a shard on a boundary is read by both neighbours, each stopping at its range's end).
+counts), N in all. Rank r keeps the contiguous range [⌊r·N/W⌋, ⌊(r+1)·N/W⌋) (⌊N/W⌋ or ⌈N/W⌉
+samples, whatever the shard sizes), cut among its logical workers in proportion to the batches
+each draws per epoch (worker L draws batches k ≡ L mod nw). So in one epoch of the default
+length every stream draws at least as many samples as it holds: every sample is read at least
+once (exactly once when the epoch's draws equal the samples). A stream reads only the shards its
+range touches (a shard on a boundary is read by both neighbours, each stopping at its range's
+end).
 Before, whole shards went to ranks and workers by stride, so streams held different numbers of
 samples but drew the same number of batches: within an epoch the larger ones left samples
 unread and the smaller ones repeated theirs (on a DIV2K-sized set, 0.73-1.10 reads per sample
@@ -14,7 +17,7 @@ and epoch).
 
 Each (rank, worker) stream is infinite ("resampled"): it walks its shards in a shuffled order,
 pass after pass, through a shuffle buffer that is emptied at the end of each pass (every sample
-once per pass, so with the default epoch length every sample at least once per epoch). An epoch
+once per pass). An epoch
 is a fixed number of batches, the same on every rank, so no rank waits for another at an epoch
 end.
 
@@ -45,7 +48,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from spsr_hpc.data.augment import aligned_patch, random_patch
 from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.images import BadImageError, decode_rgb
-from spsr_hpc.data.loader_state import LoaderState, check_scale, derive_seed, epoch_batches, shard_set
+from spsr_hpc.data.loader_state import (
+    LoaderState,
+    ShardReadError,
+    check_scale,
+    derive_seed,
+    epoch_batches,
+    shard_set,
+)
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; the counter keeps counting
@@ -84,19 +94,28 @@ class StreamPlan:
 
 
 def plan_streams(
-    shards: list[str], counts: list[int], rank: int, world_size: int, num_workers: int
+    shards: list[str], counts: list[int], rank: int, world_size: int, num_workers: int,
+    batches_per_epoch: int | None = None,
 ) -> list[StreamPlan]:
-    """One plan per logical worker of ``rank`` (see the module docstring)."""
+    """One plan per logical worker of ``rank`` (see the module docstring).
+
+    The rank's range is cut in proportion to the batches each logical worker draws per epoch
+    (worker L draws batches k ≡ L mod nw: one more than the others when ``batches_per_epoch`` is not
+    a multiple of nw, none when it is below nw); without ``batches_per_epoch``, equally."""
     nw = max(1, num_workers)
-    streams = world_size * nw
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
     total = starts[-1]
+    r_lo, r_hi = rank * total // world_size, (rank + 1) * total // world_size
+    draws = [len(range(w, batches_per_epoch, nw)) for w in range(nw)] if batches_per_epoch else [1] * nw
+    cum = [0]
+    for d in draws:
+        cum.append(cum[-1] + d)
     plans = []
     for w in range(nw):
-        i = rank * nw + w
-        lo, hi = i * total // streams, (i + 1) * total // streams
+        lo = r_lo + (r_hi - r_lo) * cum[w] // cum[-1]
+        hi = r_lo + (r_hi - r_lo) * cum[w + 1] // cum[-1]
         idx = [j for j in range(len(shards)) if starts[j] < hi and starts[j + 1] > lo and counts[j] > 0]
         plans.append(StreamPlan(tuple(shards[j] for j in idx), tuple(starts[j] for j in idx), lo, hi,
                                 tuple(counts[j] for j in idx)))
@@ -172,6 +191,7 @@ class _EpochStream(IterableDataset):
         select = (lambda name: not name.endswith(".lr.png")) if self.cfg.hr_only else None
         while True:
             accepted = 0
+            lost_in: list[str] = []  # shards whose tar data stopped before this stream's samples
             order = list(range(len(plan.shards)))
             rng.shuffle(order)
             for si in order:
@@ -195,16 +215,44 @@ class _EpochStream(IterableDataset):
                     yield out
                 if plan.counts:
                     self._note_lost(plan, si, read)
+                    if read < plan.expected(si):
+                        lost_in.append(f"{plan.shards[si]} ({self._tar_error or 'ends early'})")
             # End of a pass: the buffer's samples come out (in random order) before the next pass
             # starts, so each sample of the stream is yielded once per pass before any repeats.
             rng.shuffle(buffer)
             yield from buffer
             buffer = []
+            if accepted == 0 and lost_in:
+                raise ShardReadError(
+                    f"rank {self.rank} worker {worker}: none of its {plan.num_samples} samples can be read: "
+                    f"the tar data stops before them in {'; '.join(lost_in[:3])}. Re-run "
+                    "launch/make_shards.py for that shard (data.verify_shards=size, the default, refuses a "
+                    "truncated shard of a make_shards folder before start)"
+                )
             if accepted == 0:
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: a full pass over its {len(plan.shards)} shard(s) "
                     f"yielded no sample (shards: {list(plan.shards)[:3]})"
                 )
+
+    def _unusable(self, plan: StreamPlan, worker: int, failures: int) -> str:
+        """Why a stream gives nothing usable: the skip counts of its shards, by reason."""
+        n = len(SKIP_REASONS)
+        with self.skipped.get_lock():
+            counts = list(self.skipped)
+        found = []
+        for name in plan.shards:
+            row = counts[self.shard_index[name] * n:(self.shard_index[name] + 1) * n]
+            why = ", ".join(f"{c} {r}" for r, c in zip(SKIP_REASONS, row) if c)
+            if why:
+                found.append(f"{name}: {why}")
+        return (
+            f"rank {self.rank} worker {worker}: {failures} consecutive unusable samples (skipped so far: "
+            f"{'; '.join(found[:3]) or 'none counted'}). unreadable_tar or bad_image: a damaged shard, "
+            "re-run launch/make_shards.py for it (data.verify_shards=size refuses a truncated shard of a "
+            "make_shards folder before start); size_mismatch or too_small: shards made for another "
+            "data.scale or smaller than the patch"
+        )
 
     def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, ...] | None:
         cfg = self.cfg
@@ -266,10 +314,7 @@ class _EpochStream(IterableDataset):
                 if out is None:
                     failures += 1
                     if failures > max(100, 10 * self.plans[L].num_samples):
-                        raise RuntimeError(
-                            f"rank {self.rank} worker {L}: {failures} consecutive unusable samples; "
-                            "are the shards corrupt or made for another scale/patch size?"
-                        )
+                        raise ShardReadError(self._unusable(self.plans[L], L, failures))
                     continue
                 failures = 0
                 items.append(out)
@@ -293,15 +338,17 @@ class WebDatasetLoader:
             check_scale(shards, cfg.scale)
         self.cfg, self.shards, self.counts = cfg, shards, counts
         self.rank, self.world_size = rank, world_size
-        self.plans = plan_streams(shards, counts, rank, world_size, cfg.num_workers)
-        empty = [w for w, p in enumerate(self.plans) if p.num_samples == 0]
+        batches = epoch_batches(cfg, sum(counts), world_size)
+        self.plans = plan_streams(shards, counts, rank, world_size, cfg.num_workers, batches)
+        nw = max(1, cfg.num_workers)
+        empty = [w for w, p in enumerate(self.plans) if p.num_samples == 0 and len(range(w, batches, nw))]
         if empty:
             raise ValueError(
                 f"rank {rank} worker(s) {empty} would get no data: {len(shards)} shard(s) with {sum(counts)} "
-                f"sample(s) split over {world_size} rank(s) × {max(1, cfg.num_workers)} worker(s). Use fewer "
-                "data.num_workers, more samples, or smaller shards (make_shards --shard-size-mb)"
+                f"sample(s) split over {world_size} rank(s) × {nw} worker(s) drawing {batches} batch(es) "
+                "per epoch. Use fewer data.num_workers, or more samples"
             )
-        self.state = LoaderState(seed, rank, world_size, epoch_batches(cfg, sum(counts), world_size))
+        self.state = LoaderState(seed, rank, world_size, batches)
         self._skipped = mp.Array("q", len(shards) * len(SKIP_REASONS))
         self._shard_index = {sh: i for i, sh in enumerate(shards)}
 
