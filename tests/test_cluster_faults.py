@@ -527,3 +527,21 @@ def test_sbatch_script_requeues_after_the_warning_signal(shards, tmp_path):
 
 if __name__ == "__main__":
     {"enospc": worker_enospc, "quota2": worker_quota2, "stuck": worker_stuck}[sys.argv[1]](Path(sys.argv[2]))
+
+
+def test_shards_of_another_scale_without_a_manifest_are_one_error_line(shards, tmp_path):
+    """A list of .tar files (copied without their make_shards manifest, so preflight cannot read
+    the scale) at data.scale=2: the loader refuses them when built. Before this session the
+    WebDataset loader stopped after 101 skipped samples; the loader's ValueError then left
+    Trainer() as a traceback. Now one error: line naming the shard and the scale, exit 2."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in sorted(shards.glob("*.tar")) + sorted(shards.glob("*.idx")):
+        shutil.copy(f, bare / f.name)
+    r = _cli(bare / "*.tar", tmp_path / "run", "data.scale=2", "model.generator.scale=2", "train.max_steps=2")
+    errors = _errors(r.stdout)
+    assert r.returncode == 2 and len(errors) == 1, r.stdout[-3000:]
+    assert "data: data.scale=2 does not fit the shards:" in errors[0] and "(made at scale 4)" in errors[0]
+    assert "Traceback" not in r.stdout

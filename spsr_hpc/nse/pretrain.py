@@ -152,9 +152,14 @@ class NSEPretrainer:
             check_bf16(self.device)
         micro = cfg.data.batch_size
         check_global_batch(micro, tc.grad_accum, self.world, tc.global_batch)
-        self.loader = build_train_loader(
-            cfg.data, rank=self.rank, world_size=self.world, seed=cfg.data.seed, device=self.device
-        )
+        try:  # shards at another scale, a rank without data: one error: line (exit 2), not a traceback
+            self.loader = build_train_loader(
+                cfg.data, rank=self.rank, world_size=self.world, seed=cfg.data.seed, device=self.device
+            )
+        except ValueError as e:
+            from spsr_hpc.preflight import StartupError
+
+            raise StartupError(f"data: {e}") from e
         self.steps_per_epoch = len(self.loader) // tc.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(

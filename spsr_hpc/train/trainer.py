@@ -257,7 +257,8 @@ class Trainer:
         if loader is None:
             from spsr_hpc.data.loader import build_train_loader
 
-            loader = build_train_loader(cfg.data, rank=self.rank, world_size=self.world, device=self.device)
+            loader = _built("data", build_train_loader, cfg.data, rank=self.rank, world_size=self.world,
+                            device=self.device)
         self.loader = loader
         self._iter: Iterator[dict] | None = None
         self.step = 0
