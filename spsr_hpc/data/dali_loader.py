@@ -58,7 +58,6 @@ from spsr_hpc.data.images import BadImageError, decode_rgb
 from spsr_hpc.data.loader_state import (
     LoaderState,
     ShardReadError,
-    check_scale,
     count_samples,
     derive_seed,
     epoch_batches,
@@ -328,8 +327,6 @@ class DaliLoader:
                 f"rank {rank} would get no data: {len(shards)} shard(s) hold {total} sample(s) for "
                 f"{world_size} rank(s); DALI splits samples across ranks, one at least each"
             )
-        if not cfg.hr_only:
-            check_scale(shards, cfg.scale)
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self._order = {"batch_size": cfg.batch_size, "shuffle_buffer": cfg.shuffle_buffer,
                        "shards": shard_set(shards, counts)}  # what the resume check compares

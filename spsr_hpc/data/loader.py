@@ -17,6 +17,7 @@ from spsr_hpc.data.config import DataConfig
 from spsr_hpc.data.loader_state import (
     LoaderState,
     TrainLoader,
+    check_scale,
     count_samples,
     derive_seed,
     epoch_batches,
@@ -80,13 +81,16 @@ def build_train_loader(
         to the next epoch.
 
     Raises:
-        ValueError: no shards, or a rank/worker that would get no data (the message names the
-            shard and sample counts, ranks and workers).
+        ValueError: no shards, shards made at another scale (the first sample of each is
+            checked), or a rank/worker that would get no data (the message names the shard and
+            sample counts, ranks and workers).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     shards = resolve_shards(cfg.shards)
     counts = [count_samples(s) for s in shards]
+    if not cfg.hr_only:
+        check_scale(shards, cfg.scale)  # both loaders: DALI would crop misaligned pairs in silence
     seed = cfg.seed if seed is None else seed
     if cfg.loader == "webdataset":
         from spsr_hpc.data.wds_loader import WebDatasetLoader

@@ -55,6 +55,13 @@ MANIFEST_NAME = "manifest.json"  # of the default prefix ("shard"); another pref
 MANIFEST_VERSION = 1
 DEFAULT_PREFIX = "shard"
 _SHARD_NAME = re.compile(r"(.+)-\d{6}\.tar")
+INDEX_VERSION = "v1.2"  # DALI's wds2idx index format
+
+
+def _prefix_of(shard_name: str) -> str | None:
+    """``x4-000012.tar`` -> ``x4``; None for a name make_shards does not write."""
+    m = _SHARD_NAME.fullmatch(shard_name)
+    return m.group(1) if m else None
 
 
 def manifest_name(prefix: str = DEFAULT_PREFIX) -> str:
@@ -85,12 +92,11 @@ def shard_manifests(folder: str | Path) -> dict[str, tuple[dict, dict]]:
             name = entry.get("name") if isinstance(entry, dict) else None
             if not isinstance(name, str):
                 continue
-            m = _SHARD_NAME.fullmatch(name)
-            own = m is not None and path.name == manifest_name(m.group(1))
+            prefix = _prefix_of(name)
+            own = prefix is not None and path.name == manifest_name(prefix)
             if own or name not in out:
                 out[name] = (entry, manifest)
     return out
-INDEX_VERSION = "v1.2"  # DALI's wds2idx index format
 
 
 @dataclass(frozen=True)
@@ -356,9 +362,9 @@ def _file_fingerprint(paths: list[Path]) -> list[list]:
 
 def _adopt_old_manifest(out: Path) -> None:
     """A folder made before prefixes had their own manifests: a ``manifest.json`` that lists only
-    shards of another prefix P is that set's manifest, so it becomes ``P.manifest.json`` (unless
-    that exists). The set stays listed (a run of the default prefix replaces manifest.json), and a
-    re-run of P with the same inputs finds it and does nothing."""
+    shards of another prefix P is that set's manifest, so it becomes ``P.manifest.json`` (a stale
+    copy when that exists: removed). The set stays listed (a run of the default prefix replaces
+    manifest.json), and a re-run of P with the same inputs finds it and does nothing."""
     old = out / MANIFEST_NAME
     if not old.is_file():
         return
@@ -366,9 +372,13 @@ def _adopt_old_manifest(out: Path) -> None:
         names = [s["name"] for s in _read_manifest_file(old)["shards"]]
     except (ValueError, KeyError, TypeError):
         return
-    prefixes = {m.group(1) if (m := _SHARD_NAME.fullmatch(n)) else None for n in names}
+    prefixes = {_prefix_of(n) for n in names}
     prefix = prefixes.pop() if len(prefixes) == 1 else None
-    if prefix not in (None, DEFAULT_PREFIX) and not (out / manifest_name(prefix)).exists():
+    if prefix in (None, DEFAULT_PREFIX):
+        return
+    if (out / manifest_name(prefix)).exists():
+        old.unlink()
+    else:
         old.rename(out / manifest_name(prefix))
 
 
@@ -568,18 +578,9 @@ def write_shards(
             log.info("%s is up to date (%d samples); nothing to do", out, current["num_samples"])
             return current
 
-    # From here on the set is "unfinished" until its new manifest lands. An old-style manifest.json
-    # of this prefix's shards alone (when its own manifest existed too) goes as well.
+    # From here on the set is "unfinished" until its new manifest lands.
     mine = manifest_name(prefix)
     (out / mine).unlink(missing_ok=True)
-    if mine != MANIFEST_NAME:
-        try:
-            names = [s["name"] for s in _read_manifest_file(out / MANIFEST_NAME)["shards"]]
-        except (ValueError, KeyError, TypeError):
-            names = []
-        prefixes = {m.group(1) if (m := _SHARD_NAME.fullmatch(n)) else None for n in names}
-        if names and prefixes == {prefix}:
-            (out / MANIFEST_NAME).unlink(missing_ok=True)
 
     skipped: list[dict] = []
     lr_by_stem = {p.stem: p for p in lr_files}

@@ -51,7 +51,6 @@ from spsr_hpc.data.images import BadImageError, decode_rgb
 from spsr_hpc.data.loader_state import (
     LoaderState,
     ShardReadError,
-    check_scale,
     derive_seed,
     epoch_batches,
     shard_set,
@@ -334,8 +333,6 @@ class WebDatasetLoader:
     def __init__(
         self, cfg: DataConfig, shards: list[str], counts: list[int], *, rank: int, world_size: int, seed: int
     ):
-        if not cfg.hr_only:
-            check_scale(shards, cfg.scale)
         self.cfg, self.shards, self.counts = cfg, shards, counts
         self.rank, self.world_size = rank, world_size
         batches = epoch_batches(cfg, sum(counts), world_size)
